@@ -1,0 +1,33 @@
+"""ftkernels: kernels for fine-tuning LLMs on one GPU.
+
+NF4/FP4 4-bit weights with double-quantized constants (byte-compatible with bitsandbytes),
+each op in CUDA C++, Triton, C++ CPU and pure torch behind one torch.library registry.
+"""
+
+from . import _ops  # noqa: F401  (defines torch.ops.ftk.*)
+from . import backends  # noqa: F401  (registers the kernels)
+from ._ops import get_backend, set_backend, use_backend
+from .functional import (
+    create_dynamic_map,
+    dequantize_4bit,
+    dequantize_blockwise,
+    get_4bit_type,
+    quantize_4bit,
+    quantize_blockwise,
+)
+from .quant_state import QuantState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantState",
+    "create_dynamic_map",
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "get_4bit_type",
+    "get_backend",
+    "quantize_4bit",
+    "quantize_blockwise",
+    "set_backend",
+    "use_backend",
+]

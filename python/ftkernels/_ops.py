@@ -1,0 +1,321 @@
+"""The op registry: every op's schema, argument checks, fake function and dispatch, in one place.
+
+How a call flows: ``torch.ops.ftk.<op>`` -> the dispatcher impl registered below for the
+tensor's device -> ``_check_<op>`` (the argument contract, shared by every backend) ->
+the kernel that ``backends/<name>.py`` registered with :func:`register_kernel`.
+
+Backends: ``cuda`` (C++/CUDA module), ``triton``, ``cpu`` (C++ module) and ``reference``
+(pure torch, the test oracle, and the path for any device torch supports). The default for
+each device is the fastest measured one (README, "Backends"); ``FTK_BACKEND`` or
+:func:`set_backend` overrides it. Autograd, where an op has a gradient, is attached here with
+``torch.library.register_autograd`` so ``torch.compile`` and ``opcheck`` see it; the NF4 ops
+take and give quantized data and have none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+LIB = torch.library.Library("ftk", "DEF")  # noqa: TOR901 - the one library of the package
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BLOCKSIZES_8BIT = BLOCKSIZES_4BIT
+QUANT_TYPES = ("nf4", "fp4")
+
+_KERNELS: dict[tuple[str, str], Callable] = {}
+_override: str | None = None
+
+
+# ---- backend selection ---------------------------------------------------------------------
+
+
+def register_kernel(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` implements ``ftk::op`` for ``backend`` (called with checked args)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn: Callable) -> Callable:
+        _KERNELS[(op, backend)] = fn
+        return fn
+
+    return deco
+
+
+def set_backend(name: str | None) -> None:
+    """Force one backend for every op (``None`` restores the measured defaults)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    global _override
+    _override = name
+
+
+def get_backend() -> str | None:
+    """The forced backend: :func:`set_backend`'s, else ``FTK_BACKEND``'s, else ``None``."""
+    if _override is not None:
+        return _override
+    env = os.environ.get("FTK_BACKEND", "").strip().lower()
+    if not env:
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"FTK_BACKEND must be one of {BACKENDS}, got {env!r}")
+    return env
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`."""
+    global _override
+    old = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def backend_available(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` can run on tensors of ``device_type`` here and now."""
+    from . import _native
+
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device_type == "cpu" and _native.cpu_available()
+    if backend == "cuda":
+        return device_type == "cuda" and _native.cuda_available()
+    if backend == "triton":
+        from .backends import triton as triton_backend
+
+        return triton_backend.available(device_type)
+    return False
+
+
+# Fastest first, as measured on the benchmarks (README, "Backends").
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def select_backend(op: str, device_type: str) -> str:
+    forced = get_backend()
+    if forced is not None:
+        if (op, forced) not in _KERNELS:
+            raise NotImplementedError(f"ftk::{op} has no {forced!r} kernel")
+        if not backend_available(forced, device_type):
+            raise RuntimeError(
+                f"backend {forced!r} (from FTK_BACKEND or set_backend) cannot run ftk::{op} on "
+                f"{device_type} tensors here"
+                + (" (Triton runs on the CPU only with TRITON_INTERPRET=1)" if forced == "triton" else "")
+            )
+        return forced
+    for backend in _DEFAULT_ORDER.get(device_type, ("reference",)):
+        if (op, backend) in _KERNELS and backend_available(backend, device_type):
+            return backend
+    return "reference"
+
+
+def _dispatch(op: str) -> Callable:
+    def impl(*args, **kwargs):
+        device_type = _device_of(args).type
+        checked = _CHECKS[op](*args, **kwargs)
+        return _KERNELS[(op, select_backend(op, device_type))](*checked)
+
+    impl.__name__ = f"{op}_impl"
+    return impl
+
+
+def _device_of(args: Sequence) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    raise TypeError("no tensor argument")
+
+
+def _define(name: str, schema: str, fake: Callable, check: Callable) -> None:
+    LIB.define(f"{name}{schema}")
+    torch.library.register_fake(f"ftk::{name}", fake, lib=LIB)
+    _CHECKS[name] = check
+    impl = _dispatch(name)
+    # Backend-specific keys first; CompositeExplicitAutograd catches every other device
+    # (mps, xpu, ...), which the reference backend serves.
+    for key in ("CPU", "CUDA", "CompositeExplicitAutograd"):
+        LIB.impl(name, impl, key)
+
+
+_CHECKS: dict[str, Callable] = {}
+
+
+# ---- argument checks (the contract every backend relies on) -------------------------------
+
+
+def _need_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _need_dtype(name: str, t: torch.Tensor, dtypes) -> None:
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
+
+
+def _need_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the data is on {device}; move them to one device")
+
+
+def _need_numel(name: str, t: torch.Tensor, numel: int, why: str) -> None:
+    if t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements but {why} needs {numel}")
+
+
+def need_blocksize(blocksize, allowed=BLOCKSIZES_4BIT, name: str = "blocksize") -> None:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {blocksize!r}")
+
+
+def need_quant_type(quant_type) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def need_float_dtype(name: str, dtype) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {dtype}")
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned: what the kernels may assume (a defined copy otherwise)."""
+    if not t.is_contiguous() or (t.numel() > 0 and t.data_ptr() % 16 != 0):
+        t = t.contiguous() if not t.is_contiguous() else t.clone()
+    return t
+
+
+def _check_quantize_4bit(A, blocksize, quant_type):
+    _need_tensor("A", A)
+    _need_dtype("A", A, FLOAT_DTYPES)
+    need_blocksize(blocksize)
+    need_quant_type(quant_type)
+    return dense(A), blocksize, quant_type
+
+
+def _check_dequantize_4bit(
+    A, absmax, blocksize, quant_type, shape, dtype,
+    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256,
+):
+    _need_tensor("A", A)
+    _need_tensor("absmax", absmax)
+    _need_dtype("A", A, (torch.uint8,))
+    need_blocksize(blocksize)
+    need_quant_type(quant_type)
+    need_float_dtype("dtype", dtype)
+    shape = [int(s) for s in shape]
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape must not have negative sizes, got {shape}")
+    n = math.prod(shape)
+    _need_numel("A", A, (n + 1) // 2, f"shape {shape} ((numel + 1) // 2 packed bytes)")
+    nblocks = -(-n // blocksize)
+    _need_numel("absmax", absmax, nblocks, f"shape {shape} at blocksize {blocksize}")
+    _need_device("absmax", absmax, A.device)
+    nested = (nested_absmax, nested_code, offset)
+    if all(t is None for t in nested):
+        _need_dtype("absmax", absmax, (torch.float32,))
+    elif any(t is None for t in nested):
+        raise ValueError("nested_absmax, nested_code and offset come together (double quantization)")
+    else:
+        _need_dtype("absmax", absmax, (torch.uint8,))
+        for name, t in zip(("nested_absmax", "nested_code", "offset"), nested):
+            _need_tensor(name, t)
+            _need_dtype(name, t, (torch.float32,))
+            _need_device(name, t, A.device)
+        need_blocksize(nested_blocksize, BLOCKSIZES_8BIT, "nested_blocksize")
+        _need_numel("nested_absmax", nested_absmax, -(-nblocks // nested_blocksize),
+                    f"{nblocks} absmax codes at nested_blocksize {nested_blocksize}")
+        _need_numel("nested_code", nested_code, 256, "an 8-bit code")
+        _need_numel("offset", offset, 1, "double quantization")
+        nested = tuple(dense(t) for t in nested)
+    return (dense(A), dense(absmax), blocksize, quant_type, shape, dtype, *nested, nested_blocksize)
+
+
+def _check_quantize_blockwise(A, code, blocksize):
+    _need_tensor("A", A)
+    _need_tensor("code", code)
+    _need_dtype("A", A, FLOAT_DTYPES)
+    _need_dtype("code", code, (torch.float32,))
+    _need_numel("code", code, 256, "an 8-bit code")
+    _need_device("code", code, A.device)
+    need_blocksize(blocksize, BLOCKSIZES_8BIT)
+    return dense(A), dense(code), blocksize
+
+
+def _check_dequantize_blockwise(A, absmax, code, blocksize, dtype):
+    _need_tensor("A", A)
+    _need_tensor("absmax", absmax)
+    _need_tensor("code", code)
+    _need_dtype("A", A, (torch.uint8,))
+    _need_dtype("absmax", absmax, (torch.float32,))
+    _need_dtype("code", code, (torch.float32,))
+    need_blocksize(blocksize, BLOCKSIZES_8BIT)
+    need_float_dtype("dtype", dtype)
+    _need_numel("absmax", absmax, -(-A.numel() // blocksize), f"{A.numel()} codes at blocksize {blocksize}")
+    _need_numel("code", code, 256, "an 8-bit code")
+    _need_device("absmax", absmax, A.device)
+    _need_device("code", code, A.device)
+    return dense(A), dense(absmax), dense(code), blocksize, dtype
+
+
+# ---- schemas and fakes ---------------------------------------------------------------------
+
+
+def _fake_quantize_4bit(A, blocksize, quant_type):
+    n = A.numel()
+    packed = A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = A.new_empty((-(-n // blocksize),), dtype=torch.float32)
+    return packed, absmax
+
+
+def _fake_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
+                          nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+    return A.new_empty(shape, dtype=dtype)
+
+
+def _fake_quantize_blockwise(A, code, blocksize):
+    n = A.numel()
+    return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((-(-n // blocksize),), dtype=torch.float32)
+
+
+def _fake_dequantize_blockwise(A, absmax, code, blocksize, dtype):
+    return A.new_empty(A.shape, dtype=dtype)
+
+
+_define(
+    "quantize_4bit",
+    "(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)",
+    _fake_quantize_4bit,
+    _check_quantize_4bit,
+)
+_define(
+    "dequantize_4bit",
+    "(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype, "
+    "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+    "int nested_blocksize=256) -> Tensor",
+    _fake_dequantize_4bit,
+    _check_dequantize_4bit,
+)
+_define(
+    "quantize_blockwise",
+    "(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
+    _fake_quantize_blockwise,
+    _check_quantize_blockwise,
+)
+_define(
+    "dequantize_blockwise",
+    "(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor",
+    _fake_dequantize_blockwise,
+    _check_dequantize_blockwise,
+)

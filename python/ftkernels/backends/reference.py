@@ -1,0 +1,124 @@
+"""Pure-torch kernels: the test oracle, and the path for every device torch supports.
+
+Each function follows the format in csrc/include/ftk/quant.h step for step (same fp32
+operations in the same order), so its bytes equal the native kernels' bytes; it favours
+clarity over speed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._ops import register_kernel
+
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# Indexed by bit pattern; index 8 is -0.0 (sign times magnitude, as bitsandbytes' CUDA tree).
+FP4_CODE = (
+    0.0, 0.0625 / 12, 8 / 12, 1.0, 4 / 12, 6 / 12, 2 / 12, 3 / 12,
+    -0.0, -0.0625 / 12, -8 / 12, -1.0, -4 / 12, -6 / 12, -2 / 12, -3 / 12,
+)
+# bitsandbytes' dQuantizeFP4 magnitude thresholds (literals, not exact midpoints) and the
+# bit pattern of each magnitude rank.
+FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+FP4_RANK_TO_BITS = (0, 1, 6, 7, 4, 5, 2, 3)
+
+
+def code_4bit(quant_type: str, device) -> torch.Tensor:
+    return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
+
+
+def _nf4_midpoints(device) -> torch.Tensor:
+    c = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return (c[:-1] + c[1:]) / 2  # fp32 sum, then an exact halving
+
+
+def _blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x padded with zeros to whole blocks, shape [nblocks, blocksize]; absmax [nblocks])."""
+    x = A.reshape(-1).float()
+    nblocks = -(-x.numel() // blocksize)
+    x = torch.nn.functional.pad(x, (0, nblocks * blocksize - x.numel())).view(nblocks, blocksize)
+    absmax = x.abs().amax(dim=1) if nblocks else x.new_empty(0)  # amax propagates NaN
+    return x, absmax
+
+
+def _index_4bit(xn: torch.Tensor, quant_type: str) -> torch.Tensor:
+    nan = xn.isnan()
+    if quant_type == "nf4":
+        # bucketize(right=False) counts the boundaries strictly below x.
+        q = torch.bucketize(xn, _nf4_midpoints(xn.device))
+    else:
+        thresholds = torch.tensor(FP4_THRESHOLDS, dtype=torch.float32, device=xn.device)
+        rank = torch.bucketize(xn.abs(), thresholds)
+        q = torch.tensor(FP4_RANK_TO_BITS, device=xn.device)[rank] | torch.where(xn < 0, 8, 0)
+    return torch.where(nan, 0, q).to(torch.uint8)
+
+
+@register_kernel("quantize_4bit", "reference")
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
+    n = A.numel()
+    x, absmax = _blocks(A, blocksize)
+    xn = x * (1.0 / absmax).unsqueeze(1)
+    q = _index_4bit(xn, quant_type).reshape(-1)[: n + (n & 1)]  # keeps the pad nibble
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed.view(-1, 1), absmax
+
+
+def _dequantize_blockwise_f32(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
+    idx = torch.arange(A.numel(), device=A.device) // blocksize
+    return code[A.reshape(-1).long()] * absmax[idx]
+
+
+@register_kernel("dequantize_4bit", "reference")
+def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
+                    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+    if nested_absmax is not None:
+        # Two roundings, as bitsandbytes: the 8-bit product, then the offset.
+        absmax = _dequantize_blockwise_f32(absmax, nested_absmax, nested_code, nested_blocksize) + offset
+    n = 1
+    for s in shape:
+        n *= s
+    b = A.reshape(-1)
+    q = torch.stack((b >> 4, b & 0xF), dim=1).reshape(-1)[:n].long()
+    vals = code_4bit(quant_type, A.device)[q] * absmax[torch.arange(n, device=A.device) // blocksize]
+    return vals.to(dtype).reshape(shape)
+
+
+def _quantize_8bit(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' dQuantize<0>, vectorised: a 7-step binary search, then the nearer side."""
+    pivot = torch.full_like(x, 127, dtype=torch.long)
+    upper_pivot = torch.full_like(pivot, 255)
+    lower_pivot = torch.zeros_like(pivot)
+    lower = torch.full_like(x, -1.0)
+    upper = torch.full_like(x, 1.0)
+    val = code[pivot]
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        gt = x > val
+        lower_pivot = torch.where(gt, pivot, lower_pivot)
+        lower = torch.where(gt, val, lower)
+        upper_pivot = torch.where(gt, upper_pivot, pivot)
+        upper = torch.where(gt, upper, val)
+        pivot = torch.where(gt, pivot + step, pivot - step)
+        val = code[pivot]
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    up = torch.where(x > (upper + val) * 0.5, upper_pivot, pivot)
+    down = torch.where(x < (lower + val) * 0.5, lower_pivot, pivot)
+    return torch.where(x > val, up, down).to(torch.uint8)
+
+
+@register_kernel("quantize_blockwise", "reference")
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    x, absmax = _blocks(A, blocksize)
+    xn = x * (1.0 / absmax).unsqueeze(1)
+    q = _quantize_8bit(code, xn).reshape(-1)[: A.numel()]
+    return q.reshape(A.shape), absmax
+
+
+@register_kernel("dequantize_blockwise", "reference")
+def dequantize_blockwise(A, absmax, code, blocksize, dtype):
+    return _dequantize_blockwise_f32(A, absmax, code, blocksize).to(dtype).reshape(A.shape)

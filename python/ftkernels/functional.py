@@ -1,0 +1,138 @@
+"""Public functions. Names, arguments and results follow bitsandbytes.functional, so a stack
+can switch by changing an import; the defaults are the QLoRA ones (NF4, double quantization)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _ops
+from .quant_state import QuantState
+
+NESTED_BLOCKSIZE = 256  # the absmax of absmax: 256 fp32 statistics share one fp32 scale
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_cpu() -> torch.Tensor:
+    # The signed dynamic 8-bit map (Dettmers, "8-bit approximations for parallelism"): for
+    # exponent e = 0..6, 2**e fraction values (midpoints of linspace(0.1, 1, 2**e + 1)) at
+    # scale 10**(e - 6), both signs; then 0 and 1. 256 sorted values, one 0, max 1.0.
+    values = []
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scaled = (10 ** (e - 6)) * mids
+        values += scaled.tolist() + (-scaled).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def create_dynamic_map(device=None) -> torch.Tensor:
+    """The signed 8-bit dynamic code double quantization uses (256 fp32, sorted)."""
+    return _dynamic_map_cpu().to(device or "cpu", copy=True)
+
+
+def get_4bit_type(quant_type: str = "nf4", device=None) -> torch.Tensor:
+    """The 16-entry code of ``quant_type`` as stored in ``quant_map`` (bitsandbytes' values)."""
+    _ops.need_quant_type(quant_type)
+    from .backends.reference import code_4bit
+
+    code = code_4bit(quant_type, device or "cpu")
+    return code.abs() * torch.sign(code + 0.0) if quant_type == "fp4" else code  # +0.0 at index 8
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    blocksize: int = 64,
+    compress_statistics: bool = True,
+    quant_type: str = "nf4",
+    *,
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``A`` blockwise to 4 bits: ``(packed, quant_state)``.
+
+    ``packed`` is uint8 of shape ``((A.numel() + 1) // 2, 1)``; ``compress_statistics``
+    stores the per-block absmax as 8-bit codes (double quantization, 4.127 instead of 4.5
+    bits per parameter at blocksize 64). NaN or inf in a block is kept visible: that block
+    dequantizes to non-finite values (with double quantization, every block does).
+    """
+    _ops._need_tensor("A", A)
+    if quant_storage != torch.uint8:
+        raise ValueError(f"quant_storage: only torch.uint8 is supported, got {quant_storage}")
+    packed, absmax = torch.ops.ftk.quantize_4bit(A, blocksize, quant_type)
+    code = get_4bit_type(quant_type, A.device)
+    if not compress_statistics:
+        return packed, QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize,
+                                  quant_type=quant_type, dtype=A.dtype)
+    offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
+    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    return packed, QuantState(absmax=qabsmax, shape=A.shape, code=code, blocksize=blocksize,
+                              quant_type=quant_type, dtype=A.dtype, offset=offset, state2=state2)
+
+
+def dequantize_4bit(
+    A: torch.Tensor,
+    quant_state: QuantState | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+) -> torch.Tensor:
+    """Dequantize ``A`` to ``quant_state.shape`` and ``quant_state.dtype``.
+
+    Without ``quant_state``, ``absmax`` (fp32) and ``out`` give the statistics, shape and
+    dtype, as in bitsandbytes. The double-quantized absmax is decoded inside the kernel.
+    """
+    if quant_state is None:
+        if absmax is None or out is None:
+            raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
+        quant_state = QuantState(absmax=absmax, shape=out.shape, dtype=out.dtype,
+                                 blocksize=blocksize, quant_type=quant_type)
+    elif not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    qs = quant_state
+    if qs.shape is None:
+        raise ValueError("quant_state has no shape")
+    if qs.nested:
+        result = torch.ops.ftk.dequantize_4bit(
+            A, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype,
+            qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize)
+    else:
+        result = torch.ops.ftk.dequantize_4bit(
+            A, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype)
+    if out is not None:
+        if out.shape != result.shape or out.dtype != result.dtype:
+            raise ValueError(f"out must have shape {tuple(result.shape)} and dtype {result.dtype}")
+        return out.copy_(result)
+    return result
+
+
+def quantize_blockwise(
+    A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 4096
+) -> tuple[torch.Tensor, QuantState]:
+    """8-bit blockwise quantization with a 256-entry code (default: the dynamic map)."""
+    _ops._need_tensor("A", A)
+    if code is None:
+        code = create_dynamic_map(A.device)
+    q, absmax = torch.ops.ftk.quantize_blockwise(A, code, blocksize)
+    return q, QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, dtype=A.dtype)
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    quant_state: QuantState | None = None,
+    absmax: torch.Tensor | None = None,
+    code: torch.Tensor | None = None,
+    blocksize: int = 4096,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``code[A] * absmax[block]`` in ``dtype``."""
+    if quant_state is not None:
+        absmax, code, blocksize, dtype = quant_state.absmax, quant_state.code, quant_state.blocksize, quant_state.dtype
+    elif absmax is None:
+        raise ValueError("dequantize_blockwise needs quant_state or absmax")
+    if code is None:
+        _ops._need_tensor("A", A)
+        code = create_dynamic_map(A.device)
+    return torch.ops.ftk.dequantize_blockwise(A, absmax, code, blocksize, dtype)
