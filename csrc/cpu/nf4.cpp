@@ -324,7 +324,6 @@ void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads) {
 
 void dequantize_4bit_cpu(const Dequantize4bitParams& p, int num_threads) {
   check(p);
-  cpu::advise_huge_pages(p.out, p.n * dtype_size(p.dtype));
   const int64_t nblocks = ceil_div(p.n, p.blocksize);
   const int threads = cpu::threads_for(p.n, num_threads);
   with_dtype(p.dtype, [&](auto tag) {
@@ -350,7 +349,6 @@ void quantize_blockwise_cpu(const QuantizeBlockwiseParams& p, int num_threads) {
 
 void dequantize_blockwise_cpu(const DequantizeBlockwiseParams& p, int num_threads) {
   check(p);
-  cpu::advise_huge_pages(p.out, p.n * dtype_size(p.dtype));
   const int64_t nblocks = ceil_div(p.n, p.blocksize);
   const int threads = cpu::threads_for(p.n, num_threads);
   with_dtype(p.dtype, [&](auto tag) {

@@ -119,13 +119,19 @@ def select_backend(op: str, device_type: str) -> str:
     return "reference"
 
 
-def _dispatch(op: str) -> Callable:
+def _dispatch(name: str) -> Callable:
+    op, _, overload = name.partition(".")  # an ``.out`` overload runs its op's kernel with out=
+
     def impl(*args, **kwargs):
         device_type = _device_of(args).type
-        checked = _CHECKS[op](*args, **kwargs)
+        checked = _CHECKS[name](*args, **kwargs)
+        if overload == "out":  # mutates out and returns nothing, as custom ops must
+            *checked, out = checked
+            _KERNELS[(op, select_backend(op, device_type))](*checked, out=out)
+            return None
         return _KERNELS[(op, select_backend(op, device_type))](*checked)
 
-    impl.__name__ = f"{op}_impl"
+    impl.__name__ = f"{name.replace('.', '_')}_impl"
     return impl
 
 
@@ -242,6 +248,19 @@ def _check_dequantize_4bit(
     return (dense(A), dense(absmax), blocksize, quant_type, shape, dtype, *nested, nested_blocksize)
 
 
+def _check_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None,
+                               nested_code=None, offset=None, nested_blocksize=256, *, out):
+    checked = _check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
+                                     nested_absmax, nested_code, offset, nested_blocksize)
+    _need_tensor("out", out)
+    if list(out.shape) != checked[4] or out.dtype != dtype:
+        raise ValueError(f"out must have shape {checked[4]} and dtype {dtype}; got {list(out.shape)} {out.dtype}")
+    _need_device("out", out, A.device)
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    return (*checked, out)
+
+
 def _check_quantize_blockwise(A, code, blocksize):
     _need_tensor("A", A)
     _need_tensor("code", code)
@@ -270,6 +289,14 @@ def _check_dequantize_blockwise(A, absmax, code, blocksize, dtype):
 
 
 # ---- schemas and fakes ---------------------------------------------------------------------
+# A call that mixes devices can reach a fake (the dispatcher picks Meta over CPU), so the fakes
+# check devices too; every other check lives in _check_<op> and runs before a kernel.
+
+
+def _fake_same_device(A: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None:
+            _need_device(name, t, A.device)
 
 
 def _fake_quantize_4bit(A, blocksize, quant_type):
@@ -281,15 +308,23 @@ def _fake_quantize_4bit(A, blocksize, quant_type):
 
 def _fake_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
                           nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+    _fake_same_device(A, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset)
     return A.new_empty(shape, dtype=dtype)
 
 
+def _fake_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None,
+                              nested_code=None, offset=None, nested_blocksize=256, *, out):
+    _fake_same_device(A, absmax=absmax, out=out)
+
+
 def _fake_quantize_blockwise(A, code, blocksize):
+    _fake_same_device(A, code=code)
     n = A.numel()
     return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((-(-n // blocksize),), dtype=torch.float32)
 
 
 def _fake_dequantize_blockwise(A, absmax, code, blocksize, dtype):
+    _fake_same_device(A, absmax=absmax, code=code)
     return A.new_empty(A.shape, dtype=dtype)
 
 
@@ -306,6 +341,14 @@ _define(
     "int nested_blocksize=256) -> Tensor",
     _fake_dequantize_4bit,
     _check_dequantize_4bit,
+)
+_define(
+    "dequantize_4bit.out",
+    "(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype, "
+    "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+    "int nested_blocksize=256, *, Tensor(a!) out) -> ()",
+    _fake_dequantize_4bit_out,
+    _check_dequantize_4bit_out,
 )
 _define(
     "quantize_blockwise",

@@ -82,7 +82,8 @@ def dequantize_4bit(
     """Dequantize ``A`` to ``quant_state.shape`` and ``quant_state.dtype``.
 
     Without ``quant_state``, ``absmax`` (fp32) and ``out`` give the statistics, shape and
-    dtype, as in bitsandbytes. The double-quantized absmax is decoded inside the kernel.
+    dtype, as in bitsandbytes. With ``out`` (contiguous, of that shape and dtype) the kernel
+    writes into it. The double-quantized absmax is decoded inside the kernel.
     """
     if quant_state is None:
         if absmax is None or out is None:
@@ -94,18 +95,13 @@ def dequantize_4bit(
     qs = quant_state
     if qs.shape is None:
         raise ValueError("quant_state has no shape")
+    args = (A, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype)
     if qs.nested:
-        result = torch.ops.ftk.dequantize_4bit(
-            A, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype,
-            qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize)
-    else:
-        result = torch.ops.ftk.dequantize_4bit(
-            A, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype)
-    if out is not None:
-        if out.shape != result.shape or out.dtype != result.dtype:
-            raise ValueError(f"out must have shape {tuple(result.shape)} and dtype {result.dtype}")
-        return out.copy_(result)
-    return result
+        args += (qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize)
+    if out is not None:  # written in place: no allocation, no copy
+        torch.ops.ftk.dequantize_4bit.out(*args, out=out)
+        return out
+    return torch.ops.ftk.dequantize_4bit(*args)
 
 
 def quantize_blockwise(

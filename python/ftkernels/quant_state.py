@@ -128,7 +128,7 @@ class QuantState:
             if d.get("quant_type") != suffix.split("__")[1]:
                 raise ValueError(f"quant_state: {key!r} says quant_type {d.get('quant_type')!r}")
         elif "quant_type" not in d:
-            raise ValueError("quant_state: found neither a packed quant_state entry nor quant_type")
+            raise ValueError("quant_state: no 'quant_state.bitsandbytes__nf4' (or __fp4) entry and no quant_type")
         d = {k.split(".")[-1]: v for k, v in d.items()}
         unknown = set(d) - _KEYS
         if unknown:
@@ -204,8 +204,11 @@ class QuantState:
                 and self.blocksize == other.blocksize and self.quant_type == other.quant_type
                 and self.nested == other.nested and torch.equal(self.absmax.cpu(), other.absmax.cpu())
                 and torch.equal(self.code.cpu(), other.code.cpu()))
-        if same and self.nested:
-            same = (torch.equal(self.offset.cpu(), other.offset.cpu()) and self.state2 == other.state2)
+        if same and self.nested:  # the nested state is compared by what decoding uses
+            same = (torch.equal(self.offset.cpu(), other.offset.cpu())
+                    and self.nested_blocksize == other.nested_blocksize
+                    and torch.equal(self.nested_absmax.cpu(), other.nested_absmax.cpu())
+                    and torch.equal(self.nested_code.cpu(), other.nested_code.cpu()))
         return same
 
     __hash__ = None  # mutable, compared by value

@@ -6,9 +6,6 @@
 #include <thread>
 #include <vector>
 #include <exception>
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "ftk/common.h"
 
@@ -75,24 +72,6 @@ inline int threads_for(int64_t work, int max_threads) {
   const int64_t t = work >> 18;
   if (t < 1) return 1;
   return t < max_threads ? static_cast<int>(t) : max_threads;
-}
-
-// A fresh output is written through page faults: on the 2-core test machine, first-touching
-// 32 MiB in 4 KiB pages costs ~9 ms, ten times the 0.9 ms the dequantize kernel itself takes.
-// Asking for transparent huge pages on the 2 MiB-aligned interior of a large output (only
-// advice: pages already present are untouched, and kernels without THP ignore it) cuts the
-// fault count 512-fold. Called before the first write.
-inline void advise_huge_pages(void* p, int64_t nbytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  if (nbytes < int64_t{8} << 20) return;  // a few faults only; not worth a system call
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(nbytes)) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)nbytes;
-#endif
 }
 
 }  // namespace cpu

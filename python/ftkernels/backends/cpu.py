@@ -25,8 +25,9 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
 
 @register_kernel("dequantize_4bit", "cpu")
 def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
-    out = torch.empty(shape, dtype=dtype)
+                    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256, out=None):
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
     nested = nested_absmax is not None
     _native.cpu().dequantize_4bit(
         A.data_ptr(), out.numel(), blocksize, QUANT_TYPE_CODE[quant_type],

@@ -75,7 +75,7 @@ def _dequantize_blockwise_f32(A: torch.Tensor, absmax: torch.Tensor, code: torch
 
 @register_kernel("dequantize_4bit", "reference")
 def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+                    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256, out=None):
     if nested_absmax is not None:
         # Two roundings, as bitsandbytes: the 8-bit product, then the offset.
         absmax = _dequantize_blockwise_f32(absmax, nested_absmax, nested_code, nested_blocksize) + offset
@@ -85,7 +85,8 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
     b = A.reshape(-1)
     q = torch.stack((b >> 4, b & 0xF), dim=1).reshape(-1)[:n].long()
     vals = code_4bit(quant_type, A.device)[q] * absmax[torch.arange(n, device=A.device) // blocksize]
-    return vals.to(dtype).reshape(shape)
+    result = vals.to(dtype).reshape(shape)
+    return result if out is None else out.copy_(result)
 
 
 def _quantize_8bit(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
