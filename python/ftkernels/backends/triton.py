@@ -1,0 +1,89 @@
+"""Triton kernels (ftkernels.triton_kernels), registered for the ops they implement.
+
+Triton is optional: nothing here imports it until a kernel runs, and :func:`available` says
+False (never raises) where it is missing. On the CPU, Triton runs only under its interpreter
+(``TRITON_INTERPRET=1``, set before Triton is first imported), which is how the tests run.
+
+Each kernel receives the arguments its ``_check_<op>`` in ``_ops.py`` returned (dense tensors,
+valid blocksizes and dtypes), allocates its outputs with torch and returns what the reference
+kernel returns: same shapes, dtypes and bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .._ops import register_kernel
+
+_QUANT_TYPE = {"nf4": 0, "fp4": 1}  # triton_kernels.nf4.QUANT_NF4 / QUANT_FP4
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # missing, or broken in this environment: the backend is just absent
+        return False
+    return True
+
+
+def available(device_type: str) -> bool:
+    """Whether the Triton kernels can run on ``device_type`` tensors here."""
+    if device_type == "cuda":
+        return _triton_imports() and torch.cuda.is_available()
+    if device_type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1" and _triton_imports()
+    return False
+
+
+def _nf4():
+    from ..triton_kernels import nf4
+
+    return nf4
+
+
+@functools.lru_cache(maxsize=None)
+def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
+    # The 16-entry table the dequantize kernel gathers from, made once per device (the first
+    # call, like Triton's own compile, belongs before any CUDA graph capture).
+    from .reference import code_4bit
+
+    return code_4bit(quant_type, device)
+
+
+@register_kernel("quantize_4bit", "triton")
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
+    n = A.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=A.device)
+    absmax = torch.empty((-(-n // blocksize),), dtype=torch.float32, device=A.device)
+    _nf4().quantize_4bit(A, packed, absmax, blocksize, _QUANT_TYPE[quant_type])
+    return packed, absmax
+
+
+@register_kernel("dequantize_4bit", "triton")
+def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
+                    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256, out=None):
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=A.device)
+    _nf4().dequantize_4bit(A, absmax, _code_4bit(quant_type, A.device), out, blocksize,
+                           nested_absmax, nested_code, offset, nested_blocksize)
+    return out
+
+
+@register_kernel("quantize_blockwise", "triton")
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty((-(-A.numel() // blocksize),), dtype=torch.float32, device=A.device)
+    _nf4().quantize_blockwise(A, code, out, absmax, blocksize)
+    return out, absmax
+
+
+@register_kernel("dequantize_blockwise", "triton")
+def dequantize_blockwise(A, absmax, code, blocksize, dtype):
+    out = torch.empty(A.shape, dtype=dtype, device=A.device)
+    _nf4().dequantize_blockwise(A, absmax, code, out, blocksize)
+    return out
