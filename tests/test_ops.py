@@ -1,0 +1,64 @@
+"""The op registry: backend selection, overrides and their errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ftkernels as ftk
+from ftkernels import _native, _ops
+
+
+def test_every_op_has_a_reference_and_a_cpu_kernel():
+    for op in ("quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise"):
+        for backend in ("reference", "cpu", "cuda", "triton"):
+            assert (op, backend) in _ops._KERNELS, (op, backend)
+
+
+def test_default_backend_per_device():
+    expected = "cpu" if _native.cpu_available() else "reference"
+    assert _ops.select_backend("quantize_4bit", "cpu") == expected
+    assert _ops.select_backend("quantize_4bit", "mps") == "reference"
+
+
+def test_set_backend_and_env_override(monkeypatch):
+    ftk.set_backend("reference")
+    assert ftk.get_backend() == "reference"
+    assert _ops.select_backend("dequantize_4bit", "cpu") == "reference"
+    ftk.set_backend(None)
+    monkeypatch.setenv("FTK_BACKEND", "Reference ")
+    assert _ops.select_backend("dequantize_4bit", "cpu") == "reference"
+    monkeypatch.setenv("FTK_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="FTK_BACKEND must be one of"):
+        ftk.quantize_4bit(torch.randn(64))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ftk.set_backend("gpu")
+
+
+def test_forced_backend_that_cannot_run_here_says_so():
+    with ftk.use_backend("cuda"), pytest.raises(RuntimeError, match="cannot run ftk::quantize_4bit on cpu"):
+        ftk.quantize_4bit(torch.randn(64))
+    assert ftk.get_backend() is None  # the context manager restored the default
+
+
+def test_backends_agree_through_the_public_api():
+    A = torch.randn(300, 7)
+    with ftk.use_backend("reference"):
+        expected = ftk.dequantize_4bit(*ftk.quantize_4bit(A))
+    assert torch.equal(ftk.dequantize_4bit(*ftk.quantize_4bit(A)), expected)
+
+
+def test_cuda_module_imports_without_a_gpu_and_checks_its_arguments():
+    # CI builds the CUDA module (nvcc is there) on a machine with no GPU and no driver: with
+    # cudart linked statically it must still import, report no device and refuse bad params
+    # on the host, before any CUDA call.
+    mod = _native._load("_ftk_cuda")
+    if mod is None:
+        pytest.skip("built without the CUDA module (no CUDA compiler at build time, or FTK_CUDA=OFF)")
+    assert mod.device_count() >= 0
+    with pytest.raises(ValueError, match="must not be null"):
+        mod.quantize_4bit(0, 64, 0, 64, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="blocksize"):
+        mod.dequantize_4bit(0, 64, 48, 0, 0, 0, 0, 0, 0, 256, 0, 0, 0)
+    with pytest.raises(ValueError, match="unknown dtype code"):
+        mod.quantize_blockwise(0, 64, 7, 0, 256, 0, 0, 0)
