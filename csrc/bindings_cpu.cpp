@@ -28,6 +28,13 @@ PYBIND11_MODULE(_ftk_cpu, m) {
   m.doc() = "ftkernels CPU kernels (raw pointers; use ftkernels.* instead)";
   auto release = py::call_guard<py::gil_scoped_release>();
 
+  // Tests only: caps the instruction set (0 baseline x86-64, 1 AVX2, 2 AVX-512) so that
+  // every kernel variant runs on one machine; returns the previous cap.
+  m.def("set_isa_limit", [](int level) {
+    FTK_CHECK_ARG(level >= 0 && level <= 2, "level must be 0, 1 or 2");
+    return static_cast<int>(ftk::set_cpu_isa_limit(static_cast<ftk::CpuIsa>(level)));
+  }, "level"_a);
+
   m.def("quantize_4bit", [](uintptr_t A, int64_t n, int dtype, int64_t blocksize, int quant_type,
                             uintptr_t packed, uintptr_t absmax, int num_threads) {
     ftk::Quantize4bitParams p;

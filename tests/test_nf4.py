@@ -84,6 +84,46 @@ def test_dequantize_4bit_into_out(backend_device, dtype, compress):
         run(backend, ftk.dequantize_4bit, packed.to(device), qs, out=torch.empty(65, 33, dtype=dtype, device=device).t())
 
 
+# The CPU kernels come in baseline x86-64, AVX2 and AVX-512 variants picked at run time; the
+# cap makes each one run here (a cap above what this CPU has runs its widest variant).
+CPU_ISAS = [pytest.param(level, id=name) for level, name in ((0, "base"), (1, "avx2"), (2, "avx512"))]
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request):
+    if not _native.cpu_available():
+        pytest.skip("the CPU module is not built")
+    previous = _native.cpu().set_isa_limit(request.param)
+    yield request.param
+    _native.cpu().set_isa_limit(previous)
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_cpu_isa_variants_match_reference(cpu_isa, shape, dtype, blocksize, quant_type):
+    A = sample(shape, dtype, seed=3, specials=True)
+    packed, qs = reference_quantize(A, blocksize, True, quant_type)
+    got = run("cpu", ftk.quantize_4bit, A, blocksize, True, quant_type)
+    assert_same_bits(got[0], packed, "packed")
+    assert_same_bits(run("cpu", ftk.dequantize_4bit, packed, qs), run("reference", ftk.dequantize_4bit, packed, qs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_large_output_matches_reference(cpu_isa, dtype):
+    # 8.4M elements over two threads, a partial last block, and an out= that starts 2 or 4
+    # bytes past a 64-byte boundary (the vector stores are unaligned ones).
+    A = sample((2049, 4099), dtype, seed=4)
+    packed, qs = ftk.quantize_4bit(A, 64, True, "nf4")
+    expected = run("reference", ftk.dequantize_4bit, packed, qs)
+    assert_same_bits(run("cpu", ftk.dequantize_4bit, packed, qs), expected, "fresh")
+    buf = torch.empty(A.numel() + 1, dtype=dtype)
+    out = buf[1:].view(A.shape)
+    run("cpu", ftk.dequantize_4bit, packed, qs, out=out)
+    assert_same_bits(out, expected, "misaligned out")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", [32, 256, 4096])
 @pytest.mark.parametrize("shape", SHAPES)

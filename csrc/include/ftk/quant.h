@@ -186,7 +186,12 @@ FTK_HD uint32_t quantize_8bit(const float* code, float x) {
    -0.25f}
 
 // ---- launchers -----------------------------------------------------------------------------
-// CPU: num_threads workers (the caller passes torch.get_num_threads()).
+// CPU: num_threads workers (the caller passes torch.get_num_threads()). Each kernel uses the
+// widest of these instruction sets that the CPU has, up to the limit (default: all), which
+// tests lower to run every path on one machine; returns the previous limit.
+enum class CpuIsa : int { Base = 0, AVX2 = 1, AVX512 = 2 };
+CpuIsa set_cpu_isa_limit(CpuIsa limit);
+
 void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads);
 void dequantize_4bit_cpu(const Dequantize4bitParams& p, int num_threads);
 void quantize_blockwise_cpu(const QuantizeBlockwiseParams& p, int num_threads);
