@@ -2,27 +2,11 @@
 // Python (ftkernels/backends/cpu.py) checked every argument first; the launchers check again.
 #include <pybind11/pybind11.h>
 
-#include "ftk/quant.h"
+#include "ftk/quant_args.h"
 
 namespace py = pybind11;
 using namespace pybind11::literals;
 
-namespace {
-
-template <typename T>
-T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
-ftk::DType dtype_arg(int d, const char* name) {
-  FTK_CHECK_ARG(ftk::valid_dtype(d), std::string(name) + ": unknown dtype code " + std::to_string(d));
-  return static_cast<ftk::DType>(d);
-}
-
-ftk::QuantType quant_type_arg(int q) {
-  FTK_CHECK_ARG(ftk::valid_quant_type(q), "quant_type: unknown code " + std::to_string(q));
-  return static_cast<ftk::QuantType>(q);
-}
-
-}  // namespace
 
 PYBIND11_MODULE(_ftk_cpu, m) {
   m.doc() = "ftkernels CPU kernels (raw pointers; use ftkernels.* instead)";
@@ -37,43 +21,28 @@ PYBIND11_MODULE(_ftk_cpu, m) {
 
   m.def("quantize_4bit", [](uintptr_t A, int64_t n, int dtype, int64_t blocksize, int quant_type,
                             uintptr_t packed, uintptr_t absmax, int num_threads) {
-    ftk::Quantize4bitParams p;
-    p.A = ptr<const void>(A); p.n = n; p.dtype = dtype_arg(dtype, "A");
-    p.blocksize = blocksize; p.quant_type = quant_type_arg(quant_type);
-    p.packed = ptr<uint8_t>(packed); p.absmax = ptr<float>(absmax);
-    ftk::quantize_4bit_cpu(p, num_threads);
+    ftk::quantize_4bit_cpu(ftk::args::quantize_4bit(A, n, dtype, blocksize, quant_type, packed, absmax), num_threads);
   }, "A"_a, "n"_a, "dtype"_a, "blocksize"_a, "quant_type"_a, "packed"_a, "absmax"_a, "num_threads"_a, release);
 
   m.def("dequantize_4bit", [](uintptr_t packed, int64_t n, int64_t blocksize, int quant_type,
                               uintptr_t absmax, uintptr_t absmax_q, uintptr_t nested_absmax,
                               uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize,
                               int dtype, uintptr_t out, int num_threads) {
-    ftk::Dequantize4bitParams p;
-    p.packed = ptr<const uint8_t>(packed); p.n = n; p.blocksize = blocksize;
-    p.quant_type = quant_type_arg(quant_type);
-    p.absmax = ptr<const float>(absmax); p.absmax_q = ptr<const uint8_t>(absmax_q);
-    p.nested_absmax = ptr<const float>(nested_absmax); p.nested_code = ptr<const float>(nested_code);
-    p.offset = ptr<const float>(offset); p.nested_blocksize = nested_blocksize;
-    p.dtype = dtype_arg(dtype, "dtype"); p.out = ptr<void>(out);
-    ftk::dequantize_4bit_cpu(p, num_threads);
+    ftk::dequantize_4bit_cpu(ftk::args::dequantize_4bit(packed, n, blocksize, quant_type, absmax, absmax_q,
+                                                         nested_absmax, nested_code, offset, nested_blocksize,
+                                                         dtype, out),
+                             num_threads);
   }, "packed"_a, "n"_a, "blocksize"_a, "quant_type"_a, "absmax"_a, "absmax_q"_a, "nested_absmax"_a,
      "nested_code"_a, "offset"_a, "nested_blocksize"_a, "dtype"_a, "out"_a, "num_threads"_a, release);
 
   m.def("quantize_blockwise", [](uintptr_t A, int64_t n, int dtype, uintptr_t code, int64_t blocksize,
                                  uintptr_t out, uintptr_t absmax, int num_threads) {
-    ftk::QuantizeBlockwiseParams p;
-    p.A = ptr<const void>(A); p.n = n; p.dtype = dtype_arg(dtype, "A");
-    p.code = ptr<const float>(code); p.blocksize = blocksize;
-    p.out = ptr<uint8_t>(out); p.absmax = ptr<float>(absmax);
-    ftk::quantize_blockwise_cpu(p, num_threads);
+    ftk::quantize_blockwise_cpu(ftk::args::quantize_blockwise(A, n, dtype, code, blocksize, out, absmax), num_threads);
   }, "A"_a, "n"_a, "dtype"_a, "code"_a, "blocksize"_a, "out"_a, "absmax"_a, "num_threads"_a, release);
 
   m.def("dequantize_blockwise", [](uintptr_t A, int64_t n, uintptr_t absmax, uintptr_t code,
                                    int64_t blocksize, int dtype, uintptr_t out, int num_threads) {
-    ftk::DequantizeBlockwiseParams p;
-    p.A = ptr<const uint8_t>(A); p.n = n; p.absmax = ptr<const float>(absmax);
-    p.code = ptr<const float>(code); p.blocksize = blocksize;
-    p.dtype = dtype_arg(dtype, "dtype"); p.out = ptr<void>(out);
-    ftk::dequantize_blockwise_cpu(p, num_threads);
+    ftk::dequantize_blockwise_cpu(ftk::args::dequantize_blockwise(A, n, absmax, code, blocksize, dtype, out),
+                                  num_threads);
   }, "A"_a, "n"_a, "absmax"_a, "code"_a, "blocksize"_a, "dtype"_a, "out"_a, "num_threads"_a, release);
 }

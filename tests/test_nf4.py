@@ -403,17 +403,26 @@ def test_quant_state_that_does_not_fit_the_data():
         ftk.dequantize_4bit(packed, qs)
 
 
-@pytest.mark.skipif(not _native.cpu_available(), reason="CPU module not built")
-def test_native_module_checks_its_arguments_again():
+@pytest.mark.parametrize("module", ["_ftk_cpu", "_ftk_cuda"])
+def test_native_module_checks_its_arguments_again(module):
     # Python checks first; the C++ launchers check again and raise ValueError, never crash.
-    cpu = _native.cpu()
+    # The CUDA module is built wherever nvcc is (CI has no GPU and no driver): with cudart
+    # linked statically it must import there too, and refuse bad params before any CUDA call.
+    mod = _native._load(module)
+    if mod is None:
+        pytest.skip(f"{module} is not built")
+    last = 1  # num_threads (CPU) or a stream handle (CUDA; never used: every call here is refused)
     with pytest.raises(ValueError, match="blocksize"):
-        cpu.quantize_4bit(0, 8, 0, 48, 0, 0, 0, 1)
+        mod.quantize_4bit(0, 8, 0, 48, 0, 0, 0, last)
     with pytest.raises(ValueError, match="must not be null"):
-        cpu.quantize_4bit(0, 8, 0, 64, 0, 0, 0, 1)
+        mod.quantize_4bit(0, 8, 0, 64, 0, 0, 0, last)
     with pytest.raises(ValueError, match="dtype"):
-        cpu.dequantize_4bit(0, 8, 64, 0, 0, 0, 0, 0, 0, 256, 7, 0, 1)
+        mod.dequantize_4bit(0, 8, 64, 0, 0, 0, 0, 0, 0, 256, 7, 0, last)
     with pytest.raises(ValueError, match="quant_type"):
-        cpu.quantize_4bit(0, 8, 0, 64, 5, 0, 0, 1)
+        mod.quantize_4bit(0, 8, 0, 64, 5, 0, 0, last)
     with pytest.raises(ValueError, match="double-quantization"):
-        cpu.dequantize_4bit(1, 8, 64, 0, 0, 0, 0, 0, 0, 256, 0, 1, 1)
+        mod.dequantize_4bit(1, 8, 64, 0, 0, 0, 0, 0, 0, 256, 0, 1, last)
+    with pytest.raises(ValueError, match="unknown dtype code"):
+        mod.quantize_blockwise(0, 64, 7, 0, 256, 0, 0, last)
+    if module == "_ftk_cuda":
+        assert mod.device_count() >= 0

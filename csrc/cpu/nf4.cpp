@@ -49,6 +49,10 @@ bool has_avx2() { return false; }
 
 constexpr int64_t kMaxBlock = 4096;
 
+// The 16-entry code of each 4-bit type, aligned for whole-register loads.
+alignas(64) constexpr float kCode4bit[2][16] = {FTK_NF4_CODE, FTK_FP4_CODE};
+constexpr const float* code_4bit(QuantType q) { return kCode4bit[static_cast<int>(q)]; }
+
 // Element loads and stores by storage type (bf16 travels as its raw 16 bits).
 template <typename T> FTK_INLINE float load_f32(const T* p, int64_t i);
 template <> FTK_INLINE float load_f32<float>(const float* p, int64_t i) { return p[i]; }
@@ -110,9 +114,7 @@ FTK_INLINE float block_absmax(const Dequantize4bitParams& p, int64_t b) {
 
 template <typename OutT, QuantType Q>
 FTK_INLINE void dequantize_4bit_range(const Dequantize4bitParams& p, int64_t b0, int64_t b1) {
-  static constexpr float kNF4[16] = FTK_NF4_CODE;
-  static constexpr float kFP4[16] = FTK_FP4_CODE;
-  const float* code = Q == QuantType::NF4 ? kNF4 : kFP4;
+  const float* code = code_4bit(Q);
   OutT* out = static_cast<OutT*>(p.out);
   for (int64_t b = b0; b < b1; ++b) {
     const float absmax = block_absmax(p, b);
@@ -220,9 +222,7 @@ FTK_AVX2 FTK_INLINE void lookup16(const __m128i* planes, __m128i idx, OutT* dst)
 
 template <typename OutT, QuantType Q>
 FTK_AVX2 void dequantize_4bit_blocks_simd(const Dequantize4bitParams& p, int64_t b0, int64_t b1) {
-  alignas(32) static constexpr float kNF4[16] = FTK_NF4_CODE;
-  alignas(32) static constexpr float kFP4[16] = FTK_FP4_CODE;
-  const float* code = Q == QuantType::NF4 ? kNF4 : kFP4;
+  const float* code = code_4bit(Q);
   OutT* out = static_cast<OutT*>(p.out);
   const __m128i nibble = _mm_set1_epi8(0x0F);
   for (int64_t b = b0; b < b1; ++b) {
@@ -299,9 +299,7 @@ FTK_AVX512 FTK_INLINE __m256i nibbles32(const uint8_t* src) {
 
 template <typename OutT, QuantType Q>
 FTK_AVX512 void dequantize_4bit_blocks_avx512(const Dequantize4bitParams& p, int64_t b0, int64_t b1) {
-  alignas(64) static constexpr float kNF4[16] = FTK_NF4_CODE;
-  alignas(64) static constexpr float kFP4[16] = FTK_FP4_CODE;
-  const float* code = Q == QuantType::NF4 ? kNF4 : kFP4;
+  const float* code = code_4bit(Q);
   OutT* out = static_cast<OutT*>(p.out);
   for (int64_t b = b0; b < b1; ++b) {
     const float absmax = block_absmax(p, b);
