@@ -4,7 +4,7 @@
 package ships as a GGUF file), quantizes its linear layers to 4 bits (lm_head and embeddings
 stay), writes a checkpoint that Transformers with bitsandbytes loads, and prints the memory
 before and after, the reconstruction error, and the greedy answer to one prompt before and
-after. It runs on the CPU in float32: on 2 cores the whole command takes ~30 s, most of it
+after. It runs on the CPU in float32: on 2 cores the whole command takes ~25 s, most of it
 Transformers parsing the GGUF file.
 """
 
