@@ -112,24 +112,42 @@ FTK_INLINE float block_absmax(const Dequantize4bitParams& p, int64_t b) {
   return scaled + *p.offset;
 }
 
+// Where block b of a dequantize lies: its packed bytes, its outputs, its element count (the
+// last block may be partial and odd).
+template <typename OutT>
+struct DequantBlock {
+  const uint8_t* src;
+  OutT* dst;
+  int64_t len;
+};
+
+template <typename OutT>
+FTK_INLINE DequantBlock<OutT> dequant_block(const Dequantize4bitParams& p, int64_t b) {
+  const int64_t start = b * p.blocksize;
+  const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
+  return {p.packed + start / 2, static_cast<OutT*>(p.out) + start, len};
+}
+
+// Outputs of the block from packed byte j on, through the 16-entry table: the whole block in
+// the scalar kernel, the tail past the last full vector in the SIMD ones.
+template <typename OutT>
+FTK_INLINE void dequantize_from_lut(const OutT* lut, const DequantBlock<OutT>& blk, int64_t j) {
+  for (; j < blk.len / 2; ++j) {
+    const uint8_t byte = blk.src[j];
+    blk.dst[2 * j] = lut[byte >> 4];
+    blk.dst[2 * j + 1] = lut[byte & 0xF];
+  }
+  if (blk.len & 1) blk.dst[blk.len - 1] = lut[blk.src[blk.len / 2] >> 4];
+}
+
 template <typename OutT, QuantType Q>
 FTK_INLINE void dequantize_4bit_range(const Dequantize4bitParams& p, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
-  OutT* out = static_cast<OutT*>(p.out);
   for (int64_t b = b0; b < b1; ++b) {
     const float absmax = block_absmax(p, b);
     OutT lut[16];
     for (int k = 0; k < 16; ++k) lut[k] = from_f32<OutT>(code[k] * absmax);
-    const int64_t start = b * p.blocksize;
-    const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
-    const uint8_t* src = p.packed + start / 2;
-    OutT* dst = out + start;
-    for (int64_t j = 0; j < len / 2; ++j) {
-      const uint8_t byte = src[j];
-      dst[2 * j] = lut[byte >> 4];
-      dst[2 * j + 1] = lut[byte & 0xF];
-    }
-    if (len & 1) dst[len - 1] = lut[src[len / 2] >> 4];
+    dequantize_from_lut(lut, dequant_block<OutT>(p, b), 0);
   }
 }
 
@@ -223,28 +241,20 @@ FTK_AVX2 FTK_INLINE void lookup16(const __m128i* planes, __m128i idx, OutT* dst)
 template <typename OutT, QuantType Q>
 FTK_AVX2 void dequantize_4bit_blocks_simd(const Dequantize4bitParams& p, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
-  OutT* out = static_cast<OutT*>(p.out);
   const __m128i nibble = _mm_set1_epi8(0x0F);
   for (int64_t b = b0; b < b1; ++b) {
     __m128i planes[4];
     alignas(32) OutT lut[16];
     block_planes<OutT>(code, block_absmax(p, b), planes, lut);
-    const int64_t start = b * p.blocksize;
-    const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
-    const uint8_t* src = p.packed + start / 2;
-    OutT* dst = out + start;
+    const DequantBlock<OutT> blk = dequant_block<OutT>(p, b);
     int64_t j = 0;  // bytes done
-    for (; j + 16 <= len / 2; j += 16) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+    for (; j + 16 <= blk.len / 2; j += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.src + j));
       const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble), lo = _mm_and_si128(v, nibble);
-      lookup16<OutT>(planes, _mm_unpacklo_epi8(hi, lo), dst + 2 * j);       // even element first
-      lookup16<OutT>(planes, _mm_unpackhi_epi8(hi, lo), dst + 2 * j + 16);
+      lookup16<OutT>(planes, _mm_unpacklo_epi8(hi, lo), blk.dst + 2 * j);  // even element first
+      lookup16<OutT>(planes, _mm_unpackhi_epi8(hi, lo), blk.dst + 2 * j + 16);
     }
-    for (; j < len / 2; ++j) {  // the tail of a partial last block
-      dst[2 * j] = lut[src[j] >> 4];
-      dst[2 * j + 1] = lut[src[j] & 0xF];
-    }
-    if (len & 1) dst[len - 1] = lut[src[len / 2] >> 4];
+    dequantize_from_lut(lut, blk, j);  // the tail of a partial last block
   }
 }
 
@@ -300,17 +310,13 @@ FTK_AVX512 FTK_INLINE __m256i nibbles32(const uint8_t* src) {
 template <typename OutT, QuantType Q>
 FTK_AVX512 void dequantize_4bit_blocks_avx512(const Dequantize4bitParams& p, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
-  OutT* out = static_cast<OutT*>(p.out);
   for (int64_t b = b0; b < b1; ++b) {
-    const float absmax = block_absmax(p, b);
-    const __m512i table = block_table<OutT>(code, absmax);
-    const int64_t start = b * p.blocksize;
-    const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
-    const uint8_t* src = p.packed + start / 2;
-    OutT* dst = out + start;
+    const __m512i table = block_table<OutT>(code, block_absmax(p, b));
+    const DequantBlock<OutT> blk = dequant_block<OutT>(p, b);
+    OutT* dst = blk.dst;
     int64_t j = 0;  // bytes done; 16 bytes give 32 outputs
-    for (; j + 16 <= len / 2; j += 16) {
-      const __m256i idx = nibbles32(src + j);
+    for (; j + 16 <= blk.len / 2; j += 16) {
+      const __m256i idx = nibbles32(blk.src + j);
       if constexpr (sizeof(OutT) == 2) {
         _mm512_storeu_si512(dst + 2 * j, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx), table));
       } else {
@@ -321,14 +327,10 @@ FTK_AVX512 void dequantize_4bit_blocks_avx512(const Dequantize4bitParams& p, int
             _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(idx, 1)), t)));
       }
     }
-    if (j < (len + 1) / 2) {  // the tail of a partial last block: the scalar table
-      alignas(64) OutT lut[32];
+    if (j < (blk.len + 1) / 2) {  // the tail of a partial last block: the scalar table
+      alignas(64) OutT lut[64 / sizeof(OutT)];
       _mm512_store_si512(lut, table);
-      for (; j < len / 2; ++j) {
-        dst[2 * j] = lut[src[j] >> 4];
-        dst[2 * j + 1] = lut[src[j] & 0xF];
-      }
-      if (len & 1) dst[len - 1] = lut[src[len / 2] >> 4];
+      dequantize_from_lut(lut, blk, j);
     }
   }
 }

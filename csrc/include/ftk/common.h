@@ -18,8 +18,6 @@ namespace ftk {
 // Values cross the binding as int; python/ftkernels/_native.py holds the same table.
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
-inline int64_t dtype_size(DType d) { return d == DType::Float32 ? 4 : 2; }
-
 inline bool valid_dtype(int d) { return d >= 0 && d <= 2; }
 
 #define FTK_CHECK_ARG(cond, msg)                                                        \
