@@ -46,6 +46,8 @@ def weights():
 
 
 def _skip_unavailable(impl, device):
+    if impl not in OURS[device] + ["bitsandbytes"]:
+        pytest.skip("not a backend of this device")
     if impl == "bitsandbytes":
         if bnb_functional is None:
             pytest.skip("bitsandbytes is not installed")
@@ -93,8 +95,6 @@ def test_copy(timer, benchmark, weights, device, mode):
 @pytest.mark.parametrize("mode", ["fresh"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_quantize(timer, benchmark, weights, device, mode, impl):
-    if impl not in OURS[device] + ["bitsandbytes"]:
-        pytest.skip("not a backend of this device")
     _skip_unavailable(impl, device)
     _tag(benchmark, device, "quantize", mode, impl)
     A = weights.to(device)
@@ -111,8 +111,6 @@ def test_quantize(timer, benchmark, weights, device, mode, impl):
 @pytest.mark.parametrize("mode", ["fresh", "into"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_dequantize(timer, benchmark, weights, device, mode, impl):
-    if impl not in OURS[device] + ["bitsandbytes"]:
-        pytest.skip("not a backend of this device")
     _skip_unavailable(impl, device)
     _tag(benchmark, device, "dequantize", mode, impl)
     A = weights.to(device)

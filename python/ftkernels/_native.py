@@ -1,7 +1,10 @@
 """Loads the compiled modules lazily; a clear error only when one is used but absent.
 
 The modules take integer pointers, sizes and a dtype code (never torch tensors), so this file
-also holds the dtype table that mirrors ``ftk::DType`` in csrc/include/ftk/common.h.
+also holds the dtype table that mirrors ``ftk::DType`` in csrc/include/ftk/common.h, and the
+``*_args`` functions that turn checked tensors into those integers for both modules (the CPU
+and CUDA functions take the same arguments but the last: threads or a stream), as
+csrc/include/ftk/quant_args.h turns them back into parameter structs.
 """
 
 from __future__ import annotations
@@ -61,3 +64,36 @@ def cuda():
             f"{_errors.get('_ftk_cuda')}"
         )
     return mod
+
+
+# ---- arguments of the native functions -----------------------------------------------------
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    """A tensor's data pointer, or 0 (null) for an absent optional tensor."""
+    return 0 if t is None else t.data_ptr()
+
+
+def quantize_4bit_args(A, blocksize, quant_type, packed, absmax) -> tuple:
+    return (A.data_ptr(), A.numel(), DTYPE_CODE[A.dtype], blocksize, QUANT_TYPE_CODE[quant_type],
+            packed.data_ptr(), absmax.data_ptr())
+
+
+def dequantize_4bit_args(A, absmax, blocksize, quant_type, nested_absmax, nested_code, offset,
+                         nested_blocksize, out) -> tuple:
+    # With double quantization absmax holds uint8 codes and goes in the absmax_q slot.
+    nested = nested_absmax is not None
+    return (A.data_ptr(), out.numel(), blocksize, QUANT_TYPE_CODE[quant_type],
+            0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
+            ptr(nested_absmax), ptr(nested_code), ptr(offset), nested_blocksize,
+            DTYPE_CODE[out.dtype], out.data_ptr())
+
+
+def quantize_blockwise_args(A, code, blocksize, out, absmax) -> tuple:
+    return (A.data_ptr(), A.numel(), DTYPE_CODE[A.dtype], code.data_ptr(), blocksize, out.data_ptr(),
+            absmax.data_ptr())
+
+
+def dequantize_blockwise_args(A, absmax, code, blocksize, out) -> tuple:
+    return (A.data_ptr(), A.numel(), absmax.data_ptr(), code.data_ptr(), blocksize, DTYPE_CODE[out.dtype],
+            out.data_ptr())

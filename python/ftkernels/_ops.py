@@ -299,11 +299,20 @@ def _fake_same_device(A: torch.Tensor, **others) -> None:
             _need_device(name, t, A.device)
 
 
-def _fake_quantize_4bit(A, blocksize, quant_type):
+def quantize_4bit_outputs(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (packed, absmax) for quantize_4bit of A: the fake returns them and every
+    kernel fills them, so the output shapes are written down once."""
     n = A.numel()
-    packed = A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
-    absmax = A.new_empty((-(-n // blocksize),), dtype=torch.float32)
-    return packed, absmax
+    return A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), A.new_empty((-(-n // blocksize),), dtype=torch.float32)
+
+
+def quantize_blockwise_outputs(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (codes, absmax) for quantize_blockwise of A (see quantize_4bit_outputs)."""
+    return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((-(-A.numel() // blocksize),), dtype=torch.float32)
+
+
+def _fake_quantize_4bit(A, blocksize, quant_type):
+    return quantize_4bit_outputs(A, blocksize)
 
 
 def _fake_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
@@ -319,8 +328,7 @@ def _fake_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, ne
 
 def _fake_quantize_blockwise(A, code, blocksize):
     _fake_same_device(A, code=code)
-    n = A.numel()
-    return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((-(-n // blocksize),), dtype=torch.float32)
+    return quantize_blockwise_outputs(A, blocksize)
 
 
 def _fake_dequantize_blockwise(A, absmax, code, blocksize, dtype):

@@ -16,9 +16,8 @@ import os
 
 import torch
 
-from .._ops import register_kernel
-
-_QUANT_TYPE = {"nf4": 0, "fp4": 1}  # triton_kernels.nf4.QUANT_NF4 / QUANT_FP4
+from .._native import QUANT_TYPE_CODE  # the codes of triton_kernels.nf4.QUANT_NF4 / QUANT_FP4
+from .._ops import quantize_4bit_outputs, quantize_blockwise_outputs, register_kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,10 +56,8 @@ def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
 
 @register_kernel("quantize_4bit", "triton")
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
-    n = A.numel()
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=A.device)
-    absmax = torch.empty((-(-n // blocksize),), dtype=torch.float32, device=A.device)
-    _nf4().quantize_4bit(A, packed, absmax, blocksize, _QUANT_TYPE[quant_type])
+    packed, absmax = quantize_4bit_outputs(A, blocksize)
+    _nf4().quantize_4bit(A, packed, absmax, blocksize, QUANT_TYPE_CODE[quant_type])
     return packed, absmax
 
 
@@ -68,7 +65,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
 def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
                     nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256, out=None):
     if out is None:
-        out = torch.empty(shape, dtype=dtype, device=A.device)
+        out = A.new_empty(shape, dtype=dtype)
     _nf4().dequantize_4bit(A, absmax, _code_4bit(quant_type, A.device), out, blocksize,
                            nested_absmax, nested_code, offset, nested_blocksize)
     return out
@@ -76,14 +73,13 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
 
 @register_kernel("quantize_blockwise", "triton")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-    out = torch.empty(A.shape, dtype=torch.uint8, device=A.device)
-    absmax = torch.empty((-(-A.numel() // blocksize),), dtype=torch.float32, device=A.device)
+    out, absmax = quantize_blockwise_outputs(A, blocksize)
     _nf4().quantize_blockwise(A, code, out, absmax, blocksize)
     return out, absmax
 
 
 @register_kernel("dequantize_blockwise", "triton")
 def dequantize_blockwise(A, absmax, code, blocksize, dtype):
-    out = torch.empty(A.shape, dtype=dtype, device=A.device)
+    out = A.new_empty(A.shape, dtype=dtype)
     _nf4().dequantize_blockwise(A, absmax, code, out, blocksize)
     return out
