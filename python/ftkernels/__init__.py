@@ -13,6 +13,7 @@ from .functional import (
     dequantize_4bit,
     dequantize_blockwise,
     get_4bit_type,
+    lora_linear_4bit,
     quantize_4bit,
     quantize_blockwise,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "dequantize_blockwise",
     "get_4bit_type",
     "get_backend",
+    "lora_linear_4bit",
     "quantize_4bit",
     "quantize_blockwise",
     "set_backend",

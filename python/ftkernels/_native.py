@@ -97,3 +97,36 @@ def quantize_blockwise_args(A, code, blocksize, out, absmax) -> tuple:
 def dequantize_blockwise_args(A, absmax, code, blocksize, out) -> tuple:
     return (A.data_ptr(), A.numel(), absmax.data_ptr(), code.data_ptr(), blocksize, DTYPE_CODE[out.dtype],
             out.data_ptr())
+
+
+# ---- fused LoRA (csrc/include/ftk/lora.h, lora_args.h) -------------------------------------
+
+LORA_FORWARD, LORA_GRAD_INPUT = 0, 1  # ftk::LoraMatmulMode
+
+
+def dropout_args(p: float, seed: int | None) -> tuple:
+    """(enabled, seed, threshold, scale) of ftk::Dropout; the contract is in lora.h."""
+    from .backends.reference import dropout_scale, dropout_threshold
+
+    if seed is None:
+        return (False, 0, 0, 1.0)
+    return (True, seed, dropout_threshold(p), dropout_scale(p))
+
+
+def lora_dropout_args(t, p: float, seed: int | None, out) -> tuple:
+    return (t.data_ptr(), DTYPE_CODE[t.dtype], t.shape[0], t.shape[1], *dropout_args(p, seed), out.data_ptr())
+
+
+def weight_4bit_args(w) -> tuple:
+    """ftk::Weight4bit of an _ops.Weight4bit; with double quantization absmax holds uint8 codes."""
+    nested = w.nested_absmax is not None
+    return (w.packed.data_ptr(), w.shape[0], w.shape[1], w.blocksize, QUANT_TYPE_CODE[w.quant_type],
+            0 if nested else w.absmax.data_ptr(), w.absmax.data_ptr() if nested else 0,
+            ptr(w.nested_absmax), ptr(w.nested_code), ptr(w.offset), w.nested_blocksize)
+
+
+def lora_matmul_args(mode: int, X, w, bias, L, R, scaling: float, p: float, seed: int | None, out) -> tuple:
+    """ftk::LoraMatmulParams (lora.h): X (M x K or M x N), L (M x r fp32), R (B or A)."""
+    return (mode, X.data_ptr(), DTYPE_CODE[X.dtype], X.shape[0], *weight_4bit_args(w), ptr(bias),
+            DTYPE_CODE[bias.dtype] if bias is not None else 0, L.data_ptr(), R.data_ptr(), DTYPE_CODE[R.dtype],
+            L.shape[1], scaling, *dropout_args(p, seed), out.data_ptr())

@@ -9,7 +9,8 @@ Backends: ``cuda`` (C++/CUDA module), ``triton``, ``cpu`` (C++ module) and ``ref
 each device is the fastest measured one (README, "Backends"); ``FTK_BACKEND`` or
 :func:`set_backend` overrides it. Autograd, where an op has a gradient, is attached here with
 ``torch.library.register_autograd`` so ``torch.compile`` and ``opcheck`` see it; the NF4 ops
-take and give quantized data and have none.
+take and give quantized data and have none. ``lora_linear_4bit`` has autograd for x, the LoRA
+factors and the bias; its backward is the op ``lora_linear_4bit_backward``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -370,3 +372,179 @@ _define(
     _fake_dequantize_blockwise,
     _check_dequantize_blockwise,
 )
+
+
+# ---- fused LoRA over a 4-bit weight ----------------------------------------------------------
+# y = x·deq(W)ᵀ + bias + scaling·(dropout(x)·Aᵀ)·Bᵀ, W (N x K) frozen in NF4/FP4, A (r x K),
+# B (N x r). Dropout is PEFT's (on the LoRA input only, kept values scaled by 1/(1-p)); its mask
+# is a hash of (seed, row, column), so backward regenerates it instead of storing it.
+
+LORA_MAX_RANK = 256
+GRAD_DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64: the reference backend, for gradcheck
+
+
+class Weight4bit(NamedTuple):
+    """A checked 4-bit weight of shape (N, K): the dequantize_4bit arguments in one value."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    blocksize: int
+    quant_type: str
+    shape: list
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    offset: torch.Tensor | None
+    nested_blocksize: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.ops.ftk.dequantize_4bit(self.packed, self.absmax, self.blocksize, self.quant_type,
+                                             self.shape, dtype, self.nested_absmax, self.nested_code,
+                                             self.offset, self.nested_blocksize)
+
+
+def _check_weight_4bit(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
+                       nested_blocksize) -> Weight4bit:
+    if len(shape) != 2:
+        raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {list(shape)}")
+    checked = _check_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, torch.float32,
+                                     nested_absmax, nested_code, offset, nested_blocksize)
+    return Weight4bit(*checked[:5], *checked[6:])
+
+
+def _need_float(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def dropout_seed(dropout_p, seed) -> int | None:
+    """The checked dropout seed as an int (``None`` when there is no dropout)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p == 0.0:
+        return None
+    if seed is None:
+        raise ValueError("seed is required when dropout_p > 0 (the backward pass regenerates the mask from it)")
+    _need_tensor("seed", seed)
+    _need_dtype("seed", seed, (torch.int64,))
+    if seed.numel() != 1 or seed.device.type != "cpu":
+        raise ValueError(f"seed must be one int64 on the CPU, got {seed.numel()} on {seed.device}")
+    return int(seed.item())
+
+
+def _check_lora_factors(x, w: Weight4bit, lora_A, lora_B, x_name: str = "x", x_dim: int = 1):
+    """Shapes, dtypes and devices of x (last dim = W's dim x_dim), A (r x K) and B (N x r)."""
+    n, k = w.shape
+    for name, t in ((x_name, x), ("lora_A", lora_A), ("lora_B", lora_B)):
+        _need_tensor(name, t)
+        _need_dtype(name, t, GRAD_DTYPES)
+        _need_device(name, t, w.packed.device)
+    want = (n, k)[x_dim]
+    if x.dim() == 0 or x.shape[-1] != want:
+        raise ValueError(f"{x_name} has shape {list(x.shape)}; its last dimension must be {want} "
+                         f"(the 4-bit weight is {n} x {k})")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k or not 1 <= lora_A.shape[0] <= LORA_MAX_RANK:
+        raise ValueError(f"lora_A must be (r, in_features={k}) with 1 <= r <= {LORA_MAX_RANK}, "
+                         f"got {list(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or list(lora_B.shape) != [n, r]:
+        raise ValueError(f"lora_B must be (out_features={n}, r={r}) to match lora_A, got {list(lora_B.shape)}")
+    return dense(x), dense(lora_A), dense(lora_B)
+
+
+def _check_lora_linear_4bit(x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
+                            offset, nested_blocksize, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    w = _check_weight_4bit(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
+                           nested_blocksize)
+    x, lora_A, lora_B = _check_lora_factors(x, w, lora_A, lora_B)
+    if bias is not None:
+        _need_tensor("bias", bias)
+        _need_dtype("bias", bias, GRAD_DTYPES)
+        _need_device("bias", bias, packed.device)
+        if list(bias.shape) != [w.shape[0]]:
+            raise ValueError(f"bias must have shape [{w.shape[0]}] (out_features), got {list(bias.shape)}")
+        bias = dense(bias)
+    return (x, w, lora_A, lora_B, _need_float("scaling", scaling), bias, float(dropout_p),
+            dropout_seed(dropout_p, seed))
+
+
+def _check_lora_linear_4bit_backward(grad_out, x, packed, absmax, blocksize, quant_type, shape, nested_absmax,
+                                     nested_code, offset, nested_blocksize, lora_A, lora_B, scaling, dropout_p,
+                                     seed, need_x, need_lora):
+    w = _check_weight_4bit(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
+                           nested_blocksize)
+    x, lora_A, lora_B = _check_lora_factors(x, w, lora_A, lora_B)
+    grad_out, _, _ = _check_lora_factors(grad_out, w, lora_A, lora_B, "grad_out", 0)
+    if grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"grad_out has shape {list(grad_out.shape)} but x has {list(x.shape)}; "
+                         "their leading dimensions must match")
+    return (grad_out, x, w, lora_A, lora_B, _need_float("scaling", scaling), float(dropout_p),
+            dropout_seed(dropout_p, seed), bool(need_x), bool(need_lora))
+
+
+def _fake_lora_linear_4bit(x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
+                           nested_blocksize, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    _fake_same_device(packed, x=x, absmax=absmax, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+def _fake_lora_linear_4bit_backward(grad_out, x, packed, absmax, blocksize, quant_type, shape, nested_absmax,
+                                    nested_code, offset, nested_blocksize, lora_A, lora_B, scaling, dropout_p,
+                                    seed, need_x, need_lora):
+    _fake_same_device(packed, grad_out=grad_out, x=x, absmax=absmax, lora_A=lora_A, lora_B=lora_B)
+    return lora_linear_4bit_backward_outputs(x, lora_A, lora_B, need_x, need_lora)
+
+
+def lora_linear_4bit_backward_outputs(x, lora_A, lora_B, need_x: bool, need_lora: bool):
+    """Empty (dx, dA, dB) in the dtypes of x, A and B; a gradient not asked for is a 0-element
+    tensor (an op's outputs must be tensors)."""
+    def like(t, wanted):
+        return torch.empty_like(t) if wanted else t.new_empty(0)
+    return like(x, need_x), like(lora_A, need_lora), like(lora_B, need_lora)
+
+
+_WEIGHT_4BIT_SCHEMA = ("Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+                       "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize")
+_define(
+    "lora_linear_4bit",
+    f"(Tensor x, {_WEIGHT_4BIT_SCHEMA}, Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, "
+    "float dropout_p, Tensor? seed) -> Tensor",
+    _fake_lora_linear_4bit,
+    _check_lora_linear_4bit,
+)
+_define(
+    "lora_linear_4bit_backward",
+    f"(Tensor grad_out, Tensor x, {_WEIGHT_4BIT_SCHEMA}, Tensor lora_A, Tensor lora_B, float scaling, "
+    "float dropout_p, Tensor? seed, bool need_x, bool need_lora) -> (Tensor, Tensor, Tensor)",
+    _fake_lora_linear_4bit_backward,
+    _check_lora_linear_4bit_backward,
+)
+
+
+def _lora_setup_context(ctx, inputs, output):
+    (x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize,
+     lora_A, lora_B, scaling, bias, dropout_p, seed) = inputs
+    ctx.save_for_backward(x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, seed)
+    ctx.consts = (blocksize, quant_type, shape, nested_blocksize, scaling, dropout_p)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _lora_backward(ctx, grad):
+    x, packed, absmax, nested_absmax, nested_code, offset, lora_A, lora_B, seed = ctx.saved_tensors
+    blocksize, quant_type, shape, nested_blocksize, scaling, dropout_p = ctx.consts
+    need = ctx.needs_input_grad
+    need_x, need_lora = need[0], need[10] or need[11]
+    dx = dA = dB = dbias = None
+    if need_x or need_lora:
+        dx, dA, dB = torch.ops.ftk.lora_linear_4bit_backward(
+            grad, x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
+            nested_blocksize, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora)
+    if need[13]:
+        acc = torch.float64 if ctx.bias_dtype == torch.float64 else torch.float32
+        dbias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=acc).to(ctx.bias_dtype)
+    return (dx if need_x else None, None, None, None, None, None, None, None, None, None,
+            dA if need[10] else None, dB if need[11] else None, None, dbias, None, None)
+
+
+torch.library.register_autograd("ftk::lora_linear_4bit", _lora_backward, setup_context=_lora_setup_context,
+                                lib=LIB)

@@ -132,3 +132,39 @@ def dequantize_blockwise(
         _ops._need_tensor("A", A)
         code = create_dynamic_map(A.device)
     return torch.ops.ftk.dequantize_blockwise(A, absmax, code, blocksize, dtype)
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    quant_state: QuantState,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """QLoRA's layer in one op: ``x @ W.T + bias + scaling * (dropout(x) @ lora_A.T) @ lora_B.T``.
+
+    ``W`` (``out_features x in_features``) is ``packed`` with ``quant_state`` (from
+    :func:`quantize_4bit`) and gets no gradient; x (any leading shape), ``lora_A``
+    (``r x in_features``), ``lora_B`` (``out_features x r``) and ``bias`` do. Inputs may be fp16,
+    bf16 or fp32, each its own; the math is fp32 and the output has x's dtype. Dropout, as in
+    PEFT, applies to the LoRA input only and only when ``training``; its mask comes from a seed
+    drawn from ``generator`` (default: torch's CPU generator) and backward regenerates it.
+    """
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    qs = quant_state
+    if qs.shape is None or len(qs.shape) != 2:
+        raise ValueError(f"quant_state must describe a 2-D weight, got shape {qs.shape}")
+    p = float(dropout_p) if training else 0.0
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    seed = torch.randint(0, 2**62, (1,), generator=generator) if p > 0.0 else None
+    nested = (qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize) if qs.nested else (
+        None, None, None, 256)
+    return torch.ops.ftk.lora_linear_4bit(x, packed, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape),
+                                          *nested, lora_A, lora_B, scaling, bias, p, seed)

@@ -123,3 +123,90 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 @register_kernel("dequantize_blockwise", "reference")
 def dequantize_blockwise(A, absmax, code, blocksize, dtype):
     return _dequantize_blockwise_f32(A, absmax, code, blocksize).to(dtype).reshape(A.shape)
+
+
+# ---- fused LoRA over a 4-bit weight ----------------------------------------------------------
+# Dropout mask (the contract of csrc/include/ftk/lora.h, which every backend follows bit for bit):
+#   mix32(h): h ^= h >> 16; h *= 0x7feb352d; h ^= h >> 15; h *= 0x846ca68b; h ^= h >> 16 (mod 2^32)
+#   key = mix32(lo32(seed) ^ mix32(hi32(seed))); row_key = mix32(key ^ lo32(row))
+#   keep(row, col) = (mix32(row_key ^ mix32(lo32(col))) >> 8) >= floor(p * 2^24)
+# and a kept value is multiplied by fp32(1 / (1 - p)).
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    # The low 32 bits of h * c with every partial product below 2^49 (no int64 overflow).
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _mul32(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    return int(p * 16777216.0)
+
+
+def dropout_scale(p: float) -> float:
+    """1 / (1 - p) rounded to fp32, the factor every backend applies to kept values."""
+    return torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).item()
+
+
+def dropout_keep(rows: int, cols: int, p: float, seed: int, device) -> torch.Tensor:
+    """The (rows, cols) bool mask of kept elements for (p, seed)."""
+    s = torch.tensor([seed & _M32, (seed >> 32) & _M32], dtype=torch.int64, device=device)
+    key = _mix32(s[0:1] ^ _mix32(s[1:2]))
+    row_key = _mix32(key ^ torch.arange(rows, dtype=torch.int64, device=device))
+    col_hash = _mix32(torch.arange(cols, dtype=torch.int64, device=device))
+    h = _mix32(row_key[:, None] ^ col_hash[None, :])
+    return (h >> 8) >= dropout_threshold(p)
+
+
+def lora_dropout(t: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
+    """PEFT's dropout of a 2-D t with the hashed mask (t itself when there is none)."""
+    if seed is None:
+        return t
+    keep = dropout_keep(t.shape[0], t.shape[1], p, seed, t.device)
+    return torch.where(keep, t * dropout_scale(p), torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@register_kernel("lora_linear_4bit", "reference")
+def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    ct = _compute_dtype(x)
+    n, k = w.shape
+    x2 = x.reshape(-1, k).to(ct)
+    y = x2 @ w.dequantize().to(ct).T
+    if bias is not None:
+        y = y + bias.to(ct)
+    xa = lora_dropout(x2, dropout_p, seed) @ lora_A.to(ct).T
+    y = y + scaling * (xa @ lora_B.to(ct).T)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@register_kernel("lora_linear_4bit_backward", "reference")
+def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
+    from .._ops import lora_linear_4bit_backward_outputs
+
+    dx, dA, dB = lora_linear_4bit_backward_outputs(x, lora_A, lora_B, need_x, need_lora)
+    ct = _compute_dtype(x)
+    n, k = w.shape
+    dy = grad_out.reshape(-1, n).to(ct)
+    A, B = lora_A.to(ct), lora_B.to(ct)
+    g = dy @ B  # (M, r): the LoRA branch's gradient at its rank-r bottleneck
+    if need_x:
+        dx_lora = lora_dropout(scaling * (g @ A), dropout_p, seed)
+        dx.copy_((dy @ w.dequantize().to(ct) + dx_lora).reshape(x.shape))
+    if need_lora:
+        xd = lora_dropout(x.reshape(-1, k).to(ct), dropout_p, seed)
+        dA.copy_(scaling * (g.T @ xd))
+        dB.copy_(scaling * (dy.T @ (xd @ A.T)))
+    return dx, dA, dB
