@@ -1,6 +1,6 @@
 """Benchmark plumbing: devices, L2 flushing and device-side timing, and a closing summary
-that turns the timings of one run into ratios (against bitsandbytes and the copy floor),
-printed and saved under benchmarks/results/."""
+that turns the timings of one run into ratios (against the baselines, the copy floor and
+dense matmuls measured in the same run), printed and saved under benchmarks/results/."""
 
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ class Timer:
     def flush(self):
         self._scratch.add_(1)  # read and write: evicts both clean and dirty lines
 
-    def __call__(self, fn, *, bytes_moved: int, rounds: int = 20):
+    def __call__(self, fn, *, bytes_moved: int = 0, flops: int = 0, rounds: int = 20, warmup_rounds: int = 1):
         info = self.benchmark.extra_info
         info["bytes_moved"] = int(bytes_moved)
+        info["flops"] = int(flops)
         if self.device == "cuda":
             times = []
             for _ in range(rounds):
@@ -61,7 +62,7 @@ class Timer:
                 torch.cuda.synchronize()
 
             return self.benchmark.pedantic(synced, setup=self.flush, rounds=rounds, warmup_rounds=2)
-        return self.benchmark.pedantic(fn, setup=self.flush, rounds=rounds, warmup_rounds=1)
+        return self.benchmark.pedantic(fn, setup=self.flush, rounds=rounds, warmup_rounds=warmup_rounds)
 
 
 @pytest.fixture
@@ -86,9 +87,15 @@ def pytest_terminal_summary(terminalreporter, config):
         t = _seconds(bench)
         gbps = bench.extra_info.get("bytes_moved", 0) / t / 1e9
         entry = {"median_ms": t * 1e3, "GB/s": gbps}
-        baseline = by_name.get(bench.extra_info.get("baseline", ""))
-        if baseline is not None:
-            entry["speedup_vs_" + bench.extra_info["baseline_label"]] = _seconds(baseline) / t
+        if bench.extra_info.get("flops"):
+            entry["TFLOP/s"] = bench.extra_info["flops"] / t / 1e12
+        # "compare": {label: other benchmark's name} gives speedup_vs_<label> = its time / ours
+        compare = dict(bench.extra_info.get("compare", {}))
+        if "baseline" in bench.extra_info:
+            compare[bench.extra_info["baseline_label"]] = bench.extra_info["baseline"]
+        for label, other in compare.items():
+            if other in by_name:
+                entry["speedup_vs_" + label] = _seconds(by_name[other]) / t
         ceiling = by_name.get(bench.extra_info.get("ceiling", ""))
         if ceiling is not None:
             copy_gbps = ceiling.extra_info["bytes_moved"] / _seconds(ceiling) / 1e9
@@ -97,7 +104,7 @@ def pytest_terminal_summary(terminalreporter, config):
         rows.append((name, entry))
     terminalreporter.write_sep("-", "ftkernels: ratios measured in this run")
     for name, entry in rows:
-        extras = "  ".join(f"{k}={v:.2f}" for k, v in entry.items() if k not in ("median_ms", "GB/s"))
+        extras = "  ".join(f"{k}={v:.3g}" for k, v in entry.items() if k not in ("median_ms", "GB/s"))
         terminalreporter.write_line(f"{name:<60} {entry['median_ms']:9.3f} ms {entry['GB/s']:8.2f} GB/s  {extras}")
     RESULTS.mkdir(exist_ok=True)
     stem = "-".join(sorted({Path(b.fullname.split("::")[0]).stem for b in session.benchmarks}))

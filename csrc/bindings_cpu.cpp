@@ -2,6 +2,7 @@
 // Python (ftkernels/backends/cpu.py) checked every argument first; the launchers check again.
 #include <pybind11/pybind11.h>
 
+#include "ftk/lora_args.h"
 #include "ftk/quant_args.h"
 
 namespace py = pybind11;
@@ -45,4 +46,24 @@ PYBIND11_MODULE(_ftk_cpu, m) {
     ftk::dequantize_blockwise_cpu(ftk::args::dequantize_blockwise(A, n, absmax, code, blocksize, dtype, out),
                                   num_threads);
   }, "A"_a, "n"_a, "absmax"_a, "code"_a, "blocksize"_a, "dtype"_a, "out"_a, "num_threads"_a, release);
+
+  // Elements [begin, end) of a 4-bit tensor of n elements, into out (element begin first).
+  m.def("dequantize_4bit_range", [](uintptr_t packed, int64_t n, int64_t blocksize, int quant_type,
+                                    uintptr_t absmax, uintptr_t absmax_q, uintptr_t nested_absmax,
+                                    uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize,
+                                    int dtype, uintptr_t out, int64_t begin, int64_t end, int num_threads) {
+    ftk::dequantize_4bit_range_cpu(ftk::args::dequantize_4bit(packed, n, blocksize, quant_type, absmax, absmax_q,
+                                                               nested_absmax, nested_code, offset, nested_blocksize,
+                                                               dtype, out),
+                                   begin, end, num_threads);
+  }, "packed"_a, "n"_a, "blocksize"_a, "quant_type"_a, "absmax"_a, "absmax_q"_a, "nested_absmax"_a,
+     "nested_code"_a, "offset"_a, "nested_blocksize"_a, "dtype"_a, "out"_a, "begin"_a, "end"_a, "num_threads"_a,
+     release);
+
+  m.def("lora_dropout", [](uintptr_t in, int dtype, int64_t rows, int64_t cols, bool enabled, uint64_t seed,
+                           uint32_t threshold, float scale, uintptr_t out, int num_threads) {
+    ftk::lora_dropout_cpu(ftk::args::lora_dropout(in, dtype, rows, cols, enabled, seed, threshold, scale, out),
+                          num_threads);
+  }, "in"_a, "dtype"_a, "rows"_a, "cols"_a, "enabled"_a, "seed"_a, "threshold"_a, "scale"_a, "out"_a,
+     "num_threads"_a, release);
 }

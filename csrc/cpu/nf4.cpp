@@ -112,20 +112,49 @@ FTK_INLINE float block_absmax(const Dequantize4bitParams& p, int64_t b) {
   return scaled + *p.offset;
 }
 
+// A dequantize of elements [begin, end) of the n-element tensor of p into p.out (which holds
+// element begin at index 0): the whole tensor, or a row tile of a weight for the fused LoRA
+// matmul (lora.cpp), whose tiles start and end anywhere inside a quantization block.
+struct DequantJob {
+  Dequantize4bitParams p;
+  int64_t begin, end;
+};
+
 // Where block b of a dequantize lies: its packed bytes, its outputs, its element count (the
-// last block may be partial and odd).
+// last block may be partial and odd). A block cut by the job's range is `clipped` and goes
+// through dequantize_clipped instead.
 template <typename OutT>
 struct DequantBlock {
   const uint8_t* src;
   OutT* dst;
   int64_t len;
+  bool clipped;
 };
 
 template <typename OutT>
-FTK_INLINE DequantBlock<OutT> dequant_block(const Dequantize4bitParams& p, int64_t b) {
+FTK_INLINE DequantBlock<OutT> dequant_block(const DequantJob& j, int64_t b) {
+  const Dequantize4bitParams& p = j.p;
   const int64_t start = b * p.blocksize;
   const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
-  return {p.packed + start / 2, static_cast<OutT*>(p.out) + start, len};
+  const bool clipped = start < j.begin || start + len > j.end;
+  return {p.packed + start / 2, static_cast<OutT*>(p.out) + (start - j.begin), len, clipped};
+}
+
+// The elements of a clipped block inside [begin, end), one nibble at a time (at most two
+// blocks of a job, the first and the last).
+template <typename OutT>
+FTK_INLINE void dequantize_clipped(const DequantJob& j, int64_t b, const float* code, float absmax) {
+  OutT lut[16];
+  for (int k = 0; k < 16; ++k) lut[k] = from_f32<OutT>(code[k] * absmax);
+  const int64_t start = b * j.p.blocksize;
+  const int64_t s = start > j.begin ? start : j.begin;
+  const int64_t block_end = start + j.p.blocksize < j.p.n ? start + j.p.blocksize : j.p.n;
+  const int64_t e = block_end < j.end ? block_end : j.end;
+  OutT* out = static_cast<OutT*>(j.p.out);
+  for (int64_t i = s; i < e; ++i) {
+    const uint8_t byte = j.p.packed[i / 2];
+    out[i - j.begin] = lut[(i & 1) ? (byte & 0xF) : (byte >> 4)];
+  }
 }
 
 // Outputs of the block from packed byte j on, through the 16-entry table: the whole block in
@@ -141,13 +170,18 @@ FTK_INLINE void dequantize_from_lut(const OutT* lut, const DequantBlock<OutT>& b
 }
 
 template <typename OutT, QuantType Q>
-FTK_INLINE void dequantize_4bit_range(const Dequantize4bitParams& p, int64_t b0, int64_t b1) {
+FTK_INLINE void dequantize_4bit_range(const DequantJob& job, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
   for (int64_t b = b0; b < b1; ++b) {
-    const float absmax = block_absmax(p, b);
+    const float absmax = block_absmax(job.p, b);
+    const DequantBlock<OutT> blk = dequant_block<OutT>(job, b);
+    if (blk.clipped) {
+      dequantize_clipped<OutT>(job, b, code, absmax);
+      continue;
+    }
     OutT lut[16];
     for (int k = 0; k < 16; ++k) lut[k] = from_f32<OutT>(code[k] * absmax);
-    dequantize_from_lut(lut, dequant_block<OutT>(p, b), 0);
+    dequantize_from_lut(lut, blk, 0);
   }
 }
 
@@ -239,14 +273,19 @@ FTK_AVX2 FTK_INLINE void lookup16(const __m128i* planes, __m128i idx, OutT* dst)
 }
 
 template <typename OutT, QuantType Q>
-FTK_AVX2 void dequantize_4bit_blocks_simd(const Dequantize4bitParams& p, int64_t b0, int64_t b1) {
+FTK_AVX2 void dequantize_4bit_blocks_simd(const DequantJob& job, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
   const __m128i nibble = _mm_set1_epi8(0x0F);
   for (int64_t b = b0; b < b1; ++b) {
+    const float absmax = block_absmax(job.p, b);
+    const DequantBlock<OutT> blk = dequant_block<OutT>(job, b);
+    if (blk.clipped) {
+      dequantize_clipped<OutT>(job, b, code, absmax);
+      continue;
+    }
     __m128i planes[4];
     alignas(32) OutT lut[16];
-    block_planes<OutT>(code, block_absmax(p, b), planes, lut);
-    const DequantBlock<OutT> blk = dequant_block<OutT>(p, b);
+    block_planes<OutT>(code, absmax, planes, lut);
     int64_t j = 0;  // bytes done
     for (; j + 16 <= blk.len / 2; j += 16) {
       const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.src + j));
@@ -308,11 +347,16 @@ FTK_AVX512 FTK_INLINE __m256i nibbles32(const uint8_t* src) {
 }
 
 template <typename OutT, QuantType Q>
-FTK_AVX512 void dequantize_4bit_blocks_avx512(const Dequantize4bitParams& p, int64_t b0, int64_t b1) {
+FTK_AVX512 void dequantize_4bit_blocks_avx512(const DequantJob& job, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
   for (int64_t b = b0; b < b1; ++b) {
-    const __m512i table = block_table<OutT>(code, block_absmax(p, b));
-    const DequantBlock<OutT> blk = dequant_block<OutT>(p, b);
+    const float absmax = block_absmax(job.p, b);
+    const DequantBlock<OutT> blk = dequant_block<OutT>(job, b);
+    if (blk.clipped) {
+      dequantize_clipped<OutT>(job, b, code, absmax);
+      continue;
+    }
+    const __m512i table = block_table<OutT>(code, absmax);
     OutT* dst = blk.dst;
     int64_t j = 0;  // bytes done; 16 bytes give 32 outputs
     for (; j + 16 <= blk.len / 2; j += 16) {
@@ -380,10 +424,10 @@ FTK_INLINE void dequantize_blockwise_range(const DequantizeBlockwiseParams& p, i
 
 FTK_VARIANTS(quantize_4bit_blocks, Quantize4bitParams, (quantize_4bit_range<T, Q>(p, b0, b1)))
 #if FTK_X86
-FTK_VARIANTS2(dequantize_4bit_blocks, Dequantize4bitParams, (dequantize_4bit_blocks_simd<T, Q>(p, b0, b1)),
+FTK_VARIANTS2(dequantize_4bit_blocks, DequantJob, (dequantize_4bit_blocks_simd<T, Q>(p, b0, b1)),
               (dequantize_4bit_range<T, Q>(p, b0, b1)))
 #else
-FTK_VARIANTS(dequantize_4bit_blocks, Dequantize4bitParams, (dequantize_4bit_range<T, Q>(p, b0, b1)))
+FTK_VARIANTS(dequantize_4bit_blocks, DequantJob, (dequantize_4bit_range<T, Q>(p, b0, b1)))
 #endif
 FTK_VARIANTS(quantize_blockwise_blocks, QuantizeBlockwiseParams, (quantize_blockwise_range<T>(p, b0, b1)))
 FTK_VARIANTS(dequantize_blockwise_blocks, DequantizeBlockwiseParams, (dequantize_blockwise_range<T>(p, b0, b1)))
@@ -418,23 +462,30 @@ void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads) {
 }
 
 void dequantize_4bit_cpu(const Dequantize4bitParams& p, int num_threads) {
+  dequantize_4bit_range_cpu(p, 0, p.n, num_threads);
+}
+
+void dequantize_4bit_range_cpu(const Dequantize4bitParams& p, int64_t begin, int64_t end, int num_threads) {
   check(p);
-  const int64_t nblocks = ceil_div(p.n, p.blocksize);
-  const int threads = cpu::threads_for(p.n, num_threads);
+  FTK_CHECK_ARG(0 <= begin && begin <= end && end <= p.n, "the element range must lie within [0, n]");
+  if (begin == end) return;
+  const DequantJob job{p, begin, end};
+  const int64_t first = begin / p.blocksize, nblocks = ceil_div(end, p.blocksize) - first;
+  const int threads = cpu::threads_for(end - begin, num_threads);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
 #if FTK_X86
     if (has_avx512bw()) {
       cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
-        if (p.quant_type == QuantType::NF4) dequantize_4bit_blocks_avx512<T, QuantType::NF4>(p, b0, b1);
-        else dequantize_4bit_blocks_avx512<T, QuantType::FP4>(p, b0, b1);
+        if (p.quant_type == QuantType::NF4) dequantize_4bit_blocks_avx512<T, QuantType::NF4>(job, first + b0, first + b1);
+        else dequantize_4bit_blocks_avx512<T, QuantType::FP4>(job, first + b0, first + b1);
       });
       return;
     }
 #endif
     cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
-      if (p.quant_type == QuantType::NF4) dequantize_4bit_blocks<T, QuantType::NF4>(p, b0, b1);
-      else dequantize_4bit_blocks<T, QuantType::FP4>(p, b0, b1);
+      if (p.quant_type == QuantType::NF4) dequantize_4bit_blocks<T, QuantType::NF4>(job, first + b0, first + b1);
+      else dequantize_4bit_blocks<T, QuantType::FP4>(job, first + b0, first + b1);
     });
   });
 }

@@ -130,3 +130,9 @@ def lora_matmul_args(mode: int, X, w, bias, L, R, scaling: float, p: float, seed
     return (mode, X.data_ptr(), DTYPE_CODE[X.dtype], X.shape[0], *weight_4bit_args(w), ptr(bias),
             DTYPE_CODE[bias.dtype] if bias is not None else 0, L.data_ptr(), R.data_ptr(), DTYPE_CODE[R.dtype],
             L.shape[1], scaling, *dropout_args(p, seed), out.data_ptr())
+
+
+def dequantize_4bit_range_args(w, begin: int, end: int, out) -> tuple:
+    """CPU dequantize_4bit_range of elements [begin, end) of weight w into out (fp32 here)."""
+    wa = weight_4bit_args(w)  # packed, rows, cols, blocksize, quant type, absmax, absmax_q, nested...
+    return (wa[0], wa[1] * wa[2], *wa[3:], DTYPE_CODE[out.dtype], out.data_ptr(), begin, end)

@@ -155,6 +155,11 @@ def lora_linear_4bit(
     PEFT, applies to the LoRA input only and only when ``training``; its mask comes from a seed
     drawn from ``generator`` (default: torch's CPU generator) and backward regenerates it.
     """
+    for name, t in (("x", x), ("packed", packed), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
     qs = quant_state

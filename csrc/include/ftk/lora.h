@@ -133,4 +133,7 @@ inline void check(const LoraMatmulParams& p) {
   if (p.M * out_cols > 0) FTK_CHECK_ARG(p.X && p.L && p.R && p.out, "X, L, R and out must not be null");
 }
 
+// CPU (csrc/cpu/lora.cpp); the CUDA launchers are in lora_cuda.h.
+void lora_dropout_cpu(const LoraDropoutParams& p, int num_threads);
+
 }  // namespace ftk

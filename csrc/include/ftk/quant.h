@@ -194,6 +194,9 @@ CpuIsa set_cpu_isa_limit(CpuIsa limit);
 
 void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads);
 void dequantize_4bit_cpu(const Dequantize4bitParams& p, int num_threads);
+// Elements [begin, end) only, into p.out (holding element begin at index 0); p.n is the
+// whole tensor's size, which places the last, partial block.
+void dequantize_4bit_range_cpu(const Dequantize4bitParams& p, int64_t begin, int64_t end, int num_threads);
 void quantize_blockwise_cpu(const QuantizeBlockwiseParams& p, int num_threads);
 void dequantize_blockwise_cpu(const DequantizeBlockwiseParams& p, int num_threads);
 
