@@ -97,8 +97,9 @@ def bnb_dequantize_4bit(A: torch.Tensor, quant_state) -> torch.Tensor:
 
 @pytest.fixture
 def bnb_generic_dequantize(monkeypatch):
-    """Routes bitsandbytes' own dequantize_4bit (and with it Linear4bit's CPU forward) through
-    bnb_dequantize_4bit for the test."""
+    """Routes bitsandbytes.functional.dequantize_4bit through bnb_dequantize_4bit for the test.
+    That covers Linear4bit's backward and PEFT's merge, not bitsandbytes 0.50's CPU forward,
+    which calls torch.ops.bitsandbytes.gemm_4bit and with it the native dequantize."""
     import bitsandbytes.functional as bnb_functional
 
     def dequantize_4bit(A, quant_state=None, absmax=None, out=None, blocksize=None, quant_type="fp4"):
