@@ -16,8 +16,10 @@ import os
 
 import torch
 
+from .. import _native
 from .._native import QUANT_TYPE_CODE  # the codes of triton_kernels.nf4.QUANT_NF4 / QUANT_FP4
 from .._ops import quantize_4bit_outputs, quantize_blockwise_outputs, register_kernel
+from . import _lora
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,6 +45,12 @@ def _nf4():
     from ..triton_kernels import nf4
 
     return nf4
+
+
+def _lora_kernels():
+    from ..triton_kernels import lora
+
+    return lora
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,3 +91,39 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
     out = A.new_empty(A.shape, dtype=dtype)
     _nf4().dequantize_blockwise(A, absmax, code, out, blocksize)
     return out
+
+
+# ---- fused LoRA (triton_kernels/lora.py, composed by backends/_lora.py) ----------------------
+
+
+def _lora_dropout(t: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
+    out = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+    _lora_kernels().lora_dropout(t, out, *_native.dropout_args(p, seed))
+    return out
+
+
+def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
+    n, k = w.shape
+    out = X.new_empty((X.shape[0], n if mode == _native.LORA_FORWARD else k))
+    _lora_kernels().lora_matmul(mode, X, w, _code_4bit(w.quant_type, X.device), bias, L.contiguous(), R, scaling,
+                                *_native.dropout_args(p, seed), out)
+    return out
+
+
+def _no_float64(*tensors) -> None:
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        raise TypeError("float64 runs on the reference backend only")
+
+
+@register_kernel("lora_linear_4bit", "triton")
+def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    _no_float64(x, lora_A, lora_B, bias)
+    return _lora.forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed,
+                         dropout=_lora_dropout, matmul=_lora_matmul)
+
+
+@register_kernel("lora_linear_4bit_backward", "triton")
+def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
+    _no_float64(grad_out, x, lora_A, lora_B)
+    return _lora.backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora,
+                          dropout=_lora_dropout, matmul=_lora_matmul)
