@@ -6,11 +6,13 @@ Each native backend (cpu, cuda, triton) supplies
   ``matmul(mode, X, w, bias, L, R, scaling, p, seed) -> out``: the big product with its
       rank-r epilogue, ``_native.LORA_FORWARD`` or ``_native.LORA_GRAD_INPUT``;
 and this module does the rest the same way for all of them: the rank-r GEMMs (drop(x)·Aᵀ,
-dy·B, dA, dB; ~1% of the FLOPs at r=16, K=N=4096) go to torch's matmul.
+dy·B, dA, dB; ~1% of the FLOPs at r=16, K=N=4096) go to torch's matmul, inside the backend's
+``rank_r`` context (the CPU runs them on one thread, see backends/cpu.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -27,28 +29,32 @@ def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b.to(a.dtype)).float()
 
 
-def forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, *, dropout: Callable, matmul: Callable):
+def forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, *, dropout: Callable, matmul: Callable,
+            rank_r: Callable = contextlib.nullcontext):
     n, k = w.shape
     x2 = x.reshape(-1, k)
     xd = dropout(x2, dropout_p, seed) if seed is not None else x2
-    xa = mm32(xd, lora_A.T)  # (M, r) fp32, the epilogue's L
+    with rank_r():
+        xa = mm32(xd, lora_A.T)  # (M, r) fp32, the epilogue's L
     y = matmul(_native.LORA_FORWARD, x2, w, bias, xa, lora_B, scaling, 0.0, None)
     return y.view(*x.shape[:-1], n)
 
 
 def backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora, *,
-             dropout: Callable, matmul: Callable):
+             dropout: Callable, matmul: Callable, rank_r: Callable = contextlib.nullcontext):
     from .._ops import lora_linear_4bit_backward_outputs
 
     n, k = w.shape
     dy = grad_out.reshape(-1, n)
-    g = mm32(dy, lora_B)  # (M, r) fp32: the gradient at the LoRA bottleneck
+    with rank_r():
+        g = mm32(dy, lora_B)  # (M, r) fp32: the gradient at the LoRA bottleneck
     dx, dA, dB = lora_linear_4bit_backward_outputs(x, lora_A, lora_B, False, False)
     if need_x:
         dx = matmul(_native.LORA_GRAD_INPUT, dy, w, None, g, lora_A, scaling, dropout_p, seed).view(x.shape)
     if need_lora:
         x2 = x.reshape(-1, k)
         xd = dropout(x2, dropout_p, seed) if seed is not None else x2
-        dA = (mm32(xd.T, g).T * scaling).to(lora_A.dtype).contiguous()  # x's side first: no fp32 copy of x
-        dB = (mm32(dy.T, mm32(xd, lora_A.T)) * scaling).to(lora_B.dtype)
+        with rank_r():
+            dA = (mm32(xd.T, g).T * scaling).to(lora_A.dtype).contiguous()  # x's side first: no fp32 copy of x
+            dB = (mm32(dy.T, mm32(xd, lora_A.T)) * scaling).to(lora_B.dtype)
     return dx, dA, dB

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _native
@@ -57,6 +59,19 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
 _TILE_BYTES = 8 << 20
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """The rank-r GEMMs (512 x 4096 x 16) on one thread: on two threads torch's sgemm took
+    12-16 ms for each of them here, on one 0.9-2 ms (the threads' hand-off costs more than the
+    work; torch.set_num_threads itself costs microseconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _tile_rows(rows: int, cols: int) -> int:
     return max(1, min(rows, _TILE_BYTES // (4 * max(cols, 1))))
 
@@ -88,11 +103,14 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     R32 = R.float()
     if mode == _native.LORA_FORWARD:
         # out = bias + s·L·Bᵀ first, then every tile's GEMM accumulates into its columns.
-        out = torch.addmm(bias.float(), L, R32.T, alpha=scaling) if bias is not None else torch.mm(L, R32.T).mul_(scaling)
+        with _one_thread():
+            out = torch.addmm(bias.float(), L, R32.T, alpha=scaling) if bias is not None else torch.mm(L, R32.T).mul_(
+                scaling)
         for n0, tile in _weight_tiles(w):
             out[:, n0:n0 + tile.shape[0]].addmm_(X32, tile.T)
     else:
-        out = torch.mm(L, R32).mul_(scaling)
+        with _one_thread():
+            out = torch.mm(L, R32).mul_(scaling)
         if seed is not None:
             _lora_dropout(out, p, seed, out=out)
         for n0, tile in _weight_tiles(w):
@@ -110,11 +128,11 @@ def _need_native_dtypes(*named) -> None:
 def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
     _need_native_dtypes(("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias))
     return _lora.forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed,
-                         dropout=_lora_dropout, matmul=_lora_matmul)
+                         dropout=_lora_dropout, matmul=_lora_matmul, rank_r=_one_thread)
 
 
 @register_kernel("lora_linear_4bit_backward", "cpu")
 def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
     _need_native_dtypes(("grad_out", grad_out), ("x", x), ("lora_A", lora_A), ("lora_B", lora_B))
     return _lora.backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora,
-                          dropout=_lora_dropout, matmul=_lora_matmul)
+                          dropout=_lora_dropout, matmul=_lora_matmul, rank_r=_one_thread)
