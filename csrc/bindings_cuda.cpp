@@ -7,6 +7,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "ftk/lora_args.h"
+#include "ftk/lora_cuda.h"
 #include "ftk/quant_args.h"
 #include "ftk/quant_cuda.h"
 
@@ -49,6 +51,32 @@ PYBIND11_MODULE(_ftk_cuda, m) {
     ftk::dequantize_blockwise_cuda(ftk::args::dequantize_blockwise(A, n, absmax, code, blocksize, dtype, out),
                                   stream_arg(stream));
   }, "A"_a, "n"_a, "absmax"_a, "code"_a, "blocksize"_a, "dtype"_a, "out"_a, "stream"_a, release);
+
+  // Fused LoRA (lora.h): the arguments of _native.lora_dropout_args / lora_matmul_args, then the
+  // stream. The seed crosses as int64 (a torch int64 may be negative) and is used as its 64 bits.
+  m.def("lora_dropout", [](uintptr_t in, int dtype, int64_t rows, int64_t cols, bool enabled, int64_t seed,
+                           uint32_t threshold, float scale, uintptr_t out, uintptr_t stream) {
+    ftk::lora_dropout_cuda(ftk::args::lora_dropout(in, dtype, rows, cols, enabled, static_cast<uint64_t>(seed),
+                                                   threshold, scale, out),
+                           stream_arg(stream));
+  }, "in"_a, "dtype"_a, "rows"_a, "cols"_a, "enabled"_a, "seed"_a, "threshold"_a, "scale"_a, "out"_a, "stream"_a,
+     release);
+
+  m.def("lora_matmul", [](int mode, uintptr_t X, int dtype, int64_t M, uintptr_t packed, int64_t rows, int64_t cols,
+                          int64_t blocksize, int quant_type, uintptr_t absmax, uintptr_t absmax_q,
+                          uintptr_t nested_absmax, uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize,
+                          uintptr_t bias, int bias_dtype, uintptr_t L, uintptr_t R, int R_dtype, int64_t r,
+                          float scaling, bool enabled, int64_t seed, uint32_t threshold, float scale, uintptr_t out,
+                          uintptr_t stream) {
+    ftk::lora_matmul_cuda(ftk::args::lora_matmul(mode, X, dtype, M, packed, rows, cols, blocksize, quant_type, absmax,
+                                                 absmax_q, nested_absmax, nested_code, offset, nested_blocksize, bias,
+                                                 bias_dtype, L, R, R_dtype, r, scaling, enabled,
+                                                 static_cast<uint64_t>(seed), threshold, scale, out),
+                          stream_arg(stream));
+  }, "mode"_a, "X"_a, "dtype"_a, "M"_a, "packed"_a, "rows"_a, "cols"_a, "blocksize"_a, "quant_type"_a, "absmax"_a,
+     "absmax_q"_a, "nested_absmax"_a, "nested_code"_a, "offset"_a, "nested_blocksize"_a, "bias"_a, "bias_dtype"_a,
+     "L"_a, "R"_a, "R_dtype"_a, "r"_a, "scaling"_a, "enabled"_a, "seed"_a, "threshold"_a, "scale"_a, "out"_a,
+     "stream"_a, release);
 
   // 0 when there is no driver or no device (never raises): lets Python and tests ask cheaply.
   m.def("device_count", []() {

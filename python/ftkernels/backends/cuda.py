@@ -11,6 +11,7 @@ import torch
 
 from .. import _native
 from .._ops import quantize_4bit_outputs, quantize_blockwise_outputs, register_kernel
+from . import _lora
 
 
 def _stream(device: torch.device) -> int:
@@ -60,3 +61,52 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
         _native.cuda().dequantize_blockwise(*_native.dequantize_blockwise_args(A, absmax, code, blocksize, out),
                                             _stream(A.device))
     return out
+
+
+# ---- fused LoRA over a 4-bit weight (csrc/cuda/lora.cu; composed by _lora.py) -------------
+
+
+def _need_native_dtypes(**tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.dtype == torch.float64:
+            raise TypeError(f"{name}: float64 runs on the reference backend only (the CUDA kernels take "
+                            "float32, float16 or bfloat16)")
+
+
+def _lora_dropout(t: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
+    """drop(t) as fp32 (rows, cols); t itself as fp32 when seed is None."""
+    t = t.contiguous()
+    out = torch.empty(t.shape, dtype=torch.float32, device=t.device)
+    if out.numel() == 0:
+        return out
+    with torch.cuda.device(t.device):
+        _native.cuda().lora_dropout(*_native.lora_dropout_args(t, p, seed, out), _stream(t.device))
+    return out
+
+
+def _lora_matmul(mode: int, X, w, bias, L, R, scaling: float, p: float, seed: int | None) -> torch.Tensor:
+    """Forward: X (M, K) -> (M, N); GradInput: X (M, N) -> (M, K); out in X's dtype."""
+    n, k = w.shape
+    forward = mode == _native.LORA_FORWARD
+    out = torch.empty((X.shape[0], n if forward else k), dtype=X.dtype, device=X.device)
+    if out.numel() == 0:
+        return out
+    X, L, R = X.contiguous(), L.to(torch.float32).contiguous(), R.contiguous()
+    with torch.cuda.device(X.device):
+        _native.cuda().lora_matmul(*_native.lora_matmul_args(mode, X, w, bias, L, R, scaling, p, seed, out),
+                                   _stream(X.device))
+    return out
+
+
+@register_kernel("lora_linear_4bit", "cuda")
+def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    _need_native_dtypes(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    return _lora.forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed,
+                         dropout=_lora_dropout, matmul=_lora_matmul)
+
+
+@register_kernel("lora_linear_4bit_backward", "cuda")
+def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
+    _need_native_dtypes(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
+    return _lora.backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora,
+                          dropout=_lora_dropout, matmul=_lora_matmul)
