@@ -47,6 +47,20 @@ def _need_compute_dtype(compute_dtype) -> None:
         )
 
 
+def check_layer_input(x, in_features: int, device: torch.device) -> None:
+    """What a 4-bit layer's forward needs of x: a float tensor on the weight's device whose last
+    dimension is in_features (a clear error naming x otherwise)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {_dtype_name(x.dtype)}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={in_features}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the layer's weight is on {device}; "
+                         "move one of them (layer.to(device) moves the quant state too)")
+
+
 class LinearNF4(nn.Module):
     """A frozen ``nn.Linear`` replacement with a 4-bit weight (bitsandbytes' format).
 
@@ -153,19 +167,7 @@ class LinearNF4(nn.Module):
     # ---- forward ------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {_dtype_name(x.dtype)}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x has shape {tuple(x.shape)}; its last dimension must be in_features={self.in_features}"
-            )
-        if x.device != self.weight.device:
-            raise ValueError(
-                f"x is on {x.device} but the layer's weight is on {self.weight.device}; "
-                "move one of them (layer.to(device) moves the quant state too)"
-            )
+        check_layer_input(x, self.in_features, self.weight.device)
         mm_dtype = self.compute_dtype or x.dtype
         if x.device.type == "cpu" and mm_dtype in _SLOW_ON_CPU:
             mm_dtype = torch.float32

@@ -44,7 +44,7 @@ from torch import nn
 
 from .._ops import FLOAT_DTYPES, LORA_MAX_RANK, need_blocksize, need_quant_type
 from ..functional import dequantize_4bit, lora_linear_4bit
-from .linear_nf4 import LinearNF4
+from .linear_nf4 import LinearNF4, check_layer_input
 
 _LORA_DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64: for gradcheck-style tests
 
@@ -218,20 +218,8 @@ class LoRALinear4bit(nn.Module):
     # ---- forward ------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {_dtype_name(x.dtype)}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x has shape {tuple(x.shape)}; its last dimension must be in_features={self.in_features}"
-            )
         base = self.base_layer
-        if x.device != base.weight.device:
-            raise ValueError(
-                f"x is on {x.device} but the layer's weight is on {base.weight.device}; "
-                "move one of them (layer.to(device) moves the quant state too)"
-            )
+        check_layer_input(x, self.in_features, base.weight.device)
         return lora_linear_4bit(x, base.weight, base.quant_state, self.lora_A.weight, self.lora_B.weight,
                                 self.scaling, base.bias, dropout_p=self.lora_dropout, training=self.training)
 
