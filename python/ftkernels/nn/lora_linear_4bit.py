@@ -44,13 +44,10 @@ from torch import nn
 
 from .._ops import FLOAT_DTYPES, LORA_MAX_RANK, need_blocksize, need_quant_type
 from ..functional import dequantize_4bit, lora_linear_4bit
+from ..quant_state import dtype_name
 from .linear_nf4 import LinearNF4, check_layer_input
 
 _LORA_DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64: for gradcheck-style tests
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _check_hparams(r, lora_alpha, lora_dropout, use_rslora, lora_dtype) -> None:
@@ -268,7 +265,7 @@ def _check_dense_base(base: nn.Linear) -> None:
     if w.is_meta:
         raise ValueError("base: its weight is on the meta device (no values to quantize)")
     if w.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"base.weight must be float32, float16 or bfloat16, got {_dtype_name(w.dtype)} "
+        raise TypeError(f"base.weight must be float32, float16 or bfloat16, got {dtype_name(w.dtype)} "
                         f"({type(base).__name__})")
 
 
