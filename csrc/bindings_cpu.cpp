@@ -60,9 +60,11 @@ PYBIND11_MODULE(_ftk_cpu, m) {
      "nested_code"_a, "offset"_a, "nested_blocksize"_a, "dtype"_a, "out"_a, "begin"_a, "end"_a, "num_threads"_a,
      release);
 
-  m.def("lora_dropout", [](uintptr_t in, int dtype, int64_t rows, int64_t cols, bool enabled, uint64_t seed,
+  // seed: an int64 (torch's seed tensors can be negative), used as its 64-bit pattern.
+  m.def("lora_dropout", [](uintptr_t in, int dtype, int64_t rows, int64_t cols, bool enabled, int64_t seed,
                            uint32_t threshold, float scale, uintptr_t out, int num_threads) {
-    ftk::lora_dropout_cpu(ftk::args::lora_dropout(in, dtype, rows, cols, enabled, seed, threshold, scale, out),
+    ftk::lora_dropout_cpu(ftk::args::lora_dropout(in, dtype, rows, cols, enabled, static_cast<uint64_t>(seed),
+                                                  threshold, scale, out),
                           num_threads);
   }, "in"_a, "dtype"_a, "rows"_a, "cols"_a, "enabled"_a, "seed"_a, "threshold"_a, "scale"_a, "out"_a,
      "num_threads"_a, release);

@@ -210,7 +210,7 @@ def test_native_dropout_kernel_is_the_reference_mask_bit_for_bit(backend_device,
     if dropout is None:
         pytest.skip(f"{backend} has no dropout kernel")
     t = torch.randn(37, 131).to(device, dtype)
-    for p, seed in ((0.3, 2**40 + 17), (0.9, 3), (0.0, None)):
+    for p, seed in ((0.3, 2**40 + 17), (0.9, 3), (0.5, -5), (0.0, None)):
         got = dropout(t, p, seed)
         want = reference.lora_dropout(t.float(), p, seed)
         assert got.dtype == torch.float32

@@ -406,6 +406,8 @@ def _check_weight_4bit(packed, absmax, blocksize, quant_type, shape, nested_absm
                        nested_blocksize) -> Weight4bit:
     if len(shape) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {list(shape)}")
+    if any(int(s) == 0 for s in shape):
+        raise ValueError(f"the 4-bit weight must have non-zero dimensions, got shape {list(shape)}")
     checked = _check_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, torch.float32,
                                      nested_absmax, nested_code, offset, nested_blocksize)
     return Weight4bit(*checked[:5], *checked[6:])
