@@ -6,7 +6,8 @@ Targets (issue 3):
   CPU, 512 tokens: fp32 forward+backward at most 1.1x the two dense fp32 matmuls
       (speedup_vs_dense >= 0.91) and at least 1.1x faster than PEFT+bitsandbytes
       (speedup_vs_peft-bnb >= 1.1); bf16 forward+backward at least 20x faster than
-      PEFT+bitsandbytes in bf16.
+      PEFT+bitsandbytes in bf16 (set where PEFT's bf16 step took over a minute; on CPUs with
+      AVX512-BF16 torch's bf16 GEMM is fast and PEFT's step takes ~0.1 s, see the README).
   GPU: 4096 tokens bf16 forward+backward within 1.15x of the cuBLAS matmuls and >= 1.2x
       PEFT+bitsandbytes; 16 tokens >= 2x PEFT+bitsandbytes; 1 token forward >= 3x faster
       than a dense bf16 matmul.
@@ -133,8 +134,8 @@ def test_lora(benchmark, weight, case, impl):
         benchmark.extra_info["compare"] = {"peft-bnb": f"test_lora[{name}-peft-bnb]", "dense": f"test_lora[{name}-dense]"}
     fn = _step(device, dtype, tokens, what, impl, weight)
     flops = 2 * tokens * N_OUT * K_IN * (1 if what == "forward" else 2)  # the big matmuls only
-    # PEFT+bitsandbytes in bf16 on the CPU takes about a minute a step (torch's bf16 CPU GEMMs):
-    # one round, no warm-up.
+    # PEFT+bitsandbytes in bf16 on the CPU: about a minute a step where torch's bf16 CPU GEMM
+    # is slow (no AVX512-BF16/AMX), ~0.1 s where it is fast; one round, no warm-up.
     slow = impl == "peft-bnb" and device == "cpu" and dtype == torch.bfloat16
     rounds = 1 if slow else (5 if device == "cpu" else 50)
     Timer(benchmark, device)(fn, flops=flops, rounds=rounds, warmup_rounds=0 if slow else 1)
