@@ -1038,23 +1038,6 @@ __global__ void __launch_bounds__(kDropThreads) lora_dropout_kernel(const T* in,
 
 // ---- launch helpers ------------------------------------------------------------------------
 
-constexpr int kMaxDevices = 64;  // devices past this are queried on every launch, not cached
-
-int sm_count() {
-  int dev = 0;
-  FTK_CUDA_CHECK(cudaGetDevice(&dev));
-  static std::atomic<int> cache[kMaxDevices];  // 0: not yet asked
-  if (dev < kMaxDevices) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  FTK_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-  v = std::max(v, 1);
-  if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
-
 int grid_for(int64_t work) { return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, INT_MAX))); }
 
 int log2_exact(int64_t v) {
@@ -1138,7 +1121,7 @@ void lora_dropout_cuda(const LoraDropoutParams& p, cudaStream_t stream) {
     // 4 elements a vector: 16 (fp32) or 8 input bytes, 16 output bytes.
     const bool vec = aligned(p.in, 4 * sizeof(T)) && aligned(p.out, 16);
     const int64_t work = ceil_div(vec ? std::max<int64_t>(n / 4, 1) : n, kDropThreads);
-    const int grid = static_cast<int>(std::min<int64_t>(work, static_cast<int64_t>(sm_count()) * 8));
+    const int grid = static_cast<int>(std::min<int64_t>(work, static_cast<int64_t>(sm_count(current_device())) * 8));
     const T* in = static_cast<const T*>(p.in);
     if (vec) lora_dropout_kernel<T, true><<<grid, kDropThreads, 0, stream>>>(in, p.rows, p.cols, d, p.out);
     else lora_dropout_kernel<T, false><<<grid, kDropThreads, 0, stream>>>(in, p.rows, p.cols, d, p.out);

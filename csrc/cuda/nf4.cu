@@ -393,39 +393,18 @@ dequantize_blockwise_kernel(const uint8_t* __restrict__ A, int64_t n, int bs_shi
 
 // ---- launch helpers ------------------------------------------------------------------------
 
-constexpr int kMaxDevices = 64;  // devices past this are queried on every launch, not cached
-
-int current_device() {
-  int dev = 0;
-  FTK_CUDA_CHECK(cudaGetDevice(&dev));
-  return dev;
-}
-
-int sm_count(int dev) {
-  static std::atomic<int> cache[kMaxDevices];  // 0: not yet asked
-  if (dev < kMaxDevices) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  FTK_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
-  v = std::max(v, 1);
-  if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
-
 // Resident CTAs of kThreads per SM for Kernel (registers and static shared memory decide).
 template <auto Kernel>
 int ctas_per_sm(int dev) {
-  static std::atomic<int> cache[kMaxDevices];
-  if (dev < kMaxDevices) {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  if (dev < kMaxCachedDevices) {
     const int v = cache[dev].load(std::memory_order_relaxed);
     if (v > 0) return v;
   }
   int v = 0;
   FTK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, Kernel, kThreads, 0));
   v = std::max(v, 1);
-  if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
+  if (dev < kMaxCachedDevices) cache[dev].store(v, std::memory_order_relaxed);
   return v;
 }
 

@@ -9,6 +9,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -34,6 +36,29 @@
   } while (0)
 
 namespace ftk {
+
+// The calling thread's current device, and its SM count, queried once per device and cached
+// (devices past kMaxCachedDevices are queried on every call). Shared by every CUDA launcher.
+inline int current_device() {
+  int dev = 0;
+  FTK_CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
+constexpr int kMaxCachedDevices = 64;
+
+inline int sm_count(int dev) {
+  static std::atomic<int> cache[kMaxCachedDevices];  // 0: not yet asked
+  if (dev < kMaxCachedDevices) {
+    const int v = cache[dev].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
+  int v = 0;
+  FTK_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+  v = std::max(v, 1);
+  if (dev < kMaxCachedDevices) cache[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
 
 // All four run on the device that is current for the calling thread (the Python layer enters
 // torch.cuda.device(A.device)); `stream` must belong to it. n == 0 enqueues nothing.
