@@ -121,14 +121,14 @@ struct DequantJob {
 };
 
 // Where block b of a dequantize lies: its packed bytes, its outputs, its element count (the
-// last block may be partial and odd). A block cut by the job's range is `clipped` and goes
-// through dequantize_clipped instead.
+// last block may be partial and odd). The kernels see only blocks inside the job's range;
+// dequantize_4bit_range_cpu does the (at most two) blocks the range cuts with
+// dequantize_clipped.
 template <typename OutT>
 struct DequantBlock {
   const uint8_t* src;
   OutT* dst;
   int64_t len;
-  bool clipped;
 };
 
 template <typename OutT>
@@ -136,14 +136,19 @@ FTK_INLINE DequantBlock<OutT> dequant_block(const DequantJob& j, int64_t b) {
   const Dequantize4bitParams& p = j.p;
   const int64_t start = b * p.blocksize;
   const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
-  const bool clipped = start < j.begin || start + len > j.end;
-  return {p.packed + start / 2, static_cast<OutT*>(p.out) + (start - j.begin), len, clipped};
+  return {p.packed + start / 2, static_cast<OutT*>(p.out) + (start - j.begin), len};
 }
 
-// The elements of a clipped block inside [begin, end), one nibble at a time (at most two
-// blocks of a job, the first and the last).
+FTK_INLINE bool block_is_clipped(const DequantJob& j, int64_t b) {
+  const int64_t start = b * j.p.blocksize;
+  const int64_t block_end = start + j.p.blocksize < j.p.n ? start + j.p.blocksize : j.p.n;
+  return start < j.begin || block_end > j.end;
+}
+
+// The elements of block b inside [begin, end), one nibble at a time.
 template <typename OutT>
-FTK_INLINE void dequantize_clipped(const DequantJob& j, int64_t b, const float* code, float absmax) {
+void dequantize_clipped(const DequantJob& j, int64_t b, const float* code) {
+  const float absmax = block_absmax(j.p, b);
   OutT lut[16];
   for (int k = 0; k < 16; ++k) lut[k] = from_f32<OutT>(code[k] * absmax);
   const int64_t start = b * j.p.blocksize;
@@ -175,10 +180,6 @@ FTK_INLINE void dequantize_4bit_range(const DequantJob& job, int64_t b0, int64_t
   for (int64_t b = b0; b < b1; ++b) {
     const float absmax = block_absmax(job.p, b);
     const DequantBlock<OutT> blk = dequant_block<OutT>(job, b);
-    if (blk.clipped) {
-      dequantize_clipped<OutT>(job, b, code, absmax);
-      continue;
-    }
     OutT lut[16];
     for (int k = 0; k < 16; ++k) lut[k] = from_f32<OutT>(code[k] * absmax);
     dequantize_from_lut(lut, blk, 0);
@@ -279,10 +280,6 @@ FTK_AVX2 void dequantize_4bit_blocks_simd(const DequantJob& job, int64_t b0, int
   for (int64_t b = b0; b < b1; ++b) {
     const float absmax = block_absmax(job.p, b);
     const DequantBlock<OutT> blk = dequant_block<OutT>(job, b);
-    if (blk.clipped) {
-      dequantize_clipped<OutT>(job, b, code, absmax);
-      continue;
-    }
     __m128i planes[4];
     alignas(32) OutT lut[16];
     block_planes<OutT>(code, absmax, planes, lut);
@@ -352,10 +349,6 @@ FTK_AVX512 void dequantize_4bit_blocks_avx512(const DequantJob& job, int64_t b0,
   for (int64_t b = b0; b < b1; ++b) {
     const float absmax = block_absmax(job.p, b);
     const DequantBlock<OutT> blk = dequant_block<OutT>(job, b);
-    if (blk.clipped) {
-      dequantize_clipped<OutT>(job, b, code, absmax);
-      continue;
-    }
     const __m512i table = block_table<OutT>(code, absmax);
     OutT* dst = blk.dst;
     int64_t j = 0;  // bytes done; 16 bytes give 32 outputs
@@ -470,10 +463,16 @@ void dequantize_4bit_range_cpu(const Dequantize4bitParams& p, int64_t begin, int
   FTK_CHECK_ARG(0 <= begin && begin <= end && end <= p.n, "the element range must lie within [0, n]");
   if (begin == end) return;
   const DequantJob job{p, begin, end};
-  const int64_t first = begin / p.blocksize, nblocks = ceil_div(end, p.blocksize) - first;
+  int64_t first = begin / p.blocksize, last = ceil_div(end, p.blocksize);  // blocks [first, last)
   const int threads = cpu::threads_for(end - begin, num_threads);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    // A range that starts or ends inside a block (a LoRA row tile) cuts at most its first and
+    // last block: those go element by element here, the whole blocks between to the kernels.
+    const float* code = code_4bit(p.quant_type);
+    if (first < last && block_is_clipped(job, first)) dequantize_clipped<T>(job, first++, code);
+    if (first < last && block_is_clipped(job, last - 1)) dequantize_clipped<T>(job, --last, code);
+    const int64_t nblocks = last - first;
 #if FTK_X86
     if (has_avx512bw()) {
       cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
