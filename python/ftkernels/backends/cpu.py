@@ -103,8 +103,8 @@ def _lora_dropout(t: torch.Tensor, p: float, seed, out: torch.Tensor | None = No
 
 
 def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
+    """The big product and its rank-r epilogue in fp32 (X is fp32: the kernels below widen it)."""
     n, k = w.shape
-    X32 = X.float()
     R32 = R.float()
     if mode == _native.LORA_FORWARD:
         # out = bias + s·L·Bᵀ first, then every tile's GEMM accumulates into its columns.
@@ -112,15 +112,15 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
             out = torch.addmm(bias.float(), L, R32.T, alpha=scaling) if bias is not None else torch.mm(L, R32.T).mul_(
                 scaling)
         for n0, tile in _weight_tiles(w):
-            out[:, n0:n0 + tile.shape[0]].addmm_(X32, tile.T)
+            out[:, n0:n0 + tile.shape[0]].addmm_(X, tile.T)
     else:
         with _one_thread():
             out = torch.mm(L, R32).mul_(scaling)
         if seed is not None:
             _lora_dropout(out, p, seed, out=out)
         for n0, tile in _weight_tiles(w):
-            out.addmm_(X32[:, n0:n0 + tile.shape[0]], tile)
-    return out.to(X.dtype)
+            out.addmm_(X[:, n0:n0 + tile.shape[0]], tile)
+    return out
 
 
 def _need_native_dtypes(*named) -> None:
@@ -129,15 +129,19 @@ def _need_native_dtypes(*named) -> None:
             raise TypeError(f"{name}: float64 runs on the reference backend only (ftkernels.use_backend('reference'))")
 
 
+# x and dY are widened to fp32 once here (a no-op for fp32), not in each product that reads them.
+
+
 @register_kernel("lora_linear_4bit", "cpu")
 def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
     _need_native_dtypes(("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias))
-    return _lora.forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed,
-                         dropout=_lora_dropout, matmul=_lora_matmul, rank_r=_one_thread)
+    return _lora.forward(x.float(), w, lora_A, lora_B, scaling, bias, dropout_p, seed,
+                         dropout=_lora_dropout, matmul=_lora_matmul, rank_r=_one_thread).to(x.dtype)
 
 
 @register_kernel("lora_linear_4bit_backward", "cpu")
 def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
     _need_native_dtypes(("grad_out", grad_out), ("x", x), ("lora_A", lora_A), ("lora_B", lora_B))
-    return _lora.backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora,
-                          dropout=_lora_dropout, matmul=_lora_matmul, rank_r=_one_thread)
+    dx, dA, dB = _lora.backward(grad_out.float(), x.float(), w, lora_A, lora_B, scaling, dropout_p, seed, need_x,
+                                need_lora, dropout=_lora_dropout, matmul=_lora_matmul, rank_r=_one_thread)
+    return dx.to(x.dtype), dA, dB
