@@ -136,3 +136,22 @@ def dequantize_4bit_range_args(w, begin: int, end: int, out) -> tuple:
     """CPU dequantize_4bit_range of elements [begin, end) of weight w into out (fp32 here)."""
     wa = weight_4bit_args(w)  # packed, rows, cols, blocksize, quant type, absmax, absmax_q, nested...
     return (wa[0], wa[1] * wa[2], *wa[3:], DTYPE_CODE[out.dtype], out.data_ptr(), begin, end)
+
+
+# ---- fused ReFT edits (csrc/include/ftk/reft.h, reft_args.h) -------------------------------
+
+
+def reft_forward_args(h2, P, Q, b, rows, p: float, seed: int | None, out, z) -> tuple:
+    """ftk::ReftForwardParams: h2 and out (n_rows, d), P and Q (r, d) fp32, rows int64 or None."""
+    n_slots = rows.numel() if rows is not None else h2.shape[0]
+    return (h2.data_ptr(), DTYPE_CODE[h2.dtype], h2.shape[0], h2.shape[1], P.shape[0], ptr(rows), n_slots,
+            P.data_ptr(), Q.data_ptr(), b.data_ptr(), *dropout_args(p, seed), out.data_ptr(), z.data_ptr())
+
+
+def reft_backward_args(g2, h2, P, Q, z, rows, p: float, seed: int | None, dh, dP, dQ, db,
+                       workspace=None) -> tuple:
+    """ftk::ReftBackwardParams; dh / (dP, dQ, db) are None when not wanted, workspace CUDA only."""
+    n_slots = rows.numel() if rows is not None else g2.shape[0]
+    return (g2.data_ptr(), h2.data_ptr(), DTYPE_CODE[g2.dtype], g2.shape[0], g2.shape[1], P.shape[0], ptr(rows),
+            n_slots, P.data_ptr(), Q.data_ptr(), z.data_ptr(), *dropout_args(p, seed), ptr(dh), ptr(dP), ptr(dQ),
+            ptr(db), ptr(workspace), 0 if workspace is None else workspace.numel())

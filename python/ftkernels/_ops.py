@@ -121,8 +121,9 @@ def select_backend(op: str, device_type: str) -> str:
     return "reference"
 
 
-def _dispatch(name: str) -> Callable:
+def _dispatch(name: str, kernel: str | None = None) -> Callable:
     op, _, overload = name.partition(".")  # an ``.out`` overload runs its op's kernel with out=
+    op = kernel or op  # ops that normalise to one computation share a kernel (loreft, direft)
 
     def impl(*args, **kwargs):
         device_type = _device_of(args).type
@@ -144,11 +145,13 @@ def _device_of(args: Sequence) -> torch.device:
     raise TypeError("no tensor argument")
 
 
-def _define(name: str, schema: str, fake: Callable, check: Callable) -> None:
+def _define(name: str, schema: str, fake: Callable, check: Callable, kernel: str | None = None) -> None:
+    """Defines ``ftk::name``; its impl runs ``check`` then the kernel registered as ``kernel``
+    (default: ``name``) for the selected backend."""
     LIB.define(f"{name}{schema}")
     torch.library.register_fake(f"ftk::{name}", fake, lib=LIB)
     _CHECKS[name] = check
-    impl = _dispatch(name)
+    impl = _dispatch(name, kernel)
     # Backend-specific keys first; CompositeExplicitAutograd catches every other device
     # (mps, xpu, ...), which the reference backend serves.
     for key in ("CPU", "CUDA", "CompositeExplicitAutograd"):
@@ -550,3 +553,219 @@ def _lora_backward(ctx, grad):
 
 torch.library.register_autograd("ftk::lora_linear_4bit", _lora_backward, setup_context=_lora_setup_context,
                                 lib=LIB)
+
+
+# ---- fused ReFT edits: LoReFT and DiReFT (csrc/include/ftk/reft.h) ---------------------------
+# Both edit selected rows of h through a rank-r bottleneck, out = h + drop(Pᵀ(Q·h + b)):
+#   loreft(h, R, W, b): h + Rᵀ(W·h + b − R·h)  ->  P = R,  Q = W − R
+#   direft(h, W1, W2, b): h + W2ᵀ(W1·h + b)    ->  P = W2, Q = W1
+# so both ops run one kernel pair, reft_forward and reft_backward. The forward also returns
+# z = Q·h + b (fp32, r values a slot) for the backward, which then never recomputes it.
+# Positions (batch, k) select rows: slot (i, j) edits h[i, positions[i, j]], -1 selects nothing.
+# Dropout, as in the issue, applies to the edit only, with the hashed mask over (row, column) of
+# h (dropout.h), so backward regenerates it.
+
+REFT_MAX_RANK = 64  # csrc/include/ftk/reft.h, kReftMaxRank: z and s of a row live in registers
+POSITION_DTYPES = (torch.int64, torch.int32)
+
+
+def reft_compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The math's dtype: fp32, or fp64 when h is (the reference backend, for gradcheck)."""
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+def _check_reft_h(h) -> None:
+    _need_tensor("h", h)
+    _need_dtype("h", h, GRAD_DTYPES)
+    if h.dim() not in (2, 3) or h.shape[-1] == 0:
+        raise ValueError(f"h must be (batch, seq, d) or (rows, d) with d >= 1, got {list(h.shape)}")
+
+
+def _check_reft_factor(name: str, t, h: torch.Tensor, r: int | None = None) -> int:
+    """A (r, d) factor on h's device; returns r (checked against ``r`` when given)."""
+    _need_tensor(name, t)
+    _need_dtype(name, t, GRAD_DTYPES)
+    _need_device(name, t, h.device)
+    d = h.shape[-1]
+    if t.dim() != 2 or t.shape[1] != d:
+        raise ValueError(f"{name} must be (rank, d={d}) to match h {list(h.shape)}, got {list(t.shape)}")
+    rank = t.shape[0]
+    if r is not None and rank != r:
+        raise ValueError(f"{name} has rank {rank} but the other factor has {r}; both must be (rank, {d})")
+    if not 1 <= rank <= min(d, REFT_MAX_RANK):
+        raise ValueError(f"{name}: rank must be in 1..min(d={d}, {REFT_MAX_RANK}), got {rank}")
+    return rank
+
+
+def _check_reft_bias(b, h: torch.Tensor, r: int) -> None:
+    _need_tensor("b", b)
+    _need_dtype("b", b, GRAD_DTYPES)
+    _need_device("b", b, h.device)
+    if list(b.shape) != [r]:
+        raise ValueError(f"b must have shape [{r}] (the rank), got {list(b.shape)}")
+
+
+def reft_rows(positions, h: torch.Tensor) -> torch.Tensor | None:
+    """The checked flat row index of each slot (int64, -1 for none), or None for every row.
+
+    positions is (batch, k) for h (batch, seq, d), or (k,) for h (rows, d). Values must be in
+    [-1, seq) and no position may repeat within a batch row; checking that on a GPU costs one
+    host sync (skipped when positions is None)."""
+    if positions is None:
+        return None
+    _need_tensor("positions", positions)
+    _need_dtype("positions", positions, POSITION_DTYPES)
+    _need_device("positions", positions, h.device)
+    if h.dim() == 3:
+        if positions.dim() != 2 or positions.shape[0] != h.shape[0]:
+            raise ValueError(f"positions must be (batch={h.shape[0]}, k) for h of shape {list(h.shape)}, "
+                             f"got {list(positions.shape)}")
+        pos = positions.long()
+    else:
+        if positions.dim() != 1:
+            raise ValueError(f"positions must be 1-D (row indices) for a 2-D h, got shape {list(positions.shape)}")
+        pos = positions.long()[None]
+    seq = h.shape[-2]
+    if pos.numel() > 0:
+        srt = pos.sort(dim=1).values
+        bad = torch.stack([((pos < -1) | (pos >= seq)).any(),
+                           ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()]).tolist()
+        if bad[0]:
+            raise ValueError(f"positions must be in [-1, {seq}) (a sequence position, or -1 for none); got values "
+                             f"from {int(pos.min())} to {int(pos.max())}")
+        if bad[1]:
+            raise ValueError("positions repeats a position within one sequence; each position may be edited once")
+    base = torch.arange(pos.shape[0], device=pos.device, dtype=torch.int64)[:, None] * seq
+    return torch.where(pos >= 0, pos + base, -1).reshape(-1)
+
+
+def reft_slots(h: torch.Tensor, positions) -> int:
+    """How many slots (rows of z) a call has: positions.numel(), or every row of h."""
+    return positions.numel() if positions is not None else h.numel() // h.shape[-1]
+
+
+def _check_reft(h, P_name, P, Q_name, Q, b, positions, dropout_p, seed, to_pq):
+    _check_reft_h(h)
+    r = _check_reft_factor(P_name, P, h)
+    _check_reft_factor(Q_name, Q, h, r)
+    _check_reft_bias(b, h, r)
+    rows = reft_rows(positions, h)
+    ct = reft_compute_dtype(h)
+    P, Q = to_pq(P.to(ct), Q.to(ct))
+    return (dense(h), dense(P), dense(Q), dense(b.to(ct)), rows, float(dropout_p), dropout_seed(dropout_p, seed))
+
+
+def _check_loreft(h, R, W, b, positions, dropout_p, seed):
+    return _check_reft(h, "R", R, "W", W, b, positions, dropout_p, seed, lambda R, W: (R, W - R))
+
+
+def _check_direft(h, W1, W2, b, positions, dropout_p, seed):
+    return _check_reft(h, "W1", W1, "W2", W2, b, positions, dropout_p, seed, lambda W1, W2: (W2, W1))
+
+
+def _check_reft_backward(grad, h, P, Q, z, positions, dropout_p, seed, need_h, need_params):
+    _check_reft_h(h)
+    _need_tensor("grad", grad)
+    if grad.shape != h.shape or grad.dtype != h.dtype:
+        raise ValueError(f"grad must match h ({list(h.shape)}, {h.dtype}), got {list(grad.shape)}, {grad.dtype}")
+    _need_device("grad", grad, h.device)
+    ct = reft_compute_dtype(h)
+    r = _check_reft_factor("P", P, h)
+    _check_reft_factor("Q", Q, h, r)
+    for name, t in (("P", P), ("Q", Q), ("z", z)):
+        _need_dtype(name, t, (ct,))
+    _need_device("z", z, h.device)
+    if list(z.shape) != [reft_slots(h, positions), r]:
+        raise ValueError(f"z must be (slots={reft_slots(h, positions)}, rank={r}) as the forward made it, "
+                         f"got {list(z.shape)}")
+    rows = reft_rows(positions, h)
+    return (dense(grad), dense(h), dense(P), dense(Q), dense(z), rows, float(dropout_p),
+            dropout_seed(dropout_p, seed), bool(need_h), bool(need_params))
+
+
+def reft_forward_outputs(h: torch.Tensor, r: int, n_slots: int):
+    """Empty (out, z): out like h, z (n_slots, r) in the compute dtype."""
+    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(
+        (n_slots, r), dtype=reft_compute_dtype(h))
+
+
+def reft_backward_outputs(h: torch.Tensor, r: int, need_h: bool, need_params: bool):
+    """Empty (dh, dP, dQ, db); a gradient not asked for is a 0-element tensor."""
+    ct = reft_compute_dtype(h)
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else h.new_empty(0)
+    if not need_params:
+        return dh, h.new_empty(0, dtype=ct), h.new_empty(0, dtype=ct), h.new_empty(0, dtype=ct)
+    d = h.shape[-1]
+    return dh, h.new_empty((r, d), dtype=ct), h.new_empty((r, d), dtype=ct), h.new_empty((r,), dtype=ct)
+
+
+def _fake_reft(h, P, Q, b, positions, dropout_p, seed):
+    _fake_same_device(h, P=P, Q=Q, b=b, positions=positions)
+    return reft_forward_outputs(h, P.shape[0], reft_slots(h, positions))
+
+
+def _fake_reft_backward(grad, h, P, Q, z, positions, dropout_p, seed, need_h, need_params):
+    _fake_same_device(h, grad=grad, P=P, Q=Q, z=z, positions=positions)
+    return reft_backward_outputs(h, P.shape[0], need_h, need_params)
+
+
+_define(
+    "loreft",
+    "(Tensor h, Tensor R, Tensor W, Tensor b, Tensor? positions, float dropout_p, Tensor? seed) -> (Tensor, Tensor)",
+    _fake_reft,
+    _check_loreft,
+    kernel="reft_forward",
+)
+_define(
+    "direft",
+    "(Tensor h, Tensor W1, Tensor W2, Tensor b, Tensor? positions, float dropout_p, Tensor? seed) "
+    "-> (Tensor, Tensor)",
+    _fake_reft,
+    _check_direft,
+    kernel="reft_forward",
+)
+_define(
+    "reft_backward",
+    "(Tensor grad, Tensor h, Tensor P, Tensor Q, Tensor z, Tensor? positions, float dropout_p, Tensor? seed, "
+    "bool need_h, bool need_params) -> (Tensor, Tensor, Tensor, Tensor)",
+    _fake_reft_backward,
+    _check_reft_backward,
+)
+
+
+def _reft_setup_context(ctx, inputs, output):
+    h, A, B, b, positions, dropout_p, seed = inputs
+    ctx.save_for_backward(h, A, B, output[1], positions, seed)
+    ctx.mark_non_differentiable(output[1])  # z: the backward's saved state, not a result
+    ctx.consts = (dropout_p, b.dtype)
+
+
+def _reft_backward(ctx, grad, _grad_z, to_pq, from_dpq):
+    h, A, B, z, positions, seed = ctx.saved_tensors
+    dropout_p, b_dtype = ctx.consts
+    need = ctx.needs_input_grad
+    need_h, need_params = need[0], need[1] or need[2] or need[3]
+    if not (need_h or need_params):
+        return None, None, None, None, None, None, None
+    ct = reft_compute_dtype(h)
+    P, Q = to_pq(A.to(ct), B.to(ct))
+    dh, dP, dQ, db = torch.ops.ftk.reft_backward(grad.to(h.dtype), h, P, Q, z, positions, dropout_p, seed,
+                                                 need_h, need_params)
+    dA = dB = None
+    if need_params:
+        dA, dB = from_dpq(dP, dQ)
+        dA, dB, db = dA.to(A.dtype), dB.to(B.dtype), db.to(b_dtype)
+    return (dh if need_h else None, dA if need[1] else None, dB if need[2] else None,
+            db if need[3] else None, None, None, None)
+
+
+torch.library.register_autograd(
+    "ftk::loreft",
+    lambda ctx, grad, grad_z: _reft_backward(ctx, grad, grad_z, lambda R, W: (R, W - R),
+                                             lambda dP, dQ: (dP - dQ, dQ)),
+    setup_context=_reft_setup_context, lib=LIB)
+torch.library.register_autograd(
+    "ftk::direft",
+    lambda ctx, grad, grad_z: _reft_backward(ctx, grad, grad_z, lambda W1, W2: (W2, W1),
+                                             lambda dP, dQ: (dQ, dP)),
+    setup_context=_reft_setup_context, lib=LIB)

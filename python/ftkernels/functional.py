@@ -165,11 +165,60 @@ def lora_linear_4bit(
     qs = quant_state
     if qs.shape is None or len(qs.shape) != 2:
         raise ValueError(f"quant_state must describe a 2-D weight, got shape {qs.shape}")
-    p = float(dropout_p) if training else 0.0
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    seed = torch.randint(0, 2**62, (1,), generator=generator) if p > 0.0 else None
+    p, seed = _dropout_seed(dropout_p, training, generator)
     nested = (qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize) if qs.nested else (
         None, None, None, 256)
     return torch.ops.ftk.lora_linear_4bit(x, packed, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape),
                                           *nested, lora_A, lora_B, scaling, bias, p, seed)
+
+
+def _dropout_seed(dropout_p, training: bool, generator) -> tuple[float, torch.Tensor | None]:
+    """(p, seed): the effective dropout probability and a seed drawn from ``generator`` for it."""
+    p = float(dropout_p) if training else 0.0
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return p, (torch.randint(0, 2**62, (1,), generator=generator) if p > 0.0 else None)
+
+
+def loreft(
+    h: torch.Tensor,
+    R: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """LoReFT's edit in one op: ``h + Rᵀ(W·h + b − R·h)`` on the selected rows of h.
+
+    h is (batch, seq, d) or (rows, d), fp32/fp16/bf16; R and W are (rank, d) (R with
+    orthonormal rows: :class:`ftkernels.nn.LoReFT` keeps them so), b is (rank,). positions is
+    None (every row) or a (batch, k) int tensor of sequence positions, -1 for none ((k,) row
+    indices for a 2-D h); a position may appear once per sequence. Returns a new tensor in h's
+    dtype, rows outside positions unchanged; the math is fp32. h, R, W and b get gradients.
+    Dropout (when ``training``) applies to the edit ``Rᵀ(...)`` only, not to h.
+    """
+    p, seed = _dropout_seed(dropout_p, training, generator)
+    return torch.ops.ftk.loreft(h, R, W, b, positions, p, seed)[0]
+
+
+def direft(
+    h: torch.Tensor,
+    W1: torch.Tensor,
+    W2: torch.Tensor,
+    b: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DiReFT's edit: ``h + W2ᵀ(W1·h + b)`` on the selected rows of h, no orthogonality.
+
+    W1 and W2 are (rank, d), b is (rank,); h, positions, dropout and the result are as in
+    :func:`loreft`.
+    """
+    p, seed = _dropout_seed(dropout_p, training, generator)
+    return torch.ops.ftk.direft(h, W1, W2, b, positions, p, seed)[0]

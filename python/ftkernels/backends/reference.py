@@ -157,11 +157,14 @@ def dropout_scale(p: float) -> float:
     return torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).item()
 
 
-def dropout_keep(rows: int, cols: int, p: float, seed: int, device) -> torch.Tensor:
-    """The (rows, cols) bool mask of kept elements for (p, seed)."""
+def dropout_keep(rows: int | torch.Tensor, cols: int, p: float, seed: int, device) -> torch.Tensor:
+    """The (rows, cols) bool mask of kept elements for (p, seed); ``rows`` is a count (rows
+    0..rows-1) or a 1-D int64 tensor of the row indices to hash."""
     s = torch.tensor([seed & _M32, (seed >> 32) & _M32], dtype=torch.int64, device=device)
     key = _mix32(s[0:1] ^ _mix32(s[1:2]))
-    row_key = _mix32(key ^ torch.arange(rows, dtype=torch.int64, device=device))
+    if isinstance(rows, int):
+        rows = torch.arange(rows, dtype=torch.int64, device=device)
+    row_key = _mix32(key ^ (rows & _M32))
     col_hash = _mix32(torch.arange(cols, dtype=torch.int64, device=device))
     h = _mix32(row_key[:, None] ^ col_hash[None, :])
     return (h >> 8) >= dropout_threshold(p)
@@ -210,3 +213,58 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
         dA.copy_(scaling * (g.T @ xd))
         dB.copy_(scaling * (dy.T @ (xd @ A.T)))
     return dx, dA, dB
+
+
+# ---- fused ReFT edits (csrc/include/ftk/reft.h) ----------------------------------------------
+
+
+def _reft_slots(h2: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index of each slot clamped to a valid row, bool: the slot selects a row)."""
+    if rows is None:
+        idx = torch.arange(h2.shape[0], device=h2.device)
+        return idx, torch.ones_like(idx, dtype=torch.bool)
+    return rows.clamp(min=0), rows >= 0
+
+
+def _reft_drop(t: torch.Tensor, idx: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
+    """drop(t) for slot rows t (n_slots, d) of h rows idx: the mask hashes the row of h."""
+    if seed is None:
+        return t
+    keep = dropout_keep(idx, t.shape[1], p, seed, t.device)
+    return torch.where(keep, t * dropout_scale(p), torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+@register_kernel("reft_forward", "reference")
+def reft_forward(h, P, Q, b, rows, dropout_p, seed):
+    ct = _compute_dtype(h)
+    h2 = h.reshape(-1, h.shape[-1])
+    idx, sel = _reft_slots(h2, rows)
+    hs = h2[idx].to(ct)
+    z = torch.where(sel[:, None], hs @ Q.to(ct).T + b.to(ct), 0.0)
+    edited = hs + _reft_drop(z @ P.to(ct), idx, dropout_p, seed)
+    out = h2.clone()
+    out[idx[sel]] = edited[sel].to(h.dtype)
+    return out.reshape(h.shape), z
+
+
+@register_kernel("reft_backward", "reference")
+def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
+    from .._ops import reft_backward_outputs
+
+    dh, dP, dQ, db = reft_backward_outputs(h, P.shape[0], need_h, need_params)
+    ct = _compute_dtype(h)
+    d = h.shape[-1]
+    g2 = grad.reshape(-1, d)
+    idx, sel = _reft_slots(g2, rows)
+    gs = g2[idx].to(ct)
+    gd = torch.where(sel[:, None], _reft_drop(gs, idx, dropout_p, seed), 0.0)  # g' = drop(g)
+    s = gd @ P.T  # (n_slots, r), 0 for a slot that selects nothing
+    if need_h:
+        full = g2.clone()
+        full[idx[sel]] = (gs + s @ Q)[sel].to(h.dtype)
+        dh.copy_(full.reshape(h.shape))
+    if need_params:
+        dP.copy_(z.T @ gd)
+        dQ.copy_(s.T @ h.reshape(-1, d)[idx].to(ct))
+        db.copy_(s.sum(0))
+    return dh, dP, dQ, db
