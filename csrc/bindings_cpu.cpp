@@ -4,6 +4,7 @@
 
 #include "ftk/lora_args.h"
 #include "ftk/quant_args.h"
+#include "ftk/reft_args.h"
 
 namespace py = pybind11;
 using namespace pybind11::literals;
@@ -68,4 +69,26 @@ PYBIND11_MODULE(_ftk_cpu, m) {
                           num_threads);
   }, "in"_a, "dtype"_a, "rows"_a, "cols"_a, "enabled"_a, "seed"_a, "threshold"_a, "scale"_a, "out"_a,
      "num_threads"_a, release);
+
+  // Fused ReFT edits (reft.h): the arguments of _native.reft_forward_args / reft_backward_args.
+  m.def("reft_forward", [](uintptr_t h, int dtype, int64_t n_rows, int64_t d, int64_t r, uintptr_t rows,
+                           int64_t n_slots, uintptr_t P, uintptr_t Q, uintptr_t b, bool enabled, int64_t seed,
+                           uint32_t threshold, float scale, uintptr_t out, uintptr_t z, int num_threads) {
+    ftk::reft_forward_cpu(ftk::args::reft_forward(h, dtype, n_rows, d, r, rows, n_slots, P, Q, b, enabled,
+                                                  static_cast<uint64_t>(seed), threshold, scale, out, z),
+                          num_threads);
+  }, "h"_a, "dtype"_a, "n_rows"_a, "d"_a, "r"_a, "rows"_a, "n_slots"_a, "P"_a, "Q"_a, "b"_a, "enabled"_a, "seed"_a,
+     "threshold"_a, "scale"_a, "out"_a, "z"_a, "num_threads"_a, release);
+
+  m.def("reft_backward", [](uintptr_t grad, uintptr_t h, int dtype, int64_t n_rows, int64_t d, int64_t r,
+                            uintptr_t rows, int64_t n_slots, uintptr_t P, uintptr_t Q, uintptr_t z, bool enabled,
+                            int64_t seed, uint32_t threshold, float scale, uintptr_t dh, uintptr_t dP, uintptr_t dQ,
+                            uintptr_t db, uintptr_t workspace, int64_t workspace_floats, int num_threads) {
+    ftk::reft_backward_cpu(ftk::args::reft_backward(grad, h, dtype, n_rows, d, r, rows, n_slots, P, Q, z, enabled,
+                                                    static_cast<uint64_t>(seed), threshold, scale, dh, dP, dQ, db,
+                                                    workspace, workspace_floats),
+                           num_threads);
+  }, "grad"_a, "h"_a, "dtype"_a, "n_rows"_a, "d"_a, "r"_a, "rows"_a, "n_slots"_a, "P"_a, "Q"_a, "z"_a,
+     "enabled"_a, "seed"_a, "threshold"_a, "scale"_a, "dh"_a, "dP"_a, "dQ"_a, "db"_a, "workspace"_a,
+     "workspace_floats"_a, "num_threads"_a, release);
 }

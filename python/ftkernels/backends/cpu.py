@@ -8,7 +8,13 @@ import torch
 
 from .. import _native
 from . import _lora
-from .._ops import quantize_4bit_outputs, quantize_blockwise_outputs, register_kernel
+from .._ops import (
+    quantize_4bit_outputs,
+    quantize_blockwise_outputs,
+    reft_backward_outputs,
+    reft_forward_outputs,
+    register_kernel,
+)
 
 
 @register_kernel("quantize_4bit", "cpu")
@@ -145,3 +151,32 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
     dx, dA, dB = _lora.backward(grad_out.float(), x.float(), w, lora_A, lora_B, scaling, dropout_p, seed, need_x,
                                 need_lora, dropout=_lora_dropout, matmul=_lora_matmul, rank_r=_one_thread)
     return dx.to(x.dtype), dA, dB
+
+
+# ---- fused ReFT edits (csrc/cpu/reft.cpp) ----------------------------------------------------
+
+
+@register_kernel("reft_forward", "cpu")
+def reft_forward(h, P, Q, b, rows, dropout_p, seed):
+    _need_native_dtypes(("h", h))
+    h2 = h.reshape(-1, h.shape[-1])
+    out, z = reft_forward_outputs(h, P.shape[0], rows.numel() if rows is not None else h2.shape[0])
+    if rows is not None:
+        out.copy_(h)  # rows no slot selects pass through; the kernel writes the selected ones
+    _native.cpu().reft_forward(*_native.reft_forward_args(h2, P, Q, b, rows, dropout_p, seed, out, z),
+                               torch.get_num_threads())
+    return out, z
+
+
+@register_kernel("reft_backward", "cpu")
+def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
+    _need_native_dtypes(("grad", grad), ("h", h))
+    dh, dP, dQ, db = reft_backward_outputs(h, P.shape[0], need_h, need_params)
+    if need_h and rows is not None:
+        dh.copy_(grad)
+    d = h.shape[-1]
+    _native.cpu().reft_backward(
+        *_native.reft_backward_args(grad.reshape(-1, d), h.reshape(-1, d), P, Q, z, rows, dropout_p, seed,
+                                    dh if need_h else None, *((dP, dQ, db) if need_params else (None,) * 3)),
+        torch.get_num_threads())
+    return dh, dP, dQ, db
