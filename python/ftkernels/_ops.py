@@ -699,9 +699,11 @@ def reft_backward_outputs(h: torch.Tensor, r: int, need_h: bool, need_params: bo
     return dh, h.new_empty((r, d), dtype=ct), h.new_empty((r, d), dtype=ct), h.new_empty((r,), dtype=ct)
 
 
-def _fake_reft(h, P, Q, b, positions, dropout_p, seed):
-    _fake_same_device(h, P=P, Q=Q, b=b, positions=positions)
-    return reft_forward_outputs(h, P.shape[0], reft_slots(h, positions))
+def _fake_reft(A_name: str, B_name: str) -> Callable:
+    def fake(h, A, B, b, positions, dropout_p, seed):
+        _fake_same_device(h, **{A_name: A, B_name: B}, b=b, positions=positions)
+        return reft_forward_outputs(h, A.shape[0], reft_slots(h, positions))
+    return fake
 
 
 def _fake_reft_backward(grad, h, P, Q, z, positions, dropout_p, seed, need_h, need_params):
@@ -712,7 +714,7 @@ def _fake_reft_backward(grad, h, P, Q, z, positions, dropout_p, seed, need_h, ne
 _define(
     "loreft",
     "(Tensor h, Tensor R, Tensor W, Tensor b, Tensor? positions, float dropout_p, Tensor? seed) -> (Tensor, Tensor)",
-    _fake_reft,
+    _fake_reft("R", "W"),
     _check_loreft,
     kernel="reft_forward",
 )
@@ -720,7 +722,7 @@ _define(
     "direft",
     "(Tensor h, Tensor W1, Tensor W2, Tensor b, Tensor? positions, float dropout_p, Tensor? seed) "
     "-> (Tensor, Tensor)",
-    _fake_reft,
+    _fake_reft("W1", "W2"),
     _check_direft,
     kernel="reft_forward",
 )

@@ -172,6 +172,17 @@ def lora_linear_4bit(
                                           *nested, lora_A, lora_B, scaling, bias, p, seed)
 
 
+def _need_tensors(**tensors) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _need_positions(positions) -> None:
+    if positions is not None and not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor or None, got {type(positions).__name__}")
+
+
 def _dropout_seed(dropout_p, training: bool, generator) -> tuple[float, torch.Tensor | None]:
     """(p, seed): the effective dropout probability and a seed drawn from ``generator`` for it."""
     p = float(dropout_p) if training else 0.0
@@ -200,6 +211,8 @@ def loreft(
     dtype, rows outside positions unchanged; the math is fp32. h, R, W and b get gradients.
     Dropout (when ``training``) applies to the edit ``Rᵀ(...)`` only, not to h.
     """
+    _need_tensors(h=h, R=R, W=W, b=b)
+    _need_positions(positions)
     p, seed = _dropout_seed(dropout_p, training, generator)
     return torch.ops.ftk.loreft(h, R, W, b, positions, p, seed)[0]
 
@@ -220,5 +233,7 @@ def direft(
     W1 and W2 are (rank, d), b is (rank,); h, positions, dropout and the result are as in
     :func:`loreft`.
     """
+    _need_tensors(h=h, W1=W1, W2=W2, b=b)
+    _need_positions(positions)
     p, seed = _dropout_seed(dropout_p, training, generator)
     return torch.ops.ftk.direft(h, W1, W2, b, positions, p, seed)[0]
