@@ -21,7 +21,7 @@ from ftkernels.nn.loreft import OrthonormalRows
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-# (batch, seq, d, rank, positions): odd d, rank 1 and the maximum 64, a 2-D h, k > seq/2.
+# (batch, seq, d, rank, positions): odd d, rank 1, 17 and the maximum 64, a 2-D h, k > seq/2.
 SHAPES = [
     (1, 1, 7, 1, None),
     (2, 5, 7, 3, [[0, 3, -1], [4, -1, 1]]),
@@ -29,8 +29,9 @@ SHAPES = [
     (2, 6, 130, 64, None),
     (None, 11, 65, 5, [10, 0, 3]),  # h (rows, d), positions are row indices
     (1, 3, 4097, 4, [[2, 0]]),
+    (2, 3, 40, 17, [[2, 0], [1, -1]]),  # rank >= 16: the Triton kernels' tl.dot path
 ]
-SMALL = [0, 1, 2, 4]  # indices into SHAPES for the interpreted Triton kernels
+SMALL = [0, 1, 2, 4, 6]  # indices into SHAPES for the interpreted Triton kernels
 
 
 def _shape_id(s):

@@ -18,7 +18,8 @@ import torch
 
 from .. import _native
 from .._native import QUANT_TYPE_CODE  # the codes of triton_kernels.nf4.QUANT_NF4 / QUANT_FP4
-from .._ops import quantize_4bit_outputs, quantize_blockwise_outputs, register_kernel
+from .._ops import (quantize_4bit_outputs, quantize_blockwise_outputs, reft_backward_outputs, reft_forward_outputs,
+                    register_kernel)
 from . import _lora
 
 
@@ -51,6 +52,12 @@ def _lora_kernels():
     from ..triton_kernels import lora
 
     return lora
+
+
+def _reft_kernels():
+    from ..triton_kernels import reft
+
+    return reft
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,3 +134,32 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
     _no_float64(grad_out, x, lora_A, lora_B)
     return _lora.backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora,
                           dropout=_lora_dropout, matmul=_lora_matmul)
+
+
+# ---- fused ReFT edits (triton_kernels/reft.py) ------------------------------------------------
+
+
+@register_kernel("reft_forward", "triton")
+def reft_forward(h, P, Q, b, rows, dropout_p, seed):
+    _no_float64(h, P, Q, b)
+    n_slots = rows.numel() if rows is not None else h.numel() // h.shape[-1]
+    out, z = reft_forward_outputs(h, P.shape[0], n_slots)
+    if rows is not None:
+        out.copy_(h)  # rows no slot selects keep h; the kernel writes the selected ones
+    _reft_kernels().reft_forward(h, P, Q, b, rows, *_native.dropout_args(dropout_p, seed), out, z)
+    return out, z
+
+
+@register_kernel("reft_backward", "triton")
+def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
+    _no_float64(grad, h, P, Q, z)
+    kernels = _reft_kernels()
+    r, d = P.shape
+    dh, dP, dQ, db = reft_backward_outputs(h, r, need_h, need_params)
+    if rows is not None and need_h:
+        dh.copy_(grad)  # rows no slot selects: dh = grad
+    workspace = torch.empty(kernels.backward_workspace_shape(z.shape[0], r, d, h.device, need_params),
+                            dtype=torch.float32, device=h.device)
+    kernels.reft_backward(grad, h, P, Q, z, rows, *_native.dropout_args(dropout_p, seed), dh if need_h else None,
+                          *((dP, dQ, db) if need_params else (None, None, None)), workspace)
+    return dh, dP, dQ, db
