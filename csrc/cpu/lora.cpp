@@ -14,19 +14,7 @@
 namespace ftk {
 namespace {
 
-using cpu::bf16_t;
-using cpu::f16_t;
-
-template <typename T> inline float load_f32(const T* p, int64_t i);
-template <> inline float load_f32<float>(const float* p, int64_t i) { return p[i]; }
-template <> inline float load_f32<f16_t>(const f16_t* p, int64_t i) { return static_cast<float>(p[i]); }
-template <> inline float load_f32<bf16_t>(const bf16_t* p, int64_t i) { return cpu::bf16_to_float(p[i]); }
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FTK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FTK_CLONES
-#endif
+using cpu::load_f32;
 
 template <typename T>
 FTK_CLONES void dropout_row(const T* in, float* out, int64_t cols, uint32_t row_key, uint32_t threshold,
@@ -64,11 +52,7 @@ void lora_dropout_cpu(const LoraDropoutParams& p, int num_threads) {
   if (p.rows * p.cols == 0) return;
   const int threads = cpu::threads_for(p.rows * p.cols * 4, num_threads);  // ~4 copies' work an element
   cpu::parallel_for(p.rows, threads, [&](int64_t m0, int64_t m1) {
-    switch (p.dtype) {
-      case DType::Float32: lora_dropout_rows<float>(p, m0, m1); break;
-      case DType::Float16: lora_dropout_rows<f16_t>(p, m0, m1); break;
-      case DType::BFloat16: lora_dropout_rows<bf16_t>(p, m0, m1); break;
-    }
+    cpu::with_dtype(p.dtype, [&](auto tag) { lora_dropout_rows<decltype(tag)>(p, m0, m1); });
   });
 }
 

@@ -53,16 +53,9 @@ constexpr int64_t kMaxBlock = 4096;
 alignas(64) constexpr float kCode4bit[2][16] = {FTK_NF4_CODE, FTK_FP4_CODE};
 constexpr const float* code_4bit(QuantType q) { return kCode4bit[static_cast<int>(q)]; }
 
-// Element loads and stores by storage type (bf16 travels as its raw 16 bits).
-template <typename T> FTK_INLINE float load_f32(const T* p, int64_t i);
-template <> FTK_INLINE float load_f32<float>(const float* p, int64_t i) { return p[i]; }
-template <> FTK_INLINE float load_f32<f16_t>(const f16_t* p, int64_t i) { return static_cast<float>(p[i]); }
-template <> FTK_INLINE float load_f32<bf16_t>(const bf16_t* p, int64_t i) { return cpu::bf16_to_float(p[i]); }
-
-template <typename T> FTK_INLINE T from_f32(float x);
-template <> FTK_INLINE float from_f32<float>(float x) { return x; }
-template <> FTK_INLINE f16_t from_f32<f16_t>(float x) { return static_cast<f16_t>(x); }
-template <> FTK_INLINE bf16_t from_f32<bf16_t>(float x) { return cpu::float_to_bf16(x); }
+using cpu::from_f32;
+using cpu::load_f32;
+using cpu::with_dtype;
 
 // Loads block [start, start+len) into x as fp32 and returns its absmax; NaN anywhere makes
 // the absmax NaN (a max alone would skip it and hide the NaN as a finite block).
@@ -426,16 +419,6 @@ FTK_VARIANTS(quantize_blockwise_blocks, QuantizeBlockwiseParams, (quantize_block
 FTK_VARIANTS(dequantize_blockwise_blocks, DequantizeBlockwiseParams, (dequantize_blockwise_range<T>(p, b0, b1)))
 #undef FTK_VARIANTS
 #undef FTK_VARIANTS2
-
-// Calls fn.template operator()<StorageT>() for the storage type of dtype.
-template <typename Fn>
-void with_dtype(DType d, Fn&& fn) {
-  switch (d) {
-    case DType::Float32: fn(float{}); break;
-    case DType::Float16: fn(f16_t{}); break;
-    case DType::BFloat16: fn(bf16_t{}); break;
-  }
-}
 
 }  // namespace
 

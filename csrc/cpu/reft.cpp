@@ -18,26 +18,10 @@
 namespace ftk {
 namespace {
 
-using cpu::bf16_t;
-using cpu::f16_t;
-
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FTK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FTK_CLONES
-#endif
+using cpu::from_f32;
+using cpu::load_f32;
 
 constexpr int kLanes = 16;
-
-template <typename T> inline float load_f32(const T* p, int64_t i);
-template <> inline float load_f32<float>(const float* p, int64_t i) { return p[i]; }
-template <> inline float load_f32<f16_t>(const f16_t* p, int64_t i) { return static_cast<float>(p[i]); }
-template <> inline float load_f32<bf16_t>(const bf16_t* p, int64_t i) { return cpu::bf16_to_float(p[i]); }
-
-template <typename T> inline T store_as(float v);
-template <> inline float store_as<float>(float v) { return v; }
-template <> inline f16_t store_as<f16_t>(float v) { return static_cast<f16_t>(v); }
-template <> inline bf16_t store_as<bf16_t>(float v) { return cpu::float_to_bf16(v); }
 
 FTK_CLONES float dot(const float* a, const float* b, int64_t n) {
   float acc[kLanes] = {};
@@ -78,12 +62,12 @@ template <typename T>
 FTK_CLONES void add_store(const float* base, const float* e, T* dst, int64_t n, const Dropout& dr,
                           uint32_t row_key) {
   if (!dr.enabled) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = store_as<T>(base[j] + e[j]);
+    for (int64_t j = 0; j < n; ++j) dst[j] = from_f32<T>(base[j] + e[j]);
     return;
   }
   for (int64_t j = 0; j < n; ++j) {
     const float v = e[j] * dr.scale;
-    dst[j] = store_as<T>(base[j] + (dropout_keep(row_key, j, dr.threshold) ? v : 0.0f));
+    dst[j] = from_f32<T>(base[j] + (dropout_keep(row_key, j, dr.threshold) ? v : 0.0f));
   }
 }
 
@@ -131,7 +115,7 @@ void backward_slots(const ReftBackwardParams& p, int64_t i0, int64_t i1, float* 
       widen<T>(g, e.data(), d);
       for (int64_t k = 0; k < r; ++k) axpy(s[k], p.Q + k * d, e.data(), d);
       T* dh = static_cast<T*>(p.dh) + row * d;
-      for (int64_t j = 0; j < d; ++j) dh[j] = store_as<T>(e[j]);
+      for (int64_t j = 0; j < d; ++j) dh[j] = from_f32<T>(e[j]);
     }
     if (sums) {
       widen<T>(static_cast<const T*>(p.h) + row * d, hf.data(), d);
@@ -145,22 +129,13 @@ void backward_slots(const ReftBackwardParams& p, int64_t i0, int64_t i1, float* 
   }
 }
 
-template <typename Fn>
-void for_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::Float32: fn(float{}); break;
-    case DType::Float16: fn(f16_t{}); break;
-    case DType::BFloat16: fn(bf16_t{}); break;
-  }
-}
-
 }  // namespace
 
 void reft_forward_cpu(const ReftForwardParams& p, int num_threads) {
   check(p);
   if (p.n_slots == 0) return;
   const int threads = cpu::threads_for(p.n_slots * p.d * p.r, num_threads);
-  for_dtype(p.dtype, [&](auto tag) {
+  cpu::with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     cpu::parallel_for(p.n_slots, threads, [&](int64_t i0, int64_t i1) { forward_slots<T>(p, i0, i1); });
   });
@@ -175,7 +150,7 @@ void reft_backward_cpu(const ReftBackwardParams& p, int num_threads) {
   const int64_t chunks = threads, len = ceil_div(p.n_slots, chunks);
   std::vector<float> sums(params ? chunks * sum_floats : 0, 0.0f);
   if (p.n_slots > 0) {
-    for_dtype(p.dtype, [&](auto tag) {
+    cpu::with_dtype(p.dtype, [&](auto tag) {
       using T = decltype(tag);
       cpu::parallel_for(chunks, threads, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {

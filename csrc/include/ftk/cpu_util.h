@@ -33,6 +33,42 @@ inline bf16_t float_to_bf16(float f) {
   return static_cast<bf16_t>(nan ? ((u >> 16) | 0x40u) : rounded);
 }
 
+#if defined(__GNUC__)
+#define FTK_CPU_INLINE __attribute__((always_inline)) inline
+#else
+#define FTK_CPU_INLINE inline
+#endif
+
+// A function compiled for AVX-512, AVX2 and baseline x86-64, the variant picked at load time
+// (GCC's target_clones); elsewhere a plain function.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define FTK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FTK_CLONES
+#endif
+
+// Element loads and stores by storage type (bf16 travels as its raw 16 bits). Always inlined,
+// so each ISA variant of a kernel (target_clones, target("avx2")) vectorises them its own way.
+template <typename T> FTK_CPU_INLINE float load_f32(const T* p, int64_t i);
+template <> FTK_CPU_INLINE float load_f32<float>(const float* p, int64_t i) { return p[i]; }
+template <> FTK_CPU_INLINE float load_f32<f16_t>(const f16_t* p, int64_t i) { return static_cast<float>(p[i]); }
+template <> FTK_CPU_INLINE float load_f32<bf16_t>(const bf16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+
+template <typename T> FTK_CPU_INLINE T from_f32(float x);
+template <> FTK_CPU_INLINE float from_f32<float>(float x) { return x; }
+template <> FTK_CPU_INLINE f16_t from_f32<f16_t>(float x) { return static_cast<f16_t>(x); }
+template <> FTK_CPU_INLINE bf16_t from_f32<bf16_t>(float x) { return float_to_bf16(x); }
+
+// Calls fn(T{}) with T the storage type of dtype.
+template <typename Fn>
+void with_dtype(DType d, Fn&& fn) {
+  switch (d) {
+    case DType::Float32: fn(float{}); break;
+    case DType::Float16: fn(f16_t{}); break;
+    case DType::BFloat16: fn(bf16_t{}); break;
+  }
+}
+
 // Runs fn(begin, end) over [0, n) split into `threads` contiguous ranges; exceptions from
 // workers are rethrown here.
 // NOTE: with OpenMP (FTK_OPENMP, the default build) the ranges run on the OpenMP pool, which
