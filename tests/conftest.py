@@ -64,6 +64,19 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "
     assert diff.numel() == 0, f"{what}: {diff.shape[0]} elements differ, first at {diff[0].tolist()}"
 
 
+def assert_within_torch_error(got: torch.Tensor, ref: torch.Tensor, own: torch.Tensor, factor: float = 2.0,
+                              what: str = "") -> None:
+    """DESIGN.md's tolerance: got's error against the fp64 oracle ref is at most factor x the
+    error of plain torch in the same dtype (own), plus a small epsilon."""
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    if ref.numel() == 0:
+        return
+    err = (got.double() - ref).abs().max().item()
+    own_err = (own.double() - ref).abs().max().item()
+    eps = 1e-6 * max(ref.abs().max().item(), 1.0)
+    assert err <= factor * own_err + eps, f"{what}: error {err:.3g} > {factor} x torch's {own_err:.3g}"
+
+
 @pytest.fixture(autouse=True)
 def _no_forced_backend(monkeypatch):
     monkeypatch.delenv("FTK_BACKEND", raising=False)
