@@ -11,6 +11,8 @@
 #include "ftk/lora_cuda.h"
 #include "ftk/quant_args.h"
 #include "ftk/quant_cuda.h"
+#include "ftk/reft_args.h"
+#include "ftk/reft_cuda.h"
 
 namespace py = pybind11;
 using namespace pybind11::literals;
@@ -76,6 +78,34 @@ PYBIND11_MODULE(_ftk_cuda, m) {
   }, "mode"_a, "X"_a, "dtype"_a, "M"_a, "packed"_a, "rows"_a, "cols"_a, "blocksize"_a, "quant_type"_a, "absmax"_a,
      "absmax_q"_a, "nested_absmax"_a, "nested_code"_a, "offset"_a, "nested_blocksize"_a, "bias"_a, "bias_dtype"_a,
      "L"_a, "R"_a, "R_dtype"_a, "r"_a, "scaling"_a, "enabled"_a, "seed"_a, "threshold"_a, "scale"_a, "out"_a,
+     "stream"_a, release);
+
+  // Fused ReFT edits (reft.h): the arguments of _native.reft_forward_args / reft_backward_args, then
+  // the stream; the seed crosses as int64 as for LoRA.
+  m.def("reft_forward", [](uintptr_t h, int dtype, int64_t n_rows, int64_t d, int64_t r, uintptr_t rows,
+                           int64_t n_slots, uintptr_t P, uintptr_t Q, uintptr_t b, bool enabled, int64_t seed,
+                           uint32_t threshold, float scale, uintptr_t out, uintptr_t z, uintptr_t stream) {
+    ftk::reft_forward_cuda(ftk::args::reft_forward(h, dtype, n_rows, d, r, rows, n_slots, P, Q, b, enabled,
+                                                   static_cast<uint64_t>(seed), threshold, scale, out, z),
+                           stream_arg(stream));
+  }, "h"_a, "dtype"_a, "n_rows"_a, "d"_a, "r"_a, "rows"_a, "n_slots"_a, "P"_a, "Q"_a, "b"_a, "enabled"_a, "seed"_a,
+     "threshold"_a, "scale"_a, "out"_a, "z"_a, "stream"_a, release);
+
+  // Floats of workspace reft_backward needs (on the current device) when dP, dQ, db are wanted.
+  m.def("reft_backward_workspace", [](int64_t n_slots, int64_t d, int64_t r) {
+    return ftk::reft_backward_workspace_cuda(n_slots, d, r);
+  }, "n_slots"_a, "d"_a, "r"_a, release);
+
+  m.def("reft_backward", [](uintptr_t grad, uintptr_t h, int dtype, int64_t n_rows, int64_t d, int64_t r,
+                            uintptr_t rows, int64_t n_slots, uintptr_t P, uintptr_t Q, uintptr_t z, bool enabled,
+                            int64_t seed, uint32_t threshold, float scale, uintptr_t dh, uintptr_t dP, uintptr_t dQ,
+                            uintptr_t db, uintptr_t workspace, int64_t workspace_floats, uintptr_t stream) {
+    ftk::reft_backward_cuda(ftk::args::reft_backward(grad, h, dtype, n_rows, d, r, rows, n_slots, P, Q, z, enabled,
+                                                     static_cast<uint64_t>(seed), threshold, scale, dh, dP, dQ, db,
+                                                     workspace, workspace_floats),
+                            stream_arg(stream));
+  }, "grad"_a, "h"_a, "dtype"_a, "n_rows"_a, "d"_a, "r"_a, "rows"_a, "n_slots"_a, "P"_a, "Q"_a, "z"_a, "enabled"_a,
+     "seed"_a, "threshold"_a, "scale"_a, "dh"_a, "dP"_a, "dQ"_a, "db"_a, "workspace"_a, "workspace_floats"_a,
      "stream"_a, release);
 
   // 0 when there is no driver or no device (never raises): lets Python and tests ask cheaply.

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .._ops import quantize_4bit_outputs, quantize_blockwise_outputs, register_kernel
+from .._ops import (quantize_4bit_outputs, quantize_blockwise_outputs, reft_backward_outputs, reft_forward_outputs,
+                    register_kernel)
 from . import _lora
 
 
@@ -110,3 +111,46 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
     _need_native_dtypes(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
     return _lora.backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora,
                           dropout=_lora_dropout, matmul=_lora_matmul)
+
+
+# ---- fused ReFT edits (csrc/cuda/reft.cu) ---------------------------------------------------
+
+
+@register_kernel("reft_forward", "cuda")
+def reft_forward(h, P, Q, b, rows, dropout_p, seed):
+    _need_native_dtypes(h=h, P=P, Q=Q, b=b)
+    d = h.shape[-1]
+    h2 = h.reshape(-1, d)
+    n_slots = rows.numel() if rows is not None else h2.shape[0]
+    out, z = reft_forward_outputs(h, P.shape[0], n_slots)
+    if rows is not None:
+        out.copy_(h)  # the kernel writes the selected rows only
+    if n_slots == 0:
+        return out, z
+    with torch.cuda.device(h.device):
+        _native.cuda().reft_forward(*_native.reft_forward_args(h2, P, Q, b, rows, dropout_p, seed, out.view(-1, d), z),
+                                    _stream(h.device))
+    return out, z
+
+
+@register_kernel("reft_backward", "cuda")
+def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
+    _need_native_dtypes(grad=grad, h=h, P=P, Q=Q, z=z)
+    r, d = P.shape
+    dh, dP, dQ, db = reft_backward_outputs(h, r, need_h, need_params)
+    if not (need_h or need_params):
+        return dh, dP, dQ, db
+    if need_h and rows is not None:
+        dh.copy_(grad)  # the kernel writes the selected rows only
+    n_slots = z.shape[0]
+    with torch.cuda.device(h.device):
+        mod = _native.cuda()
+        ws = None
+        if need_params:  # per-block partial sums of dP, dQ, db (the launcher never allocates)
+            ws = torch.empty(mod.reft_backward_workspace(n_slots, d, r), dtype=torch.float32, device=h.device)
+        mod.reft_backward(*_native.reft_backward_args(grad.reshape(-1, d), h.reshape(-1, d), P, Q, z, rows, dropout_p,
+                                                      seed, dh.view(-1, d) if need_h else None,
+                                                      dP if need_params else None, dQ if need_params else None,
+                                                      db if need_params else None, ws),
+                          _stream(h.device))
+    return dh, dP, dQ, db
