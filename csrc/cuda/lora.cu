@@ -110,6 +110,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "ftk/cuda_dtype.cuh"
 #include "ftk/lora.h"
 #include "ftk/lora_cuda.h"
 
@@ -1047,15 +1048,6 @@ int log2_exact(int64_t v) {
 }
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-template <typename Fn>
-void with_dtype(DType d, Fn&& fn) {
-  switch (d) {
-    case DType::Float32: fn(float{}); break;
-    case DType::Float16: fn(__half{}); break;
-    case DType::BFloat16: fn(__nv_bfloat16{}); break;
-  }
-}
 
 // Calls fn(std::integral_constant<int, MT>) for the smallest MT in {1, 2, 4, 8, 16} >= m.
 template <int MaxMT, typename Fn>

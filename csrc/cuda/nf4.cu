@@ -56,6 +56,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "ftk/cuda_dtype.cuh"
 #include "ftk/quant.h"
 #include "ftk/quant_cuda.h"
 
@@ -428,16 +429,6 @@ int log2_exact(int64_t v) {
 void check_aligned(const void* p, const char* name) {
   FTK_CHECK_ARG(reinterpret_cast<uintptr_t>(p) % 16 == 0,
                 std::string(name) + " must be 16-byte aligned (the Python layer copies a misaligned tensor)");
-}
-
-// Calls fn(tag) with a value of the device storage type of dtype.
-template <typename Fn>
-void with_dtype(DType d, Fn&& fn) {
-  switch (d) {
-    case DType::Float32: fn(float{}); break;
-    case DType::Float16: fn(__half{}); break;
-    case DType::BFloat16: fn(__nv_bfloat16{}); break;
-  }
 }
 
 template <typename T, QuantType Q, int G>
