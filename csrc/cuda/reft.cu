@@ -34,6 +34,7 @@
 
 #include <algorithm>
 
+#include "ftk/cuda_dtype.cuh"
 #include "ftk/reft_cuda.h"
 
 namespace ftk {
@@ -63,19 +64,26 @@ __device__ __forceinline__ float drop(float v, const Dropout& dr, uint32_t row_k
   return dropout_keep(row_key, col, dr.threshold) ? __fmul_rn(v, dr.scale) : 0.0f;
 }
 
-// The block's slots [base, base + kRows) resolved to rows of h (-1: none) in s_row.
+// The block's slots [base, base + kRows) resolved to rows of h (-1: none), in s_row and in
+// registers (row), with each row's dropout key.
 __device__ __forceinline__ void load_rows(const int64_t* rows, int64_t n_rows, int64_t n_slots, int64_t base,
-                                          int64_t* s_row) {
+                                          uint32_t key, int64_t* s_row, int64_t (&row)[kRows],
+                                          uint32_t (&row_key)[kRows]) {
   if (threadIdx.x < kRows) {
     const int64_t i = base + threadIdx.x;
-    int64_t row = -1;
+    int64_t r = -1;
     if (i < n_slots) {
-      row = rows ? rows[i] : i;
-      if (row < 0 || row >= n_rows) row = -1;  // reft.h: skipped, never read or written
+      r = rows ? rows[i] : i;
+      if (r < 0 || r >= n_rows) r = -1;  // reft.h: skipped, never read or written
     }
-    s_row[threadIdx.x] = row;
+    s_row[threadIdx.x] = r;
   }
   __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    row[i] = s_row[i];
+    row_key[i] = dropout_row_key(key, row[i]);
+  }
 }
 
 // Sums v[x] over the block for x < 32; thread x < 32 returns the total of v[x] (others 0).
@@ -143,14 +151,9 @@ __global__ void __launch_bounds__(kThreads) reft_forward_kernel(ReftForwardParam
   const uint32_t key = dropout_key(p.dropout.seed);
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRows; base < p.n_slots;
        base += static_cast<int64_t>(gridDim.x) * kRows) {
-    load_rows(p.rows, p.n_rows, p.n_slots, base, s_row);
     int64_t row[kRows];
     uint32_t row_key[kRows];
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      row[i] = s_row[i];
-      row_key[i] = dropout_row_key(key, row[i]);
-    }
+    load_rows(p.rows, p.n_rows, p.n_slots, base, key, s_row, row, row_key);
     project_rows<T>(h, p.Q, p.b, d, r, row, s_row, row_key, p.dropout, false, s_warp, s_z);
     for (int x = threadIdx.x; x < kRows * r; x += kThreads) {
       const int i = x / r, k = x % r;
@@ -198,14 +201,9 @@ __global__ void __launch_bounds__(kThreads) reft_backward_kernel(ReftBackwardPar
   }
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRows; base < p.n_slots;
        base += static_cast<int64_t>(gridDim.x) * kRows) {
-    load_rows(p.rows, p.n_rows, p.n_slots, base, s_row);
     int64_t row[kRows];
     uint32_t row_key[kRows];
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      row[i] = s_row[i];
-      row_key[i] = dropout_row_key(key, row[i]);
-    }
+    load_rows(p.rows, p.n_rows, p.n_slots, base, key, s_row, row, row_key);
     project_rows<T>(grad, p.P, nullptr, d, r, row, s_row, row_key, p.dropout, true, s_warp, s_s);
     for (int x = threadIdx.x; x < kRows * r; x += kThreads) {
       const int i = x / r, k = x % r;
@@ -278,22 +276,13 @@ int64_t backward_blocks(int64_t n_slots) {
   return std::min<int64_t>(ceil_div(n_slots, kRows), static_cast<int64_t>(sm_count(current_device())) * kBackwardBlocksPerSm);
 }
 
-template <typename Fn>
-void with_cuda_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::Float32: fn(float{}); break;
-    case DType::Float16: fn(__half{}); break;
-    case DType::BFloat16: fn(__nv_bfloat16{}); break;
-  }
-}
-
 }  // namespace
 
 void reft_forward_cuda(const ReftForwardParams& p, cudaStream_t stream) {
   check(p);
   if (p.n_slots == 0) return;
   const int blocks = static_cast<int>(forward_blocks(p.n_slots));
-  with_cuda_dtype(p.dtype, [&](auto tag) {
+  with_dtype(p.dtype, [&](auto tag) {
     reft_forward_kernel<decltype(tag)><<<blocks, kThreads, 0, stream>>>(p);
   });
   FTK_CHECK_LAUNCH("reft_forward_kernel");
@@ -315,7 +304,7 @@ void reft_backward_cuda(const ReftBackwardParams& p, cudaStream_t stream) {
                   "workspace: needs reft_backward_workspace(n_slots, d, r) floats");
   }
   if (blocks > 0) {
-    with_cuda_dtype(p.dtype, [&](auto tag) {
+    with_dtype(p.dtype, [&](auto tag) {
       reft_backward_kernel<decltype(tag)><<<static_cast<int>(blocks), kThreads, 0, stream>>>(p, slice);
     });
     FTK_CHECK_LAUNCH("reft_backward_kernel");

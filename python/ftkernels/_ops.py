@@ -565,7 +565,7 @@ torch.library.register_autograd("ftk::lora_linear_4bit", _lora_backward, setup_c
 # Dropout, as in the issue, applies to the edit only, with the hashed mask over (row, column) of
 # h (dropout.h), so backward regenerates it.
 
-REFT_MAX_RANK = 64  # csrc/include/ftk/reft.h, kReftMaxRank: z and s of a row live in registers
+REFT_MAX_RANK = 64  # csrc/include/ftk/reft.h, kReftMaxRank: the kernels keep z and s on chip
 POSITION_DTYPES = (torch.int64, torch.int32)
 
 

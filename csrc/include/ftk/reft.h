@@ -29,8 +29,8 @@
 
 namespace ftk {
 
-// The largest rank: kernels keep a row's r values of z and s in registers. The ReFT papers
-// use ranks 1 to 32 (LoReFT's tables: 4 and 8 mostly).
+// The largest rank: kernels keep the r values of z and s of the rows in flight on chip
+// (shared memory or registers: 2 KB for 8 rows at 64). The ReFT papers use ranks 1 to 32.
 constexpr int64_t kReftMaxRank = 64;
 
 struct ReftForwardParams {
@@ -63,8 +63,8 @@ struct ReftBackwardParams {
   float* dQ = nullptr;  // r x d
   float* db = nullptr;  // r
   // CUDA only: per-block partial sums of dP, dQ, db, reduced by a second kernel; at least
-  // reft_backward_workspace_cuda(p) floats (0 when no parameter gradient is wanted). The CPU
-  // kernel keeps per-thread sums of its own.
+  // reft_backward_workspace_cuda(n_slots, d, r) floats when they are wanted. The CPU kernel
+  // keeps per-thread sums of its own.
   float* workspace = nullptr;
   int64_t workspace_floats = 0;
 };
