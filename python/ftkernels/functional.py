@@ -134,6 +134,25 @@ def dequantize_blockwise(
     return torch.ops.ftk.dequantize_blockwise(A, absmax, code, blocksize, dtype)
 
 
+def _need_tensors(**tensors) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _need_positions(positions) -> None:
+    if positions is not None and not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor or None, got {type(positions).__name__}")
+
+
+def _dropout_seed(dropout_p, training: bool, generator) -> tuple[float, torch.Tensor | None]:
+    """(p, seed): the effective dropout probability and a seed drawn from ``generator`` for it."""
+    p = float(dropout_p) if training else 0.0
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return p, (torch.randint(0, 2**62, (1,), generator=generator) if p > 0.0 else None)
+
+
 def lora_linear_4bit(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -155,9 +174,7 @@ def lora_linear_4bit(
     PEFT, applies to the LoRA input only and only when ``training``; its mask comes from a seed
     drawn from ``generator`` (default: torch's CPU generator) and backward regenerates it.
     """
-    for name, t in (("x", x), ("packed", packed), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _need_tensors(x=x, packed=packed, lora_A=lora_A, lora_B=lora_B)
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
     if not isinstance(quant_state, QuantState):
@@ -170,25 +187,6 @@ def lora_linear_4bit(
         None, None, None, 256)
     return torch.ops.ftk.lora_linear_4bit(x, packed, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape),
                                           *nested, lora_A, lora_B, scaling, bias, p, seed)
-
-
-def _need_tensors(**tensors) -> None:
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _need_positions(positions) -> None:
-    if positions is not None and not isinstance(positions, torch.Tensor):
-        raise TypeError(f"positions must be a torch.Tensor or None, got {type(positions).__name__}")
-
-
-def _dropout_seed(dropout_p, training: bool, generator) -> tuple[float, torch.Tensor | None]:
-    """(p, seed): the effective dropout probability and a seed drawn from ``generator`` for it."""
-    p = float(dropout_p) if training else 0.0
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    return p, (torch.randint(0, 2**62, (1,), generator=generator) if p > 0.0 else None)
 
 
 def loreft(
