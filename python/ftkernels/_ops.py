@@ -10,7 +10,9 @@ each device is the fastest measured one (README, "Backends"); ``FTK_BACKEND`` or
 :func:`set_backend` overrides it. Autograd, where an op has a gradient, is attached here with
 ``torch.library.register_autograd`` so ``torch.compile`` and ``opcheck`` see it; the NF4 ops
 take and give quantized data and have none. ``lora_linear_4bit`` has autograd for x, the LoRA
-factors and the bias; its backward is the op ``lora_linear_4bit_backward``.
+factors and the bias; its backward is the op ``lora_linear_4bit_backward``. ``loreft`` and
+``direft`` have autograd for h and their three parameters; both run the kernels
+``reft_forward`` and the op ``reft_backward``.
 """
 
 from __future__ import annotations
@@ -562,8 +564,8 @@ torch.library.register_autograd("ftk::lora_linear_4bit", _lora_backward, setup_c
 # so both ops run one kernel pair, reft_forward and reft_backward. The forward also returns
 # z = Q·h + b (fp32, r values a slot) for the backward, which then never recomputes it.
 # Positions (batch, k) select rows: slot (i, j) edits h[i, positions[i, j]], -1 selects nothing.
-# Dropout, as in the issue, applies to the edit only, with the hashed mask over (row, column) of
-# h (dropout.h), so backward regenerates it.
+# Dropout applies to the edit only, never to h, with the hashed mask over (row, column) of h
+# (dropout.h), so backward regenerates it.
 
 REFT_MAX_RANK = 64  # csrc/include/ftk/reft.h, kReftMaxRank: the kernels keep z and s on chip
 POSITION_DTYPES = (torch.int64, torch.int32)
