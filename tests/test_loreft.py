@@ -11,7 +11,7 @@ import io
 
 import pytest
 import torch
-from conftest import assert_within_torch_error
+from conftest import BACKEND_DEVICES, assert_within_torch_error
 
 import ftkernels as ftk
 from ftkernels import _native
@@ -216,10 +216,11 @@ def _op_args(case, p):
     return (case.h, case.A, case.B, case.b, case.positions, p, torch.tensor([99]) if p > 0 else None)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend_device", [*BACKEND_DEVICES, pytest.param(("reference", "cpu"), id="reference-cpu")])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_opcheck(backend, p):
-    case = Case(SHAPES[2], torch.float32)
+def test_opcheck(backend_device, p):
+    backend, device = backend_device
+    case = Case(SHAPES[2], torch.float32, device=device)
     h, A, B, b = (t.clone().requires_grad_() for t in (case.h, case.A, case.B, case.b))
     with ftk.use_backend(backend):
         for op in (torch.ops.ftk.loreft.default, torch.ops.ftk.direft.default):
