@@ -11,6 +11,7 @@ import io
 
 import pytest
 import torch
+from torch import nn
 from conftest import BACKEND_DEVICES, assert_within_torch_error
 
 import ftkernels as ftk
@@ -453,6 +454,34 @@ def test_loading_a_non_orthonormal_state_still_gives_an_orthonormal_rotation():
     state["parametrizations.rotation.original"] = torch.randn(3, 32) * 5
     mod.load_state_dict(state)
     assert _orthonormality_error(mod.rotation) < 1e-6
+
+
+def test_pyreft_state_dict_both_ways():
+    # pyreft's LoreftIntervention, written out: R^T as an orthogonal()-parametrised (d x rank)
+    # weight, W and b in learned_source; its state_dict is {weight, bias, rotate_layer}.
+    torch.manual_seed(0)
+    d, r = 40, 3
+    rotate = nn.Module()
+    rotate.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(d, r)))
+    rotate = nn.utils.parametrizations.orthogonal(rotate)
+    source = nn.Linear(d, r)
+    with torch.no_grad():
+        # as after training (the Householder vectors live below the diagonal of `original`)
+        rotate.parametrizations.weight.original.add_(0.1 * torch.randn(d, r).tril(-1))
+    R_t = rotate.weight.detach()
+    state = {"weight": source.weight.detach(), "bias": source.bias.detach(), "rotate_layer": R_t}
+    mod = LoReFT.from_pyreft_state_dict(state)
+    h = torch.randn(2, 5, d)
+    want = h + ((h @ source.weight.detach().T + source.bias.detach()) - h @ R_t) @ R_t.T
+    torch.testing.assert_close(mod(h), want, rtol=1e-5, atol=1e-5)
+    back = mod.pyreft_state_dict()
+    assert back.keys() == state.keys()
+    for k in state:
+        torch.testing.assert_close(back[k], state[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="keys 'weight', 'bias', 'rotate_layer'"):
+        LoReFT.from_pyreft_state_dict({"weight": state["weight"]})
+    with pytest.raises(ValueError, match="weight must be"):
+        LoReFT.from_pyreft_state_dict({**state, "weight": state["weight"][:, :5]})
 
 
 def test_direft_module_is_the_op():

@@ -81,6 +81,35 @@ class LoReFT(nn.Module):
         return loreft(h, self.rotation, self.learned_source.weight, self.learned_source.bias, positions,
                       dropout_p=self.dropout, training=self.training)
 
+    # pyreft's LoreftIntervention saves {"weight", "bias"} (learned_source) and "rotate_layer",
+    # R as (embed_dim x rank) columns, computed from its parametrisation.
+    @classmethod
+    def from_pyreft_state_dict(cls, state_dict: dict, dropout: float = 0.0) -> LoReFT:
+        """A LoReFT with the weights of a pyreft LoreftIntervention's state_dict. R is made
+        orthonormal again on the way in (QR, as always), should the saved one have drifted."""
+        if not isinstance(state_dict, dict) or not {"weight", "bias", "rotate_layer"} <= state_dict.keys():
+            raise ValueError("state_dict must be a pyreft LoreftIntervention's: keys 'weight', 'bias', 'rotate_layer'")
+        rot, weight, bias = state_dict["rotate_layer"], state_dict["weight"], state_dict["bias"]
+        for name, t, dims in (("rotate_layer", rot, 2), ("weight", weight, 2), ("bias", bias, 1)):
+            if not isinstance(t, torch.Tensor) or t.dim() != dims or not t.is_floating_point():
+                raise ValueError(f"{name} must be a {dims}-D float tensor, got {getattr(t, 'shape', type(t))}")
+        embed_dim, rank = rot.shape
+        if list(weight.shape) != [rank, embed_dim] or list(bias.shape) != [rank]:
+            raise ValueError(f"weight must be ({rank}, {embed_dim}) and bias ({rank},) to match rotate_layer "
+                             f"({embed_dim}, {rank}), got {list(weight.shape)} and {list(bias.shape)}")
+        mod = cls(embed_dim, rank, dropout, device=rot.device)
+        with torch.no_grad():
+            mod.parametrizations.rotation.original.copy_(rot.T)
+            mod.learned_source.weight.copy_(weight)
+            mod.learned_source.bias.copy_(bias)
+        return mod
+
+    def pyreft_state_dict(self) -> dict:
+        """The weights as pyreft's LoreftIntervention saves them (for its load_state_dict)."""
+        return {"weight": self.learned_source.weight.detach().clone(),
+                "bias": self.learned_source.bias.detach().clone(),
+                "rotate_layer": self.rotation.detach().T.contiguous()}
+
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, rank={self.rank}, dropout={self.dropout}"
 
