@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "ftk/lora_args.h"
+#include "ftk/optim_args.h"
 #include "ftk/quant_args.h"
 #include "ftk/reft_args.h"
 
@@ -91,4 +92,28 @@ PYBIND11_MODULE(_ftk_cpu, m) {
   }, "grad"_a, "h"_a, "dtype"_a, "n_rows"_a, "d"_a, "r"_a, "rows"_a, "n_slots"_a, "P"_a, "Q"_a, "z"_a,
      "enabled"_a, "seed"_a, "threshold"_a, "scale"_a, "dh"_a, "dP"_a, "dQ"_a, "db"_a, "workspace"_a,
      "workspace_floats"_a, "num_threads"_a, release);
+
+  // Fused optimizer steps (optim.h): the arguments of _native.optim_32bit_args / optim_8bit_args.
+  m.def("optim_32bit_step", [](int kind, uintptr_t param, int param_dtype, uintptr_t grad, int grad_dtype, int64_t n,
+                               uintptr_t state1, uintptr_t state2, float lr, float beta1, float beta2, float eps,
+                               float decay, float omb1, float omb2, float step_size, float bc2_sqrt, int num_threads) {
+    ftk::optim_32bit_step_cpu(
+        ftk::args::optim_32bit(kind, param, param_dtype, grad, grad_dtype, n, state1, state2,
+                               ftk::args::optim_hyper(lr, beta1, beta2, eps, decay, omb1, omb2, step_size, bc2_sqrt)),
+        num_threads);
+  }, "kind"_a, "param"_a, "param_dtype"_a, "grad"_a, "grad_dtype"_a, "n"_a, "state1"_a, "state2"_a, "lr"_a, "beta1"_a,
+     "beta2"_a, "eps"_a, "decay"_a, "one_minus_beta1"_a, "one_minus_beta2"_a, "step_size"_a,
+     "bias_correction2_sqrt"_a, "num_threads"_a, release);
+
+  m.def("optim_8bit_step", [](uintptr_t param, int param_dtype, uintptr_t grad, int grad_dtype, int64_t n,
+                              uintptr_t state1, uintptr_t state2, uintptr_t absmax1, uintptr_t absmax2,
+                              uintptr_t code1, uintptr_t code2, float lr, float beta1, float beta2, float eps,
+                              float decay, float omb1, float omb2, float step_size, float bc2_sqrt, int num_threads) {
+    ftk::optim_8bit_step_cpu(
+        ftk::args::optim_8bit(param, param_dtype, grad, grad_dtype, n, state1, state2, absmax1, absmax2, code1, code2,
+                              ftk::args::optim_hyper(lr, beta1, beta2, eps, decay, omb1, omb2, step_size, bc2_sqrt)),
+        num_threads);
+  }, "param"_a, "param_dtype"_a, "grad"_a, "grad_dtype"_a, "n"_a, "state1"_a, "state2"_a, "absmax1"_a, "absmax2"_a,
+     "code1"_a, "code2"_a, "lr"_a, "beta1"_a, "beta2"_a, "eps"_a, "decay"_a, "one_minus_beta1"_a,
+     "one_minus_beta2"_a, "step_size"_a, "bias_correction2_sqrt"_a, "num_threads"_a, release);
 }

@@ -155,3 +155,27 @@ def reft_backward_args(g2, h2, P, Q, z, rows, p: float, seed: int | None, dh, dP
     return (g2.data_ptr(), h2.data_ptr(), DTYPE_CODE[g2.dtype], g2.shape[0], g2.shape[1], P.shape[0], ptr(rows),
             n_slots, P.data_ptr(), Q.data_ptr(), z.data_ptr(), *dropout_args(p, seed), ptr(dh), ptr(dP), ptr(dQ),
             ptr(db), ptr(workspace), 0 if workspace is None else workspace.numel())
+
+
+# ---- fused optimizer steps (csrc/include/ftk/optim.h, optim_args.h) -----------------------
+
+OPTIM_ADAMW, OPTIM_LION = 0, 1  # ftk::OptimKind
+
+
+def optim_hyper(lr, beta1, beta2, eps, weight_decay, step=None) -> tuple:
+    """ftk::OptimHyper: every derived scalar in double, rounded once on the way in (optim.h)."""
+    from ._ops import adamw_bias_terms
+
+    step_size, bc2_sqrt = adamw_bias_terms(lr, beta1, beta2, step) if step is not None else (lr, 1.0)
+    return (lr, beta1, beta2, eps, 1.0 - lr * weight_decay, 1.0 - beta1, 1.0 - beta2, step_size, bc2_sqrt)
+
+
+def optim_32bit_args(kind: int, param, grad, state1, state2) -> tuple:
+    return (kind, param.data_ptr(), DTYPE_CODE[param.dtype], grad.data_ptr(), DTYPE_CODE[grad.dtype], param.numel(),
+            state1.data_ptr(), ptr(state2))
+
+
+def optim_8bit_args(param, grad, state1, state2, absmax1, absmax2, code1, code2) -> tuple:
+    return (param.data_ptr(), DTYPE_CODE[param.dtype], grad.data_ptr(), DTYPE_CODE[grad.dtype], param.numel(),
+            state1.data_ptr(), state2.data_ptr(), absmax1.data_ptr(), absmax2.data_ptr(), code1.data_ptr(),
+            code2.data_ptr())

@@ -773,3 +773,125 @@ torch.library.register_autograd(
     lambda ctx, grad, grad_z: _reft_backward(ctx, grad, grad_z, lambda W1, W2: (W2, W1),
                                              lambda dP, dQ: (dQ, dP)),
     setup_context=_reft_setup_context, lib=LIB)
+
+
+# ---- fused optimizer steps (csrc/include/ftk/optim.h) ----------------------------------------
+# In-place ops: one pass over param, grad and the states. The math is optim.h's (torch's AdamW
+# order, Lion as in bitsandbytes, bitsandbytes' blockwise 8-bit Adam with blocks of 256).
+
+OPTIM_BLOCK = 256  # the 8-bit state blocksize (optim.h, kOptimBlock)
+
+
+def _need_inplace(name: str, t, like: torch.Tensor, dtypes) -> None:
+    """t: a contiguous tensor on like's device with like's numel (written in place, so never copied)."""
+    _need_tensor(name, t)
+    _need_dtype(name, t, dtypes)
+    _need_device(name, t, like.device)
+    _need_numel(name, t, like.numel(), "param")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is updated in place)")
+
+
+def _check_hyper(lr, beta1, beta2, eps, weight_decay, step=None) -> None:
+    for name, v, lo, hi in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0),
+                            ("eps", eps, 0.0, math.inf), ("weight_decay", weight_decay, 0.0, math.inf)):
+        v = _need_float(name, v)
+        if not (lo <= v < hi):
+            raise ValueError(f"{name} must be in [{lo}, {hi}), got {v!r}")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
+        raise ValueError(f"step must be an int >= 1 (the step being taken), got {step!r}")
+
+
+def _check_param_grad(param, grad):
+    _need_tensor("param", param)
+    _need_dtype("param", param, FLOAT_DTYPES)
+    if not param.is_contiguous():
+        raise ValueError("param must be contiguous (it is updated in place)")
+    _need_tensor("grad", grad)
+    _need_dtype("grad", grad, FLOAT_DTYPES)
+    _need_device("grad", grad, param.device)
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise ValueError("grad must be dense: these optimizers do not support sparse gradients")
+    if grad.shape != param.shape:
+        raise ValueError(f"grad has shape {list(grad.shape)} but param has {list(param.shape)}")
+    return dense(grad)
+
+
+def adamw_bias_terms(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """(lr / (1 − β1^t), √(1 − β2^t)) in double, as torch.optim.AdamW computes them."""
+    return lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
+
+
+def _check_adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    grad = _check_param_grad(param, grad)
+    _need_inplace("exp_avg", exp_avg, param, (torch.float32,))
+    _need_inplace("exp_avg_sq", exp_avg_sq, param, (torch.float32,))
+    _check_hyper(lr, beta1, beta2, eps, weight_decay, step)
+    return param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step
+
+
+def _check_lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
+    grad = _check_param_grad(param, grad)
+    _need_inplace("exp_avg", exp_avg, param, (torch.float32,))
+    _check_hyper(lr, beta1, beta2, 0.0, weight_decay)
+    return param, grad, exp_avg, lr, beta1, beta2, weight_decay
+
+
+def _check_adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
+                          weight_decay, step):
+    grad = _check_param_grad(param, grad)
+    _need_inplace("state1", state1, param, (torch.uint8,))
+    _need_inplace("state2", state2, param, (torch.uint8,))
+    blocks = -(-param.numel() // OPTIM_BLOCK)
+    for name, t in (("absmax1", absmax1), ("absmax2", absmax2)):
+        _need_tensor(name, t)
+        _need_dtype(name, t, (torch.float32,))
+        _need_device(name, t, param.device)
+        _need_numel(name, t, blocks, f"{param.numel()} elements in blocks of {OPTIM_BLOCK}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    for name, t in (("code1", code1), ("code2", code2)):
+        _need_tensor(name, t)
+        _need_dtype(name, t, (torch.float32,))
+        _need_device(name, t, param.device)
+        _need_numel(name, t, 256, "an 8-bit code")
+    _check_hyper(lr, beta1, beta2, eps, weight_decay, step)
+    return (param, grad, state1, state2, absmax1, absmax2, dense(code1), dense(code2), lr, beta1, beta2, eps,
+            weight_decay, step)
+
+
+def _fake_adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    _fake_same_device(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+
+
+def _fake_lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
+    _fake_same_device(param, grad=grad, exp_avg=exp_avg)
+
+
+def _fake_adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
+                         weight_decay, step):
+    _fake_same_device(param, grad=grad, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2,
+                      code1=code1, code2=code2)
+
+
+_define(
+    "adamw_step",
+    "(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, float beta1, "
+    "float beta2, float eps, float weight_decay, int step) -> ()",
+    _fake_adamw_step,
+    _check_adamw_step,
+)
+_define(
+    "lion_step",
+    "(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, float lr, float beta1, float beta2, float weight_decay) "
+    "-> ()",
+    _fake_lion_step,
+    _check_lion_step,
+)
+_define(
+    "adamw8bit_step",
+    "(Tensor(a!) param, Tensor grad, Tensor(b!) state1, Tensor(c!) state2, Tensor(d!) absmax1, Tensor(e!) absmax2, "
+    "Tensor code1, Tensor code2, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()",
+    _fake_adamw8bit_step,
+    _check_adamw8bit_step,
+)

@@ -180,3 +180,28 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
                                     dh if need_h else None, *((dP, dQ, db) if need_params else (None,) * 3)),
         torch.get_num_threads())
     return dh, dP, dQ, db
+
+
+# ---- fused optimizer steps (csrc/cpu/optim.cpp) ----------------------------------------------
+
+
+@register_kernel("adamw_step", "cpu")
+def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    _native.cpu().optim_32bit_step(*_native.optim_32bit_args(_native.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq),
+                                   *_native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
+                                   torch.get_num_threads())
+
+
+@register_kernel("lion_step", "cpu")
+def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
+    _native.cpu().optim_32bit_step(*_native.optim_32bit_args(_native.OPTIM_LION, param, grad, exp_avg, None),
+                                   *_native.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
+                                   torch.get_num_threads())
+
+
+@register_kernel("adamw8bit_step", "cpu")
+def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
+                   weight_decay, step):
+    _native.cpu().optim_8bit_step(*_native.optim_8bit_args(param, grad, state1, state2, absmax1, absmax2, code1, code2),
+                                  *_native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
+                                  torch.get_num_threads())

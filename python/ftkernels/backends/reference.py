@@ -268,3 +268,88 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
         dQ.copy_(s.T @ h.reshape(-1, d)[idx].to(ct))
         db.copy_(s.sum(0))
     return dh, dP, dQ, db
+
+
+# ---- fused optimizer steps (csrc/include/ftk/optim.h) -----------------------------------------
+
+
+@register_kernel("adamw_step", "reference")
+def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    from .._ops import adamw_bias_terms
+
+    step_size, bc2_sqrt = adamw_bias_terms(lr, beta1, beta2, step)
+    p, g = param.float(), grad.float()
+    p.mul_(1.0 - lr * weight_decay)
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    p.addcdiv_(exp_avg, (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
+    param.copy_(p)
+
+
+@register_kernel("lion_step", "reference")
+def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
+    p, g = param.float(), grad.float()
+    p.mul_(1.0 - lr * weight_decay)
+    p.add_((exp_avg * beta1 + g * (1.0 - beta1)).sign_(), alpha=-lr)
+    exp_avg.mul_(beta2).add_(g, alpha=1.0 - beta2)
+    param.copy_(p)
+
+
+def quantize_8bit_nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """quant.h's quantize_8bit (bitsandbytes' dQuantize<0>) of every element of x: the 7-step
+    binary search over the sorted code, then the nearer bracketing entry, ties to the pivot."""
+    x = x.float()
+    pivot = torch.full_like(x, 127, dtype=torch.int64)
+    upper_pivot = torch.full_like(pivot, 255)
+    lower_pivot = torch.zeros_like(pivot)
+    lower = torch.full_like(x, -1.0)
+    upper = torch.full_like(x, 1.0)
+    val = code[pivot]
+    step = 64
+    while step > 0:
+        right = x > val
+        lower_pivot = torch.where(right, pivot, lower_pivot)
+        lower = torch.where(right, val, lower)
+        upper_pivot = torch.where(right, upper_pivot, pivot)
+        upper = torch.where(right, upper, val)
+        pivot = torch.where(right, pivot + step, pivot - step)
+        val = code[pivot]
+        step //= 2
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    right = x > val
+    up = x > (upper + val) * 0.5
+    down = x < (lower + val) * 0.5
+    return torch.where(right, torch.where(up, upper_pivot, pivot), torch.where(down, lower_pivot, pivot)).to(torch.uint8)
+
+
+def _blocks(t: torch.Tensor, block: int) -> torch.Tensor:
+    """t flattened and zero-padded to (blocks, block)."""
+    flat = t.reshape(-1)
+    pad = (-flat.numel()) % block
+    return torch.nn.functional.pad(flat, (0, pad)).reshape(-1, block)
+
+
+@register_kernel("adamw8bit_step", "reference")
+def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
+                   weight_decay, step):
+    from .._ops import OPTIM_BLOCK, adamw_bias_terms
+
+    n = param.numel()
+    if n == 0:
+        return
+    step_size, bc2_sqrt = adamw_bias_terms(lr, beta1, beta2, step)
+    g = _blocks(grad.float(), OPTIM_BLOCK)
+    m = code1[_blocks(state1, OPTIM_BLOCK).long()] * absmax1[:, None]
+    v = code2[_blocks(state2, OPTIM_BLOCK).long()] * absmax2[:, None]
+    valid = torch.arange(m.numel(), device=m.device).reshape(m.shape) < n  # the last block's padding: 0
+    m = torch.where(valid, m * beta1 + g * (1.0 - beta1), 0.0)
+    v = torch.where(valid, v * beta2 + (g * g) * (1.0 - beta2), 0.0)
+    p = param.float().reshape(-1) * (1.0 - lr * weight_decay)
+    upd = (m / (v.sqrt() / bc2_sqrt + eps)).reshape(-1)[:n]
+    param.copy_((p - step_size * upd).reshape(param.shape))
+    for s, ab, x, code in ((state1, absmax1, m, code1), (state2, absmax2, v, code2)):
+        amax = x.abs().amax(dim=1)
+        scaled = torch.where(amax[:, None] > 0, x / torch.where(amax > 0, amax, 1.0)[:, None], 0.0)
+        s.copy_(quantize_8bit_nearest(scaled, code).reshape(-1)[:n].reshape(s.shape))
+        ab.copy_(amax)
