@@ -14,23 +14,28 @@ NESTED_BLOCKSIZE = 256  # the absmax of absmax: 256 fp32 statistics share one fp
 
 
 @functools.lru_cache(maxsize=None)
-def _dynamic_map_cpu() -> torch.Tensor:
-    # The signed dynamic 8-bit map (Dettmers, "8-bit approximations for parallelism"): for
-    # exponent e = 0..6, 2**e fraction values (midpoints of linspace(0.1, 1, 2**e + 1)) at
-    # scale 10**(e - 6), both signs; then 0 and 1. 256 sorted values, one 0, max 1.0.
+def _dynamic_map_cpu(signed: bool = True) -> torch.Tensor:
+    # The 8-bit dynamic map (Dettmers, "8-bit approximations for parallelism"): for exponent
+    # e = 0..6, the midpoints of linspace(0.1, 1, k + 1) at scale 10**(e - 6), k = 2**e values
+    # of each sign (signed) or k = 2**(e + 1) non-negative ones (unsigned: the sign bit buys
+    # twice the resolution); then 0 and 1. 256 sorted values, one 0, max 1.0.
     values = []
     for e in range(7):
-        edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        k = 2**e if signed else 2 ** (e + 1)
+        edges = torch.linspace(0.1, 1, k + 1, dtype=torch.float32)
         mids = (edges[:-1] + edges[1:]) / 2.0
         scaled = (10 ** (e - 6)) * mids
-        values += scaled.tolist() + (-scaled).tolist()
+        values += scaled.tolist() + ((-scaled).tolist() if signed else [])
     values += [0.0, 1.0]
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
-def create_dynamic_map(device=None) -> torch.Tensor:
-    """The signed 8-bit dynamic code double quantization uses (256 fp32, sorted)."""
-    return _dynamic_map_cpu().to(device or "cpu", copy=True)
+def create_dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map (256 fp32, sorted): signed for double quantization and
+    the first Adam moment, unsigned for the second."""
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed must be a bool, got {type(signed).__name__} (pass device= by keyword)")
+    return _dynamic_map_cpu(signed).to(device or "cpu", copy=True)
 
 
 def get_4bit_type(quant_type: str = "nf4", device=None) -> torch.Tensor:
@@ -110,7 +115,7 @@ def quantize_blockwise(
     """8-bit blockwise quantization with a 256-entry code (default: the dynamic map)."""
     _ops._need_tensor("A", A)
     if code is None:
-        code = create_dynamic_map(A.device)
+        code = create_dynamic_map(device=A.device)
     q, absmax = torch.ops.ftk.quantize_blockwise(A, code, blocksize)
     return q, QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, dtype=A.dtype)
 
@@ -130,7 +135,7 @@ def dequantize_blockwise(
         raise ValueError("dequantize_blockwise needs quant_state or absmax")
     if code is None:
         _ops._need_tensor("A", A)
-        code = create_dynamic_map(A.device)
+        code = create_dynamic_map(device=A.device)
     return torch.ops.ftk.dequantize_blockwise(A, absmax, code, blocksize, dtype)
 
 

@@ -305,7 +305,7 @@ def _zero_state(n, shape, dtype, blocksize, quant_type, nested, device) -> Quant
     # With double quantization absmax = map[q] * nested_absmax + offset: 0 when both are 0.
     state2 = QuantState(absmax=torch.zeros(math.ceil(nblocks / NESTED_BLOCKSIZE), dtype=torch.float32,
                                            device=device),
-                        code=create_dynamic_map(device), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+                        code=create_dynamic_map(device=device), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
     return QuantState(absmax=torch.zeros(nblocks, dtype=torch.uint8, device=device), shape=shape, code=code,
                       blocksize=blocksize, quant_type=quant_type, dtype=dtype,
                       offset=torch.zeros((), dtype=torch.float32, device=device), state2=state2)
