@@ -60,6 +60,12 @@ def _reft_kernels():
     return reft
 
 
+def _optim_kernels():
+    from ..triton_kernels import optim
+
+    return optim
+
+
 @functools.lru_cache(maxsize=None)
 def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
     # The 16-entry table the dequantize kernel gathers from, made once per device (the first
@@ -163,3 +169,24 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
     kernels.reft_backward(grad, h, P, Q, z, rows, *_native.dropout_args(dropout_p, seed), dh if need_h else None,
                           *((dP, dQ, db) if need_params else (None, None, None)), workspace)
     return dh, dP, dQ, db
+
+
+# ---- fused optimizer steps (triton_kernels/optim.py) -------------------------------------------
+
+
+@register_kernel("adamw_step", "triton")
+def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    _optim_kernels().adamw_step(param, grad, exp_avg, exp_avg_sq,
+                                _native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step))
+
+
+@register_kernel("lion_step", "triton")
+def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
+    _optim_kernels().lion_step(param, grad, exp_avg, _native.optim_hyper(lr, beta1, beta2, 0.0, weight_decay))
+
+
+@register_kernel("adamw8bit_step", "triton")
+def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
+                   weight_decay, step):
+    _optim_kernels().adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2,
+                                    _native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step))
