@@ -7,8 +7,16 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
 #include "ftk/lora_args.h"
 #include "ftk/lora_cuda.h"
+#include "ftk/optim_args.h"
+#include "ftk/optim_cuda.h"
+#include "ftk/paged_cuda.h"
 #include "ftk/quant_args.h"
 #include "ftk/quant_cuda.h"
 #include "ftk/reft_args.h"
@@ -107,6 +115,58 @@ PYBIND11_MODULE(_ftk_cuda, m) {
   }, "grad"_a, "h"_a, "dtype"_a, "n_rows"_a, "d"_a, "r"_a, "rows"_a, "n_slots"_a, "P"_a, "Q"_a, "z"_a, "enabled"_a,
      "seed"_a, "threshold"_a, "scale"_a, "dh"_a, "dP"_a, "dQ"_a, "db"_a, "workspace"_a, "workspace_floats"_a,
      "stream"_a, release);
+
+  // Managed memory for paged optimizer states (paged_cuda.h). Pointers cross as integers; a
+  // zero-byte allocation is 0, and freeing or prefetching 0 does nothing. Python
+  // (ftkernels/optim/paged.py) owns the lifetime and the budget.
+  m.def("managed_alloc", [](int64_t bytes, int device) {
+    if (bytes < 0)
+      throw std::invalid_argument("ftkernels: managed_alloc: bytes must be >= 0, got " + std::to_string(bytes));
+    return reinterpret_cast<uintptr_t>(ftk::managed_alloc_cuda(static_cast<size_t>(bytes), device));
+  }, "bytes"_a, "device"_a, release);
+
+  m.def("managed_free", [](uintptr_t ptr) {
+    ftk::managed_free_cuda(reinterpret_cast<void*>(ptr));
+  }, "ptr"_a, release);
+
+  // device: a CUDA device ordinal, or -1 (cudaCpuDeviceId) for the host.
+  m.def("managed_prefetch", [](uintptr_t ptr, int64_t bytes, int device, uintptr_t stream) {
+    if (bytes < 0)
+      throw std::invalid_argument("ftkernels: managed_prefetch: bytes must be >= 0, got " + std::to_string(bytes));
+    ftk::managed_prefetch_cuda(reinterpret_cast<const void*>(ptr), static_cast<size_t>(bytes), device,
+                               stream_arg(stream));
+  }, "ptr"_a, "bytes"_a, "device"_a, "stream"_a, release);
+
+  // (free, total) bytes of `device`, as cudaMemGetInfo reports them.
+  m.def("mem_get_info", [](int device) {
+    const auto info = ftk::mem_get_info_cuda(device);
+    return std::make_pair(static_cast<uint64_t>(info.first), static_cast<uint64_t>(info.second));
+  }, "device"_a, release);
+
+  // Fused optimizer steps (optim.h): the arguments of _native.optim_32bit_args / optim_8bit_args and
+  // _native.optim_hyper, then the stream (the CPU bindings' num_threads is the stream here).
+  m.def("optim_32bit_step", [](int kind, uintptr_t param, int param_dtype, uintptr_t grad, int grad_dtype, int64_t n,
+                               uintptr_t state1, uintptr_t state2, float lr, float beta1, float beta2, float eps,
+                               float decay, float omb1, float omb2, float step_size, float bc2_sqrt, uintptr_t stream) {
+    ftk::optim_32bit_step_cuda(
+        ftk::args::optim_32bit(kind, param, param_dtype, grad, grad_dtype, n, state1, state2,
+                               ftk::args::optim_hyper(lr, beta1, beta2, eps, decay, omb1, omb2, step_size, bc2_sqrt)),
+        stream_arg(stream));
+  }, "kind"_a, "param"_a, "param_dtype"_a, "grad"_a, "grad_dtype"_a, "n"_a, "state1"_a, "state2"_a, "lr"_a, "beta1"_a,
+     "beta2"_a, "eps"_a, "decay"_a, "one_minus_beta1"_a, "one_minus_beta2"_a, "step_size"_a,
+     "bias_correction2_sqrt"_a, "stream"_a, release);
+
+  m.def("optim_8bit_step", [](uintptr_t param, int param_dtype, uintptr_t grad, int grad_dtype, int64_t n,
+                              uintptr_t state1, uintptr_t state2, uintptr_t absmax1, uintptr_t absmax2,
+                              uintptr_t code1, uintptr_t code2, float lr, float beta1, float beta2, float eps,
+                              float decay, float omb1, float omb2, float step_size, float bc2_sqrt, uintptr_t stream) {
+    ftk::optim_8bit_step_cuda(
+        ftk::args::optim_8bit(param, param_dtype, grad, grad_dtype, n, state1, state2, absmax1, absmax2, code1, code2,
+                              ftk::args::optim_hyper(lr, beta1, beta2, eps, decay, omb1, omb2, step_size, bc2_sqrt)),
+        stream_arg(stream));
+  }, "param"_a, "param_dtype"_a, "grad"_a, "grad_dtype"_a, "n"_a, "state1"_a, "state2"_a, "absmax1"_a, "absmax2"_a,
+     "code1"_a, "code2"_a, "lr"_a, "beta1"_a, "beta2"_a, "eps"_a, "decay"_a, "one_minus_beta1"_a,
+     "one_minus_beta2"_a, "step_size"_a, "bias_correction2_sqrt"_a, "stream"_a, release);
 
   // 0 when there is no driver or no device (never raises): lets Python and tests ask cheaply.
   m.def("device_count", []() {

@@ -154,3 +154,31 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
                                                       db if need_params else None, ws),
                           _stream(h.device))
     return dh, dP, dQ, db
+
+
+# ---- fused optimizer steps (csrc/cuda/optim.cu) ---------------------------------------------
+
+
+@register_kernel("adamw_step", "cuda")
+def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    with torch.cuda.device(param.device):
+        _native.cuda().optim_32bit_step(
+            *_native.optim_32bit_args(_native.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq),
+            *_native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step), _stream(param.device))
+
+
+@register_kernel("lion_step", "cuda")
+def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
+    with torch.cuda.device(param.device):
+        _native.cuda().optim_32bit_step(*_native.optim_32bit_args(_native.OPTIM_LION, param, grad, exp_avg, None),
+                                        *_native.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
+                                        _stream(param.device))
+
+
+@register_kernel("adamw8bit_step", "cuda")
+def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
+                   weight_decay, step):
+    with torch.cuda.device(param.device):
+        _native.cuda().optim_8bit_step(
+            *_native.optim_8bit_args(param, grad, state1, state2, absmax1, absmax2, code1, code2),
+            *_native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step), _stream(param.device))
