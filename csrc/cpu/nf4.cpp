@@ -423,6 +423,7 @@ FTK_VARIANTS(dequantize_blockwise_blocks, DequantizeBlockwiseParams, (dequantize
 }  // namespace
 
 CpuIsa set_cpu_isa_limit(CpuIsa limit) { return isa_limit.exchange(limit); }
+CpuIsa cpu_isa_limit() { return isa_limit.load(std::memory_order_relaxed); }
 
 void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads) {
   check(p);

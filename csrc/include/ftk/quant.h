@@ -191,6 +191,7 @@ FTK_HD uint32_t quantize_8bit(const float* code, float x) {
 // tests lower to run every path on one machine; returns the previous limit.
 enum class CpuIsa : int { Base = 0, AVX2 = 1, AVX512 = 2 };
 CpuIsa set_cpu_isa_limit(CpuIsa limit);
+CpuIsa cpu_isa_limit();  // the current limit (other kernel files honour it too)
 
 void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads);
 void dequantize_4bit_cpu(const Dequantize4bitParams& p, int num_threads);
