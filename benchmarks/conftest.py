@@ -96,6 +96,8 @@ def pytest_terminal_summary(terminalreporter, config):
         for label, other in compare.items():
             if other in by_name:
                 entry["speedup_vs_" + label] = _seconds(by_name[other]) / t
+        for key in bench.extra_info.get("report", ()):  # figures a benchmark asks to carry over
+            entry[key] = bench.extra_info[key]
         ceiling = by_name.get(bench.extra_info.get("ceiling", ""))
         if ceiling is not None:
             copy_gbps = ceiling.extra_info["bytes_moved"] / _seconds(ceiling) / 1e9
