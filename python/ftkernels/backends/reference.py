@@ -323,13 +323,6 @@ def quantize_8bit_nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.where(right, torch.where(up, upper_pivot, pivot), torch.where(down, lower_pivot, pivot)).to(torch.uint8)
 
 
-def _blocks(t: torch.Tensor, block: int) -> torch.Tensor:
-    """t flattened and zero-padded to (blocks, block)."""
-    flat = t.reshape(-1)
-    pad = (-flat.numel()) % block
-    return torch.nn.functional.pad(flat, (0, pad)).reshape(-1, block)
-
-
 @register_kernel("adamw8bit_step", "reference")
 def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
                    weight_decay, step):
@@ -339,9 +332,9 @@ def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, 
     if n == 0:
         return
     step_size, bc2_sqrt = adamw_bias_terms(lr, beta1, beta2, step)
-    g = _blocks(grad.float(), OPTIM_BLOCK)
-    m = code1[_blocks(state1, OPTIM_BLOCK).long()] * absmax1[:, None]
-    v = code2[_blocks(state2, OPTIM_BLOCK).long()] * absmax2[:, None]
+    g = _blocks(grad, OPTIM_BLOCK)[0]
+    m = code1[_blocks(state1, OPTIM_BLOCK)[0].long()] * absmax1[:, None]  # codes 0..255 are exact in fp32
+    v = code2[_blocks(state2, OPTIM_BLOCK)[0].long()] * absmax2[:, None]
     valid = torch.arange(m.numel(), device=m.device).reshape(m.shape) < n  # the last block's padding: 0
     m = torch.where(valid, m * beta1 + g * (1.0 - beta1), 0.0)
     v = torch.where(valid, v * beta2 + (g * g) * (1.0 - beta2), 0.0)
