@@ -110,7 +110,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "ftk/cuda_dtype.cuh"
+#include "ftk/cuda_util.cuh"
 #include "ftk/lora.h"
 #include "ftk/lora_cuda.h"
 

@@ -56,7 +56,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "ftk/cuda_dtype.cuh"
+#include "ftk/cuda_util.cuh"
 #include "ftk/quant.h"
 #include "ftk/quant_cuda.h"
 
@@ -394,31 +394,6 @@ dequantize_blockwise_kernel(const uint8_t* __restrict__ A, int64_t n, int bs_shi
 
 // ---- launch helpers ------------------------------------------------------------------------
 
-// Resident CTAs of kThreads per SM for Kernel (registers and static shared memory decide).
-template <auto Kernel>
-int ctas_per_sm(int dev) {
-  static std::atomic<int> cache[kMaxCachedDevices];
-  if (dev < kMaxCachedDevices) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  FTK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, Kernel, kThreads, 0));
-  v = std::max(v, 1);
-  if (dev < kMaxCachedDevices) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
-
-// Launches Kernel on `stream` with one CTA per unit of `work` (CTA iterations of its grid-stride
-// loop), capped at one full wave: the loop covers the rest.
-template <auto Kernel, typename... Args>
-void launch(const char* name, int64_t work, cudaStream_t stream, Args... args) {
-  const int dev = current_device();
-  const int64_t wave = static_cast<int64_t>(sm_count(dev)) * ctas_per_sm<Kernel>(dev);
-  const int grid = static_cast<int>(std::max<int64_t>(1, std::min(work, wave)));
-  Kernel<<<grid, kThreads, 0, stream>>>(args...);
-  FTK_CHECK_LAUNCH(name);
-}
 
 int log2_exact(int64_t v) {
   int s = 0;
@@ -434,7 +409,7 @@ void check_aligned(const void* p, const char* name) {
 template <typename T, QuantType Q, int G>
 void launch_quantize_4bit(const Quantize4bitParams& p, int64_t nblocks, cudaStream_t stream) {
   constexpr int64_t kGroups = kThreads / G;
-  launch<quantize_4bit_kernel<T, Q, G>>("quantize_4bit_kernel", ceil_div(nblocks, kGroups), stream,
+  launch<quantize_4bit_kernel<T, Q, G>, kThreads>("quantize_4bit_kernel", ceil_div(nblocks, kGroups), stream,
                                          static_cast<const T*>(p.A), p.n, nblocks, p.packed, p.absmax);
 }
 
@@ -458,7 +433,7 @@ template <typename OutT, QuantType Q, bool kNested>
 void launch_dequantize_4bit(const Dequant4Args& a, cudaStream_t stream) {
   constexpr int64_t kUnitsPerTile = kThreads * (32 / Elem<OutT>::kVec);
   const int64_t tiles = std::max<int64_t>(1, ceil_div(a.n / Elem<OutT>::kVec, kUnitsPerTile));
-  launch<dequantize_4bit_kernel<OutT, Q, kNested>>("dequantize_4bit_kernel", tiles, stream, a);
+  launch<dequantize_4bit_kernel<OutT, Q, kNested>, kThreads>("dequantize_4bit_kernel", tiles, stream, a);
 }
 
 }  // namespace
@@ -505,8 +480,9 @@ void quantize_blockwise_cuda(const QuantizeBlockwiseParams& p, cudaStream_t stre
   const int shift = log2_exact(p.blocksize);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch<quantize_blockwise_kernel<T>>("quantize_blockwise_kernel", ceil_div(nblocks, kThreads / kWarp), stream,
-                                         static_cast<const T*>(p.A), p.n, nblocks, shift, p.code, p.out, p.absmax);
+    launch<quantize_blockwise_kernel<T>, kThreads>("quantize_blockwise_kernel", ceil_div(nblocks, kThreads / kWarp),
+                                                   stream, static_cast<const T*>(p.A), p.n, nblocks, shift, p.code,
+                                                   p.out, p.absmax);
   });
 }
 
@@ -516,8 +492,8 @@ void dequantize_blockwise_cuda(const DequantizeBlockwiseParams& p, cudaStream_t 
   const int shift = log2_exact(p.blocksize);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch<dequantize_blockwise_kernel<T>>("dequantize_blockwise_kernel", ceil_div(p.n, kThreads), stream, p.A,
-                                           p.n, shift, p.absmax, p.code, static_cast<T*>(p.out));
+    launch<dequantize_blockwise_kernel<T>, kThreads>("dequantize_blockwise_kernel", ceil_div(p.n, kThreads), stream,
+                                                     p.A, p.n, shift, p.absmax, p.code, static_cast<T*>(p.out));
   });
 }
 

@@ -64,7 +64,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "ftk/cuda_dtype.cuh"
+#include "ftk/cuda_util.cuh"
 #include "ftk/optim_cuda.h"
 #include "ftk/quant.h"
 
@@ -80,20 +80,8 @@ static_assert(kOptimBlock == 8 * kWarp, "a lane holds 8 elements (two quads) of 
 static_assert(kThreads == kCodeSize, "staging the codes: one entry of each a thread");
 
 // ---- storage types ---------------------------------------------------------------------------
-// Scalars and quads (4 consecutive elements) of T to and from fp32: exact widening, narrowing
-// once with round to nearest even (torch's .to(dtype)).
-
-template <typename T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+// Quads (4 consecutive elements) of T to and from fp32 (scalars: cuda_util.cuh's to_f32 and
+// from_f32).
 
 // The raw vector type of a quad of T: 16 bytes of fp32, 8 bytes of fp16/bf16.
 template <typename T> struct QuadRaw { using type = uint2; };
@@ -303,31 +291,6 @@ __global__ void __launch_bounds__(kThreads) optim_8bit_kernel(const Optim8bitPar
 
 // ---- launch helpers ------------------------------------------------------------------------
 
-// Resident CTAs of kThreads per SM for Kernel (registers and static shared memory decide).
-template <auto Kernel>
-int ctas_per_sm(int dev) {
-  static std::atomic<int> cache[kMaxCachedDevices];
-  if (dev < kMaxCachedDevices) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  FTK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, Kernel, kThreads, 0));
-  v = std::max(v, 1);
-  if (dev < kMaxCachedDevices) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
-
-// Launches Kernel on `stream` with one CTA per unit of `work` (CTA iterations of its grid-stride
-// loop), capped at one full wave: the loop covers the rest.
-template <auto Kernel, typename... Args>
-void launch(const char* name, int64_t work, cudaStream_t stream, Args... args) {
-  const int dev = current_device();
-  const int64_t wave = static_cast<int64_t>(sm_count(dev)) * ctas_per_sm<Kernel>(dev);
-  const int grid = static_cast<int>(std::max<int64_t>(1, std::min(work, wave)));
-  Kernel<<<grid, kThreads, 0, stream>>>(args...);
-  FTK_CHECK_LAUNCH(name);
-}
 
 bool host_aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
@@ -350,8 +313,8 @@ void optim_32bit_step_cuda(const Optim32bitParams& p, cudaStream_t stream) {
     const bool vec = host_aligned(p.param, 4 * sizeof(P)) && host_aligned(p.grad, 4 * sizeof(G)) &&
                      host_aligned(p.state1, 16) && (!adamw || host_aligned(p.state2, 16));
     const int64_t work = ceil_div(vec ? ceil_div(p.n, 4) : p.n, kThreads);
-    if (adamw) launch<optim_32bit_kernel<OptimKind::AdamW, P, G>>("adamw_step_kernel", work, stream, p, vec);
-    else launch<optim_32bit_kernel<OptimKind::Lion, P, G>>("lion_step_kernel", work, stream, p, vec);
+    if (adamw) launch<optim_32bit_kernel<OptimKind::AdamW, P, G>, kThreads>("adamw_step_kernel", work, stream, p, vec);
+    else launch<optim_32bit_kernel<OptimKind::Lion, P, G>, kThreads>("lion_step_kernel", work, stream, p, vec);
   });
 }
 
@@ -363,8 +326,8 @@ void optim_8bit_step_cuda(const Optim8bitParams& p, cudaStream_t stream) {
     using G = decltype(gt);
     const bool vec = host_aligned(p.param, 4 * sizeof(P)) && host_aligned(p.grad, 4 * sizeof(G)) &&
                      host_aligned(p.state1, 4) && host_aligned(p.state2, 4);
-    launch<optim_8bit_kernel<P, G>>("adamw8bit_step_kernel", ceil_div(ceil_div(p.n, kOptimBlock), kWarps), stream,
-                                    p, vec);
+    const int64_t work = ceil_div(ceil_div(p.n, kOptimBlock), kWarps);  // CTA iterations: kWarps blocks each
+    launch<optim_8bit_kernel<P, G>, kThreads>("adamw8bit_step_kernel", work, stream, p, vec);
   });
 }
 

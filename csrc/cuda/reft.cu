@@ -34,7 +34,7 @@
 
 #include <algorithm>
 
-#include "ftk/cuda_dtype.cuh"
+#include "ftk/cuda_util.cuh"
 #include "ftk/reft_cuda.h"
 
 namespace ftk {
@@ -49,15 +49,6 @@ static_assert(kSums == 32, "block_sum gives lane x the total of sum x");
 constexpr int kForwardBlocksPerSm = 4;
 constexpr int kBackwardBlocksPerSm = 2;
 
-template <typename T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float drop(float v, const Dropout& dr, uint32_t row_key, int64_t col) {
   if (!dr.enabled) return v;
@@ -269,11 +260,13 @@ __global__ void __launch_bounds__(kThreads) reft_reduce_kernel(const float* ws, 
 }
 
 int64_t forward_blocks(int64_t n_slots) {
-  return std::min<int64_t>(ceil_div(n_slots, kRows), static_cast<int64_t>(sm_count(current_device())) * kForwardBlocksPerSm);
+  const int64_t wave = static_cast<int64_t>(sm_count(current_device())) * kForwardBlocksPerSm;
+  return std::min<int64_t>(ceil_div(n_slots, kRows), wave);
 }
 
 int64_t backward_blocks(int64_t n_slots) {
-  return std::min<int64_t>(ceil_div(n_slots, kRows), static_cast<int64_t>(sm_count(current_device())) * kBackwardBlocksPerSm);
+  const int64_t wave = static_cast<int64_t>(sm_count(current_device())) * kBackwardBlocksPerSm;
+  return std::min<int64_t>(ceil_div(n_slots, kRows), wave);
 }
 
 }  // namespace
@@ -310,7 +303,8 @@ void reft_backward_cuda(const ReftBackwardParams& p, cudaStream_t stream) {
     FTK_CHECK_LAUNCH("reft_backward_kernel");
   }
   if (params) {
-    const int64_t grid = std::min<int64_t>(ceil_div(slice, kThreads), static_cast<int64_t>(sm_count(current_device())) * 4);
+    const int64_t wave = static_cast<int64_t>(sm_count(current_device())) * 4;
+    const int64_t grid = std::min<int64_t>(ceil_div(slice, kThreads), wave);
     reft_reduce_kernel<<<static_cast<int>(grid), kThreads, 0, stream>>>(p.workspace, blocks, slice, p.r * p.d, p.dP,
                                                                          p.dQ, p.db);
     FTK_CHECK_LAUNCH("reft_reduce_kernel");

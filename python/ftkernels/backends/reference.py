@@ -89,8 +89,9 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
     return result if out is None else out.copy_(result)
 
 
-def _quantize_8bit(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' dQuantize<0>, vectorised: a 7-step binary search, then the nearer side."""
+def quantize_8bit(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' dQuantize<0> (quant.h's quantize_8bit), vectorised: a 7-step binary search
+    over the sorted code, then the nearer bracketing entry, ties to the pivot."""
     pivot = torch.full_like(x, 127, dtype=torch.long)
     upper_pivot = torch.full_like(pivot, 255)
     lower_pivot = torch.zeros_like(pivot)
@@ -116,7 +117,7 @@ def _quantize_8bit(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     x, absmax = _blocks(A, blocksize)
     xn = x * (1.0 / absmax).unsqueeze(1)
-    q = _quantize_8bit(code, xn).reshape(-1)[: A.numel()]
+    q = quantize_8bit(code, xn).reshape(-1)[: A.numel()]
     return q.reshape(A.shape), absmax
 
 
@@ -295,34 +296,6 @@ def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
     param.copy_(p)
 
 
-def quantize_8bit_nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """quant.h's quantize_8bit (bitsandbytes' dQuantize<0>) of every element of x: the 7-step
-    binary search over the sorted code, then the nearer bracketing entry, ties to the pivot."""
-    x = x.float()
-    pivot = torch.full_like(x, 127, dtype=torch.int64)
-    upper_pivot = torch.full_like(pivot, 255)
-    lower_pivot = torch.zeros_like(pivot)
-    lower = torch.full_like(x, -1.0)
-    upper = torch.full_like(x, 1.0)
-    val = code[pivot]
-    step = 64
-    while step > 0:
-        right = x > val
-        lower_pivot = torch.where(right, pivot, lower_pivot)
-        lower = torch.where(right, val, lower)
-        upper_pivot = torch.where(right, upper_pivot, pivot)
-        upper = torch.where(right, upper, val)
-        pivot = torch.where(right, pivot + step, pivot - step)
-        val = code[pivot]
-        step //= 2
-    upper = torch.where(upper_pivot == 255, code[255], upper)
-    lower = torch.where(lower_pivot == 0, code[0], lower)
-    right = x > val
-    up = x > (upper + val) * 0.5
-    down = x < (lower + val) * 0.5
-    return torch.where(right, torch.where(up, upper_pivot, pivot), torch.where(down, lower_pivot, pivot)).to(torch.uint8)
-
-
 @register_kernel("adamw8bit_step", "reference")
 def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
                    weight_decay, step):
@@ -344,5 +317,5 @@ def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, 
     for s, ab, x, code in ((state1, absmax1, m, code1), (state2, absmax2, v, code2)):
         amax = x.abs().amax(dim=1)
         scaled = torch.where(amax[:, None] > 0, x / torch.where(amax > 0, amax, 1.0)[:, None], 0.0)
-        s.copy_(quantize_8bit_nearest(scaled, code).reshape(-1)[:n].reshape(s.shape))
+        s.copy_(quantize_8bit(code, scaled).reshape(-1)[:n].reshape(s.shape))
         ab.copy_(amax)

@@ -172,14 +172,14 @@ class _Codes:
     """The two 8-bit maps on a device, and the code each stores for 0."""
 
     def __init__(self, device):
-        from ..backends.reference import quantize_8bit_nearest
+        from ..backends.reference import quantize_8bit
         from ..functional import create_dynamic_map
 
         self.signed = create_dynamic_map(device=device)
         self.unsigned = create_dynamic_map(signed=False, device=device)
         zero = torch.zeros(1, device=device)
-        self.zero1 = int(quantize_8bit_nearest(zero, self.signed).item())
-        self.zero2 = int(quantize_8bit_nearest(zero, self.unsigned).item())
+        self.zero1 = int(quantize_8bit(self.signed, zero).item())
+        self.zero2 = int(quantize_8bit(self.unsigned, zero).item())
 
 
 _CODES: dict[torch.device, _Codes] = {}
