@@ -77,6 +77,15 @@ def assert_within_torch_error(got: torch.Tensor, ref: torch.Tensor, own: torch.T
     assert err <= factor * own_err + eps, f"{what}: error {err:.3g} > {factor} x torch's {own_err:.3g}"
 
 
+def raise_bad_call(calls: list, i: int, expected: int) -> None:
+    """Runs bad-input case i of calls, a list of (callable, exception type, message regex) that
+    must hold exactly ``expected`` cases (the parametrisation's count), and checks it raises."""
+    assert len(calls) == expected, f"{len(calls)} bad-input cases, the parametrisation expects {expected}"
+    call, exc, match = calls[i]
+    with pytest.raises(exc, match=match):
+        call()
+
+
 @pytest.fixture(autouse=True)
 def _no_forced_backend(monkeypatch):
     monkeypatch.delenv("FTK_BACKEND", raising=False)

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_within_torch_error, cuda_only
+from conftest import assert_within_torch_error, cuda_only, raise_bad_call
 
 import ftkernels as ftk
 from ftkernels import _native
@@ -310,11 +310,7 @@ def _bad_calls():
 
 @pytest.mark.parametrize("i", range(21))
 def test_bad_input_raises_naming_the_argument(i):
-    calls = _bad_calls()
-    assert len(calls) == 21
-    call, exc, match = calls[i]
-    with pytest.raises(exc, match=match):
-        call()
+    raise_bad_call(_bad_calls(), i, 21)
 
 
 def test_native_lora_functions_check_their_arguments_again():

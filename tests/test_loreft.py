@@ -12,7 +12,7 @@ import io
 import pytest
 import torch
 from torch import nn
-from conftest import BACKEND_DEVICES, assert_within_torch_error
+from conftest import BACKEND_DEVICES, assert_within_torch_error, raise_bad_call
 
 import ftkernels as ftk
 from ftkernels import _native
@@ -338,11 +338,7 @@ _N_BAD = 29
 
 @pytest.mark.parametrize("i", range(_N_BAD))
 def test_bad_input_raises_naming_the_argument(i):
-    calls = _bad_calls()
-    assert len(calls) == _N_BAD
-    call, exc, match = calls[i]
-    with pytest.raises(exc, match=match):
-        call()
+    raise_bad_call(_bad_calls(), i, _N_BAD)
 
 
 def test_native_reft_functions_check_their_arguments_again():

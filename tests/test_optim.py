@@ -9,7 +9,7 @@ import io
 
 import pytest
 import torch
-from conftest import cuda_only
+from conftest import cuda_only, raise_bad_call
 from torch import nn
 
 import ftkernels as ftk
@@ -357,11 +357,7 @@ _N_BAD = 14
 
 @pytest.mark.parametrize("i", range(_N_BAD))
 def test_bad_input_raises_naming_the_argument(i):
-    calls = _bad_calls()
-    assert len(calls) == _N_BAD
-    call, exc, match = calls[i]
-    with pytest.raises(exc, match=match):
-        call()
+    raise_bad_call(_bad_calls(), i, _N_BAD)
 
 
 def test_sparse_gradients_are_refused():
