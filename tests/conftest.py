@@ -77,6 +77,20 @@ def assert_within_torch_error(got: torch.Tensor, ref: torch.Tensor, own: torch.T
     assert err <= factor * own_err + eps, f"{what}: error {err:.3g} > {factor} x torch's {own_err:.3g}"
 
 
+def assert_layer_rejects_bad_input(layer) -> None:
+    """A 4-bit layer with in_features=5 (LinearNF4, LoRALinear4bit) refuses bad inputs by name."""
+    with pytest.raises(ValueError, match=r"x has shape \(3, 4\).*in_features=5"):
+        layer(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="in_features"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        layer(torch.ones(3, 5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        layer([[1.0] * 5])
+    with pytest.raises(ValueError, match="x is on meta"):
+        layer(torch.randn(3, 5, device="meta"))
+
+
 def raise_bad_call(calls: list, i: int, expected: int) -> None:
     """Runs bad-input case i of calls, a list of (callable, exception type, message regex) that
     must hold exactly ``expected`` cases (the parametrisation's count), and checks it raises."""

@@ -9,6 +9,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_layer_rejects_bad_input
 from torch import nn
 
 import ftkernels
@@ -343,17 +344,7 @@ def test_from_linear_rejects_bad_layers():
 
 
 def test_forward_rejects_bad_input():
-    q = LinearNF4.from_linear(make_linear(7, 5))
-    with pytest.raises(ValueError, match=r"x has shape \(3, 4\).*in_features=5"):
-        q(torch.randn(3, 4))
-    with pytest.raises(ValueError, match="in_features"):
-        q(torch.tensor(1.0))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        q(torch.ones(3, 5, dtype=torch.int64))
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        q([[1.0] * 5])
-    with pytest.raises(ValueError, match="x is on meta"):
-        q(torch.randn(3, 5, device="meta"))
+    assert_layer_rejects_bad_input(LinearNF4.from_linear(make_linear(7, 5)))
 
 
 def _sd():

@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import bnb_dequantize_4bit
+from conftest import assert_layer_rejects_bad_input, bnb_dequantize_4bit
 from torch import nn
 
 import ftkernels
@@ -756,15 +756,6 @@ def test_rejects_bad_bases():
 
 def test_forward_rejects_bad_input():
     m = LoRALinear4bit.from_linear(make_linear(7, 5))
-    with pytest.raises(ValueError, match=r"x has shape \(3, 4\).*in_features=5"):
-        m(torch.randn(3, 4))
-    with pytest.raises(ValueError, match="in_features"):
-        m(torch.tensor(1.0))
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        m(torch.ones(3, 5, dtype=torch.int64))
-    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-        m([[1.0] * 5])
-    with pytest.raises(ValueError, match="x is on meta"):
-        m(torch.randn(3, 5, device="meta"))
+    assert_layer_rejects_bad_input(m)
     with pytest.raises(TypeError, match="dtype"):
         m.merge(dtype=torch.int8)

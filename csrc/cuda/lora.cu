@@ -127,17 +127,6 @@ __constant__ float kFP4Code[16] = FTK_FP4_CODE;
 // Elem<T>: scalars of T to and from fp32 (exact widening; narrowing once, round to nearest
 // even, as torch's .to(dtype)), 8 fp32 to one 16-byte vector of a 16-bit T.
 
-__device__ __forceinline__ uint32_t bits_of(__nv_bfloat162 h) {
-  uint32_t u;
-  memcpy(&u, &h, 4);
-  return u;
-}
-__device__ __forceinline__ uint32_t bits_of(__half2 h) {
-  uint32_t u;
-  memcpy(&u, &h, 4);
-  return u;
-}
-
 template <typename T> struct Elem;
 
 template <> struct Elem<float> {

@@ -91,17 +91,6 @@ template <> struct Elem<float> {
   static __device__ __forceinline__ void store1(float* p, float x) { *p = x; }
 };
 
-__device__ __forceinline__ uint32_t bits_of(__nv_bfloat162 h) {
-  uint32_t u;
-  memcpy(&u, &h, 4);
-  return u;
-}
-__device__ __forceinline__ uint32_t bits_of(__half2 h) {
-  uint32_t u;
-  memcpy(&u, &h, 4);
-  return u;
-}
-
 template <> struct Elem<__nv_bfloat16> {
   static constexpr int kVec = 8;
   static __device__ __forceinline__ float load1(const __nv_bfloat16* p) {

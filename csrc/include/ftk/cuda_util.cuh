@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 
 #include "ftk/common.h"
 #include "ftk/quant_cuda.h"
@@ -36,6 +37,18 @@ template <> __device__ __forceinline__ float from_f32<float>(float v) { return v
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// The 32 bits of a pair of 16-bit values (for packing two results into one word of a vector store).
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat162 h) {
+  uint32_t u;
+  memcpy(&u, &h, 4);
+  return u;
+}
+__device__ __forceinline__ uint32_t bits_of(__half2 h) {
+  uint32_t u;
+  memcpy(&u, &h, 4);
+  return u;
 }
 
 // Resident CTAs of Threads threads per SM for Kernel (registers and static shared memory
