@@ -18,7 +18,6 @@ synchronises. On CPU parameters ``paged`` changes nothing.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -151,15 +150,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
     # ---- state_dict ----------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load_state_dict, but the states keep their saved dtypes (torch would cast
-        them to each parameter's dtype: bf16 moments, or uint8 codes as floats) and, when paged,
-        live in managed memory again."""
-        saved = copy.deepcopy(state_dict)
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
+        """torch's load_state_dict, but the states keep their saved dtypes and, when paged, live
+        in managed memory again. torch would cast each state to its parameter's dtype (bf16
+        moments; uint8 codes widened to floats, 4x their bytes for an fp32 parameter), so torch
+        loads the param_groups alone and each saved state is copied once, as it is, here."""
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         by_id = dict(zip(saved_ids, params))
-        for pid, st in saved["state"].items():
+        for pid, st in state_dict["state"].items():
             p = by_id[pid]
             for k, v in st.items():
                 if k == "step":
