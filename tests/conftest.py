@@ -77,6 +77,17 @@ def assert_within_torch_error(got: torch.Tensor, ref: torch.Tensor, own: torch.T
     assert err <= factor * own_err + eps, f"{what}: error {err:.3g} > {factor} x torch's {own_err:.3g}"
 
 
+def make_linear(out_f, in_f, bias=True, dtype=torch.float32, seed=0):
+    """An nn.Linear with seeded small random weights (and bias), in dtype."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        if bias:
+            lin.bias.normal_(0, 0.1)
+    return lin.to(dtype)
+
+
 def assert_layer_rejects_bad_input(layer) -> None:
     """A 4-bit layer with in_features=5 (LinearNF4, LoRALinear4bit) refuses bad inputs by name."""
     with pytest.raises(ValueError, match=r"x has shape \(3, 4\).*in_features=5"):

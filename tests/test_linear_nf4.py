@@ -9,7 +9,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_layer_rejects_bad_input
+from conftest import assert_layer_rejects_bad_input, make_linear
 from torch import nn
 
 import ftkernels
@@ -24,16 +24,6 @@ SHAPE_IDS = ["70x96", "7x1", "1x33", "1x1", "128x64"]
 QSETTINGS = [("nf4", True, 64), ("nf4", False, 64), ("fp4", True, 64), ("nf4", True, 32), ("nf4", True, 4096)]
 QSETTING_IDS = ["nf4-dq-64", "nf4-64", "fp4-dq-64", "nf4-dq-32", "nf4-dq-4096"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def make_linear(out_f, in_f, bias=True, dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(in_f, out_f, bias=bias)
-    with torch.no_grad():
-        lin.weight.normal_(0, 0.05)
-        if bias:
-            lin.bias.normal_(0, 0.1)
-    return lin.to(dtype)
 
 
 def qs_json(sd: dict, quant_type: str = "nf4") -> dict:

@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_layer_rejects_bad_input, bnb_dequantize_4bit
+from conftest import assert_layer_rejects_bad_input, bnb_dequantize_4bit, make_linear
 from torch import nn
 
 import ftkernels
@@ -31,16 +31,6 @@ ADAPTER = "default"
 
 def gamma(n: int) -> float:
     return n * U32 / (1 - n * U32)
-
-
-def make_linear(out_f, in_f, bias=True, dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    lin = nn.Linear(in_f, out_f, bias=bias)
-    with torch.no_grad():
-        lin.weight.normal_(0, 0.05)
-        if bias:
-            lin.bias.normal_(0, 0.1)
-    return lin.to(dtype)
 
 
 def randomize_lora(m: LoRALinear4bit, seed=1):
