@@ -1,0 +1,181 @@
+"""LoRA on a Transformers model: add, save and load in PEFT's format, merge.
+
+``add_lora(model, r, alpha, dropout, target_modules)`` wraps the target layers in place: a
+``LinearNF4`` (after ``quantize_model``: QLoRA) becomes a ``LoRALinear4bit`` (the fused op), an
+``nn.Linear`` a ``LoRALinear``, and GPT-2's ``Conv1D`` (a transposed linear) an ``nn.Linear``
+first. Everything but the LoRA factors is frozen. ``save_lora`` writes PEFT's adapter files
+(``adapter_config.json`` + ``adapter_model.safetensors``, keys
+``base_model.model.<module>.lora_A.weight``), which PEFT's ``PeftModel.from_pretrained`` loads;
+``load_lora`` reads them (ours or PEFT's) without unpickling and checks every shape;
+``merge_lora`` folds the updates back into dense ``nn.Linear`` layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..nn.linear_nf4 import LinearNF4
+from ..nn.lora_linear import LoRALinear
+from ..nn.lora_linear_4bit import LoRALinear4bit
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# The attention and MLP projections of Llama/Qwen2/Mistral-style models, and GPT-2's.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "c_attn", "c_proj", "c_fc")
+
+__all__ = ["add_lora", "load_lora", "lora_modules", "merge_lora", "save_lora"]
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and m.weight.dim() == 2
+
+
+def _conv1d_to_linear(m: nn.Module) -> nn.Linear:
+    """GPT-2's Conv1D (weight in x out) as the nn.Linear it computes (weight out x in)."""
+    in_f, out_f = m.weight.shape
+    lin = nn.Linear(in_f, out_f, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(m.weight.T)
+        if m.bias is not None:
+            lin.bias.copy_(m.bias)
+    return lin
+
+
+def _targets(model: nn.Module, target_modules) -> list[str]:
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, LinearNF4)) or _is_conv1d(m)]
+    if target_modules is None:
+        wanted = [n for n in names if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS and "lm_head" not in n]
+    elif isinstance(target_modules, str):  # a regex over the full name, as PEFT reads a string
+        wanted = [n for n in names if re.fullmatch(target_modules, n)]
+    else:
+        suffixes = tuple(target_modules)
+        wanted = [n for n in names if n.rsplit(".", 1)[-1] in suffixes]
+    if not wanted:
+        raise ValueError(f"target_modules {target_modules!r} match no linear layer of {type(model).__name__}")
+    return wanted
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's LoRA layers by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRALinear4bit))}
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=None,
+             use_rslora: bool = False) -> list[str]:
+    """Wraps the target layers with LoRA in place (see the module docstring); returns their names.
+
+    ``target_modules``: None (the default projections), a list of name suffixes (PEFT's
+    ``["q_proj", "v_proj"]``) or a regex over full module names.
+    """
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA layers")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = _targets(model, target_modules)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if _is_conv1d(base):
+            base = _conv1d_to_linear(base)
+        if isinstance(base, LinearNF4):
+            layer = LoRALinear4bit.from_linear(base, r, alpha, dropout, use_rslora=use_rslora)
+        else:
+            layer = LoRALinear(base, r, alpha, dropout, use_rslora=use_rslora)
+        setattr(parent, child, layer)
+    model._ftk_lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
+                              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names})}
+    return names
+
+
+def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """PEFT's adapter files for the model's LoRA layers."""
+    from safetensors.torch import save_file
+
+    layers = lora_modules(model)
+    config = getattr(model, "_ftk_lora_config", None)
+    if not layers or config is None:
+        raise ValueError("the model has no LoRA layers (add_lora first)")
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+                   "r": config["r"], "lora_alpha": config["lora_alpha"], "lora_dropout": config["lora_dropout"],
+                   "target_modules": config["target_modules"], "use_rslora": config["use_rslora"],
+                   "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+                   "modules_to_save": None}
+    (out / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+
+
+def _read_config(src: Path) -> dict:
+    try:
+        config = json.loads((src / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {src / CONFIG_NAME}: {e}") from e
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{CONFIG_NAME} is not a LoRA adapter config")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise ValueError(f"{CONFIG_NAME} lacks {key!r}")
+    if config.get("modules_to_save"):
+        raise ValueError("adapters with modules_to_save are not supported")
+    return config
+
+
+def load_lora(model: nn.Module, in_dir: str | os.PathLike) -> list[str]:
+    """Adds LoRA layers as a PEFT adapter directory describes them and loads their weights
+    (safetensors only; every key and shape checked). Returns the wrapped layers' names."""
+    from safetensors.torch import load_file
+
+    src = Path(in_dir)
+    config = _read_config(src)
+    targets = config["target_modules"]
+    names = add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                     targets if not isinstance(targets, str) else targets, config.get("use_rslora", False))
+    state = load_file(str(src / WEIGHTS_NAME), device="cpu")
+    layers = lora_modules(model)
+    want = {}
+    for name, m in layers.items():
+        want[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
+        want[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
+    # PEFT writes the adapter name into keys only for non-default names; accept ".default" too.
+    state = {k.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight",
+                                                                               ".lora_B.weight"): v
+             for k, v in state.items()}
+    if set(state) != set(want):
+        missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        raise ValueError(f"{WEIGHTS_NAME} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if v.shape != want[k].shape:
+                raise ValueError(f"{WEIGHTS_NAME}: {k} has shape {list(v.shape)}, expected {list(want[k].shape)}")
+            want[k].copy_(v)
+    return names
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Replaces every LoRA layer by a dense nn.Linear with its update folded in; returns model."""
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers")
+    for name, m in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.merge())
+    if hasattr(model, "_ftk_lora_config"):
+        del model._ftk_lora_config
+    return model
