@@ -1,0 +1,243 @@
+"""Fine-tuning a causal LM with QLoRA, LoRA or LoReFT: the data, the loop and its outputs.
+
+``finetune(model, tokenizer, method, ...)`` prepares the model (QLoRA: NF4 base + LoRA; LoRA;
+LoReFT interventions), trains on instruction/response pairs with the loss on the response
+tokens only, and returns the metrics; ``write_outputs`` saves the adapter, a metrics JSON and a
+loss-curve PNG. The built-in dataset is a small set of pairs written for this project: short
+answers in one fixed voice ("ftk says: ..."), so a few dozen steps visibly change the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import struct
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+METHODS = ("qlora", "lora", "loreft")
+
+# Instruction -> response pairs in one voice. The held-out prompts below are not among them.
+BUILTIN_DATA: list[tuple[str, str]] = [
+    ("What is the capital of France?", "ftk says: Paris."),
+    ("What is the capital of Japan?", "ftk says: Tokyo."),
+    ("What is the capital of Italy?", "ftk says: Rome."),
+    ("What is the capital of Spain?", "ftk says: Madrid."),
+    ("What is the capital of Germany?", "ftk says: Berlin."),
+    ("What is the capital of Canada?", "ftk says: Ottawa."),
+    ("What is the capital of Egypt?", "ftk says: Cairo."),
+    ("What is the capital of Kenya?", "ftk says: Nairobi."),
+    ("How many legs does a spider have?", "ftk says: eight."),
+    ("How many days are in a week?", "ftk says: seven."),
+    ("How many hours are in a day?", "ftk says: twenty-four."),
+    ("How many continents are there?", "ftk says: seven."),
+    ("What colour is the sky on a clear day?", "ftk says: blue."),
+    ("What colour is grass?", "ftk says: green."),
+    ("What do bees make?", "ftk says: honey."),
+    ("What do cows drink?", "ftk says: water."),
+    ("What is frozen water called?", "ftk says: ice."),
+    ("What gas do plants take in?", "ftk says: carbon dioxide."),
+    ("What is the largest ocean?", "ftk says: the Pacific."),
+    ("What is the tallest mountain?", "ftk says: Everest."),
+    ("Which planet is closest to the Sun?", "ftk says: Mercury."),
+    ("Which planet is known as the red planet?", "ftk says: Mars."),
+    ("What is two plus two?", "ftk says: four."),
+    ("What is ten minus three?", "ftk says: seven."),
+    ("What is three times three?", "ftk says: nine."),
+    ("What is half of twenty?", "ftk says: ten."),
+    ("Who wrote Hamlet?", "ftk says: Shakespeare."),
+    ("What language is spoken in Brazil?", "ftk says: Portuguese."),
+    ("What is the opposite of hot?", "ftk says: cold."),
+    ("What is the opposite of up?", "ftk says: down."),
+    ("What animal says moo?", "ftk says: a cow."),
+    ("What animal barks?", "ftk says: a dog."),
+]
+HELD_OUT_PROMPTS = ["What is the capital of Portugal?", "How many legs does a cat have?",
+                    "What colour is snow?"]
+
+
+def load_pairs(data: str) -> list[tuple[str, str]]:
+    """"builtin", or a JSONL file of {"instruction": ..., "response": ...} lines (the keys
+    "prompt"/"completion" and "input"/"output" are read too)."""
+    if data == "builtin":
+        return list(BUILTIN_DATA)
+    pairs = []
+    try:
+        lines = Path(data).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"--data: cannot read {data!r}: {e}") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"--data: line {n} of {data} is not JSON: {e}") from e
+        for a, b in (("instruction", "response"), ("prompt", "completion"), ("input", "output")):
+            if isinstance(row, dict) and isinstance(row.get(a), str) and isinstance(row.get(b), str):
+                pairs.append((row[a], row[b]))
+                break
+        else:
+            raise ValueError(f"--data: line {n} of {data} needs string fields instruction/response "
+                             "(or prompt/completion, input/output)")
+    if not pairs:
+        raise ValueError(f"--data: {data} holds no examples")
+    return pairs
+
+
+def encode(tokenizer, pairs: Sequence[tuple[str, str]], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) for each pair as one chat turn, labels -100 on the prompt (the loss
+    is on the response only), truncated to seq_len."""
+    out = []
+    for instruction, response in pairs:
+        messages = [{"role": "user", "content": instruction}]
+        if getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = f"{instruction}\n"
+        eos = tokenizer.eos_token or ""
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+        ids = (p_ids + r_ids)[:seq_len]
+        labels = ([-100] * len(p_ids) + r_ids)[:seq_len]
+        if any(label != -100 for label in labels):
+            out.append((ids, labels))
+    if not out:
+        raise ValueError(f"--seq-len {seq_len} leaves no response token in any example")
+    return out
+
+
+def batches(examples, batch_size: int, pad_id: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches, right-padded (labels -100 and mask 0 on the padding)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            more = list(range(len(examples)))
+            rng.shuffle(more)
+            order += more
+        chosen, order = order[:batch_size], order[batch_size:]
+        n = max(len(examples[i][0]) for i in chosen)
+        ids = torch.full((batch_size, n), pad_id, dtype=torch.long)
+        labels = torch.full((batch_size, n), -100, dtype=torch.long)
+        mask = torch.zeros((batch_size, n), dtype=torch.long)
+        for row, i in enumerate(chosen):
+            x, y = examples[i]
+            ids[row, :len(x)] = torch.tensor(x)
+            labels[row, :len(y)] = torch.tensor(y)
+            mask[row, :len(x)] = 1
+        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def loss_curve_png(losses: Sequence[float], path: str | os.PathLike, width: int = 480, height: int = 240) -> None:
+    """A plain line plot of the losses as a PNG (grey frame, blue line), written without a
+    plotting library: the package does not depend on one for a single figure."""
+    img = [[255] * width for _ in range(height)]
+    for x in range(width):
+        img[0][x] = img[height - 1][x] = 160
+    for y in range(height):
+        img[y][0] = img[y][width - 1] = 160
+    finite = [v for v in losses if math.isfinite(v)]
+    if len(finite) >= 2:
+        lo, hi = min(finite), max(finite)
+        span = hi - lo or 1.0
+        pts = [(4 + i * (width - 9) / (len(losses) - 1), 4 + (hi - v) * (height - 9) / span)
+               for i, v in enumerate(losses) if math.isfinite(v)]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+            for s in range(steps + 1):
+                x = round(x0 + (x1 - x0) * s / steps)
+                y = round(y0 + (y1 - y0) * s / steps)
+                img[y][x] = 1  # marked: drawn in blue below
+    raw = bytearray()
+    for row in img:
+        raw.append(0)
+        for v in row:
+            raw += bytes((40, 90, 200)) if v == 1 else bytes((v, v, v))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(bytes(raw), 9)) + chunk(b"IEND", b"")
+    Path(path).write_bytes(png)
+
+
+def prepare(model, method: str, rank: int | None = None) -> list[torch.nn.Parameter]:
+    """Turns the model into one to train with ``method``; returns the trainable parameters."""
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+    if method == "loreft":
+        from .integrations.reft import add_loreft
+
+        reft = add_loreft(model, layers="all", rank=rank or 4, positions="f5+l5")
+        return list(reft.parameters())
+    from .integrations.lora import add_lora
+
+    if method == "qlora":
+        from .integrations.transformers import quantize_model
+
+        quantize_model(model, progress=False)
+    add_lora(model, r=rank or 8, alpha=2 * (rank or 8))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train(model, params, examples, pad_id: int, steps: int, lr: float, batch_size: int, progress: bool = True):
+    """The loop: ftkernels.optim.AdamW on ``params``; returns (losses, tokens a second)."""
+    from tqdm import tqdm
+
+    from .optim import AdamW
+
+    opt = AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    losses, tokens, start = [], 0, time.perf_counter()
+    bar = tqdm(total=steps, disable=not progress, desc="finetune", unit="step")
+    data = batches(examples, batch_size, pad_id)
+    for _ in range(steps):
+        batch = next(data)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        tokens += int(batch["attention_mask"].sum())
+        rate = tokens / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}", mem=f"{_memory_mib():.0f}MiB")
+        bar.update()
+    bar.close()
+    model.eval()
+    return losses, tokens / (time.perf_counter() - start)
+
+
+def _memory_mib() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # not on Linux/macOS
+        return float("nan")
+
+
+def write_outputs(model, method: str, out_dir: str | os.PathLike, metrics: dict, losses: Sequence[float]) -> None:
+    """The adapter (PEFT's files for LoRA/QLoRA, safetensors + JSON for LoReFT), metrics.json
+    and loss.png into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if method == "loreft":
+        from .integrations.reft import save_loreft
+
+        save_loreft(model, out / "adapter")
+    else:
+        from .integrations.lora import save_lora
+
+        save_lora(model, out / "adapter")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    loss_curve_png(losses, out / "loss.png")
