@@ -128,3 +128,17 @@ def test_bad_arguments_and_bad_files(tmp_path):
     (tmp_path / "loreft_config.json").write_text('{"embed_dim": 64}')
     with pytest.raises(ValueError, match="must hold exactly"):
         load_loreft(make_tiny_llama(), tmp_path)
+
+
+def test_training_positions_are_the_prompts():
+    # labels -100 mark the prompt: f2+l2 of the prompt, not of prompt + response.
+    model, reft = _model_with_edit()
+    ids = torch.arange(3, 13)[None]  # 10 tokens: a 6-token prompt, a 4-token response
+    labels = ids.clone()
+    labels[0, :6] = -100
+    with torch.no_grad():
+        model(ids, attention_mask=torch.ones_like(ids), labels=labels)
+    assert reft._positions.tolist() == [[0, 1, 4, 5]]
+    with torch.no_grad():
+        model(ids, attention_mask=torch.ones_like(ids), labels=ids)  # no prompt marked: every token
+    assert reft._positions.tolist() == [[0, 1, 8, 9]]

