@@ -120,3 +120,22 @@ def test_bad_arguments_and_files(tmp_path):
     (tmp_path / "adapter_config.json").write_text("not json")
     with pytest.raises(ValueError, match="cannot read"):
         load_lora(make_tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_gradient_checkpointing_gives_the_same_gradients(quantized):
+    ids = torch.arange(48).reshape(4, 12) % 10 + 3
+    grads = []
+    for checkpointing in (False, True):
+        model = make_tiny_llama()
+        if quantized:
+            quantize_model(model, progress=False)
+        add_lora(model, r=4)
+        _randomise_b(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
