@@ -139,3 +139,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(quantized):
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_qwen2_and_the_trainer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.Qwen2ForCausalLM(config)
+    quantize_model(model, double_quant=True, skip=("lm_head",), progress=False)
+    assert len(add_lora(model, r=4)) == 2 * 7
+    ids = torch.arange(64).reshape(8, 8) % 10 + 3
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
+                                          use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and result.global_step == 4 and losses[-1] < losses[0]

@@ -111,6 +111,9 @@ def quantize_model(
     quant_type: str = "nf4",
     skip_modules: Iterable[str] = ("lm_head",),
     progress: bool = True,
+    *,
+    double_quant: bool | None = None,
+    skip: Iterable[str] | None = None,
 ) -> QuantizeStats:
     """Replace, in place, every ``nn.Linear`` of ``model`` by a :class:`LinearNF4`.
 
@@ -118,7 +121,13 @@ def quantize_model(
     suffix, see ``_matches``), the model's ``_keep_in_fp32_modules``, and linear layers whose
     weight is tied to another module's (a tied lm_head shares the embedding's tensor).
     Embeddings, norms and other modules are never touched. Returns a :class:`QuantizeStats`.
+    ``double_quant`` and ``skip`` are the short names of ``compress_statistics`` and
+    ``skip_modules`` (give one name of each pair).
     """
+    if double_quant is not None:
+        compress_statistics = double_quant
+    if skip is not None:
+        skip_modules = skip
     from tqdm.auto import tqdm
 
     from .._ops import need_blocksize, need_quant_type
