@@ -3,7 +3,9 @@ tokens, fp32 on the CPU: ftkernels' QLoRA against Transformers + PEFT + bitsandb
 same settings (NF4 with double quantization, r=8, alpha=16, the attention and MLP projections),
 and ftkernels' LoReFT against the published algorithm run eagerly as pyreft runs it
 (Householder-parametrised R with its d x d base, gather, edit, scatter; rank 4 at f5+l5 of every
-layer). Same run, same model and batch. Peak memory (max RSS of a fresh process doing the same
+layer). ftkernels' steps run as `ftk finetune` runs them, the head and the loss fused
+(integrations/loss.py); the *-hf-loss rows use Transformers' loss instead, to show how much of
+the gain is the fused LoRA layers alone. Same run, same model and batch. Peak memory (max RSS of a fresh process doing the same
 setup and two steps) is recorded with each.
 
 Targets (issue 6):
@@ -15,6 +17,7 @@ Run: pytest benchmarks/bench_finetune.py --benchmark-json=benchmarks/results/fin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import resource
@@ -26,8 +29,11 @@ import torch
 
 BATCH, SEQ, RANK_LORA, ALPHA, RANK_REFT = 4, 256, 8, 16, 4
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IMPLS = ["ftk-qlora", "peft-bnb-qlora", "ftk-loreft", "eager-loreft"]
-COMPARE = {"ftk-qlora": {"peft-bnb": "peft-bnb-qlora"}, "ftk-loreft": {"eager": "eager-loreft"}}
+# ftk-* run the step as `ftk finetune` does, with the head and the loss fused
+# (integrations/loss.py); ftk-*-hf-loss with Transformers' own loss, to show each part's share.
+IMPLS = ["ftk-qlora", "ftk-qlora-hf-loss", "peft-bnb-qlora", "ftk-loreft", "ftk-loreft-hf-loss", "eager-loreft"]
+COMPARE = {"ftk-qlora": {"peft-bnb": "peft-bnb-qlora"}, "ftk-qlora-hf-loss": {"peft-bnb": "peft-bnb-qlora"},
+           "ftk-loreft": {"eager": "eager-loreft"}, "ftk-loreft-hf-loss": {"eager": "eager-loreft"}}
 
 
 def _load():
@@ -97,6 +103,7 @@ def _setup(impl: str, base, copy_model: bool = True):
     from ftkernels.optim import AdamW
 
     model = copy.deepcopy(base) if copy_model else base
+    impl = impl.removesuffix("-hf-loss")
     if impl == "ftk-qlora":
         quantize_model(model, progress=False, skip=("lm_head",))
         add_lora(model, r=RANK_LORA, alpha=ALPHA, target_modules=TARGETS)
@@ -119,8 +126,12 @@ def _batch(vocab: int):
     return {"input_ids": ids, "labels": ids}
 
 
-def _step(model, opt, batch):
-    loss = model(**batch).loss
+def _step(impl, model, opt, batch):
+    from ftkernels.integrations import fused_lm_loss
+
+    fused = impl in ("ftk-qlora", "ftk-loreft")
+    with fused_lm_loss(model) if fused else contextlib.nullcontext():
+        loss = model(**batch).loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -149,8 +160,8 @@ def test_finetune_step(benchmark, base_model, impl):
         benchmark.extra_info["report"] = ["peak_rss_mib"]
     if impl in COMPARE:
         benchmark.extra_info["compare"] = {k: f"test_finetune_step[{v}]" for k, v in COMPARE[impl].items()}
-    _step(model, opt, batch)  # warm-up outside the timing (first-call allocations)
-    benchmark.pedantic(lambda: _step(model, opt, batch), rounds=3, warmup_rounds=0)
+    _step(impl, model, opt, batch)  # warm-up outside the timing (first-call allocations)
+    benchmark.pedantic(lambda: _step(impl, model, opt, batch), rounds=3, warmup_rounds=0)
 
 
 if __name__ == "__main__":  # peak memory of one implementation, in a process of its own
@@ -158,5 +169,5 @@ if __name__ == "__main__":  # peak memory of one implementation, in a process of
     model, opt = _setup(impl, _load(), copy_model=False)
     batch = _batch(model.config.vocab_size)
     for _ in range(2):
-        _step(model, opt, batch)
+        _step(impl, model, opt, batch)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -192,6 +192,7 @@ def train(model, params, examples, pad_id: int, steps: int, lr: float, batch_siz
     """The loop: ftkernels.optim.AdamW on ``params``; returns (losses, tokens a second)."""
     from tqdm import tqdm
 
+    from .integrations.loss import fused_lm_loss
     from .optim import AdamW
 
     opt = AdamW(params, lr=lr, weight_decay=0.0)
@@ -201,7 +202,8 @@ def train(model, params, examples, pad_id: int, steps: int, lr: float, batch_siz
     data = batches(examples, batch_size, pad_id)
     for _ in range(steps):
         batch = next(data)
-        loss = model(**batch).loss
+        with fused_lm_loss(model):  # the head and the loss fused: no (tokens x vocab) logits
+            loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

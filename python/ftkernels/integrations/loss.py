@@ -1,0 +1,181 @@
+"""The causal-LM training loss without the logits: the output projection and the cross-entropy
+fused, a chunk of rows at a time.
+
+Transformers computes the loss from full logits: batch 4 x 256 tokens of SmolLM2 (vocabulary
+49152) makes a 192 MiB fp32 logits tensor, a 192 MiB log-softmax and a 192 MiB gradient, and
+log_softmax alone took ~0.28 s each way on the CPU, with each fresh tensor paying ~55 ms of
+page faults. Here each chunk's logits (48 MiB on the CPU) turn
+into their softmax gradient in place, and the gradient for the hidden states (and, if they
+train, the head's weight and bias) is accumulated in the forward: the backward only scales it.
+One QLoRA step of SmolLM2-135M got ~15% faster (benchmarks/bench_finetune.py); the loss and
+the gradients are those of ``ForCausalLMLoss`` up to fp32 rounding (tests/test_lm_loss.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows per chunk: this many bytes of fp32 logits. On the CPU 48 MiB (256 rows at 49152): in one
+# QLoRA step of SmolLM2, 85- and 512-row chunks were 4-6% slower, the head's GEMM losing to
+# small chunks and the cache to large ones. A GPU wants fewer, larger GEMMs.
+_CHUNK_BYTES = {"cpu": 48 << 20}
+_CHUNK_BYTES_GPU = 512 << 20
+
+# Config attributes that change the logits after the head: with any of them set, the fused
+# loss would be wrong, so fused_lm_loss leaves such models alone.
+_LOGIT_CHANGERS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over valid rows of cross_entropy(h·Wᵀ + b, labels) / divisor, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, ignore_index: int, divisor, chunk: int, want_grad: bool):
+        need_h, need_w, need_b = (want_grad and n for n in ctx.needs_input_grad[:3])
+        dh = torch.zeros_like(h) if need_h else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        db = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for m0 in range(0, h.shape[0], chunk):
+            hc, lc = h[m0:m0 + chunk], labels[m0:m0 + chunk]
+            logits = F.linear(hc, weight, bias).float()  # in the model's dtype, then fp32, as Transformers
+            valid = lc != ignore_index
+            target = torch.where(valid, lc, 0)
+            lse = torch.logsumexp(logits, 1)
+            total += torch.where(valid, lse - logits.gather(1, target[:, None])[:, 0], 0.0).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(len(lc), device=lc.device), target] -= 1.0
+            grad.mul_(valid[:, None])
+            g = grad.to(weight.dtype)
+            if need_h:
+                torch.mm(g, weight, out=dh[m0:m0 + chunk])
+            if need_w:
+                dw.addmm_(g.T.float(), hc.float())
+            if need_b:
+                db += grad.sum(0)
+        ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (dh, dw, db)), divisor)
+        ctx.needs = (need_h, need_w, need_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw, db, divisor = ctx.saved_tensors
+        scale = grad / divisor
+        need_h, need_w, need_b = ctx.needs
+        return (dh * scale.to(dh.dtype) if need_h else None,
+                (dw * scale).to(ctx.dtypes[0]) if need_w else None,
+                (db * scale).to(ctx.dtypes[1]) if need_b else None,
+                None, None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         labels: torch.Tensor, ignore_index: int = -100,
+                         num_items_in_batch: int | torch.Tensor | None = None,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """cross_entropy(hidden·weightᵀ + bias, labels) without the (rows x vocab) logits: the mean
+    over labels != ignore_index, or their sum / num_items_in_batch when that is given (as
+    Transformers' loss; all labels ignored gives nan, as torch's mean). hidden is (..., d) and
+    labels (...) of the same leading shape, already aligned (no shift here)."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (vocab, {hidden.shape[-1]}), got "
+                         f"{list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    vocab = weight.shape[0]
+    if bias is not None and (not isinstance(bias, torch.Tensor) or list(bias.shape) != [vocab]):
+        raise ValueError(f"bias must be ({vocab},) or None")
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError("labels must be an int64 or int32 tensor")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {list(hidden.shape[:-1])} (hidden without its last "
+                         f"dimension), got {list(labels.shape)}")
+    if labels.device != hidden.device or weight.device != hidden.device:
+        raise ValueError(f"hidden, weight and labels must be on one device, got {hidden.device}, "
+                         f"{weight.device} and {labels.device}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                   or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    flat = labels.reshape(-1).long()
+    valid = flat != ignore_index
+    bad = valid & ((flat < 0) | (flat >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, "
+                         f"got {int(flat[bad][0])}")
+    if num_items_in_batch is None:
+        divisor = valid.sum().float()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=h.device)
+    if chunk_rows is None:
+        budget = _CHUNK_BYTES.get(h.device.type, _CHUNK_BYTES_GPU)
+        chunk_rows = max(1, budget // (4 * vocab))
+    return _LinearCrossEntropy.apply(h, weight, bias, flat, ignore_index, divisor, chunk_rows,
+                                     torch.is_grad_enabled())
+
+
+class _Hidden(nn.Module):
+    """Stands in for the output head inside fused_lm_loss: passes the hidden states on."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def _head_name(model: nn.Module) -> str | None:
+    """The attribute of model holding its output head, when fused_lm_loss can stand in for it."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not nn.Linear:  # a quantized or adapted head keeps its own forward
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_CHANGERS):
+        return None
+    return next((name for name, child in model.named_children() if child is head), None)
+
+
+def supports_fused_lm_loss(model: nn.Module) -> bool:
+    """Whether fused_lm_loss changes how model computes its loss (a Transformers causal LM with
+    a plain nn.Linear head whose logits go straight into the loss)."""
+    return _head_name(model) is not None and hasattr(type(model), "loss_function")
+
+
+@contextlib.contextmanager
+def fused_lm_loss(model: nn.Module, chunk_rows: int | None = None) -> Iterator[bool]:
+    """Inside the block, ``model(input_ids, labels=...)`` computes the loss with
+    ``linear_cross_entropy``: the head and the loss fused, no logits made. Its ``logits`` output
+    is then the final hidden states (batch, seq, hidden), not the logits: use the block for
+    training steps. Yields whether the model was changed; a model this cannot serve (see
+    ``supports_fused_lm_loss``) runs as usual. Hooks, LoRA and LoReFT layers and gradient
+    checkpointing are unaffected; the head is put back on exit."""
+    name = _head_name(model) if supports_fused_lm_loss(model) else None
+    if name is None:
+        yield False
+        return
+    head = getattr(model, name)
+    had_own = "_loss_function" in model.__dict__
+    own = model.__dict__.get("_loss_function")
+
+    def loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+             **kwargs):
+        if shift_labels is None:  # tokens < n predict n, as ForCausalLMLoss
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        return linear_cross_entropy(logits, head.weight, head.bias, shift_labels.to(logits.device), ignore_index,
+                                    num_items_in_batch, chunk_rows)
+
+    setattr(model, name, _Hidden())
+    model.loss_function = loss
+    try:
+        yield True
+    finally:
+        setattr(model, name, head)
+        if had_own:
+            model.loss_function = own
+        else:
+            del model._loss_function
