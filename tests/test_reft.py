@@ -87,6 +87,26 @@ def test_batched_generation_with_left_padding_matches_each_prompt_alone():
             assert out[i, ids.shape[1]:].tolist() == alone[0, len(p):].tolist()
 
 
+def test_batched_generation_with_right_padding_edits_each_prompts_own_tokens():
+    # Right padding is unusual for generation (new tokens follow the pads), but the prefill must
+    # still edit each prompt's own first and last tokens, and the unpadded row is unaffected.
+    model, reft = _model_with_edit()
+    prompts = [[5, 9, 13, 17, 21, 25, 29], [7, 11, 3]]
+    ids, mask = _pad(prompts, "right")
+    seen = []
+    original = reft._edit
+    reft._edit = lambda i, out: seen.append(reft._positions) or original(i, out)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    reft._edit = original
+    edited = [set(row) - {-1} for row in seen[0].tolist()]
+    assert edited == [{0, 1, 5, 6}, {0, 1, 2}]
+    with torch.no_grad():
+        alone = model.generate(torch.tensor([prompts[0]]), attention_mask=torch.ones(1, 7, dtype=torch.long),
+                               max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out[0, 7:].tolist() == alone[0, 7:].tolist()
+
+
 def test_only_the_prompt_is_edited_during_generation():
     # Decode steps (one new token over the cache) pass through: generating with the edit equals
     # running the edited prompt once and continuing without edits on later tokens.
