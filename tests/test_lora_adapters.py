@@ -117,6 +117,13 @@ def test_bad_arguments_and_files(tmp_path):
     (tmp_path / "adapter_config.json").write_text(cfg)
     with pytest.raises(ValueError, match="has shape"):
         load_lora(other, tmp_path)
+    assert not lora_modules(other) and all(p.requires_grad for p in other.parameters()), "a failed load changes nothing"
+    with pytest.raises(ValueError, match="r must be"):
+        add_lora(other, r=0)
+    assert not lora_modules(other) and all(p.requires_grad for p in other.parameters())
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_lora(other, tmp_path)
     (tmp_path / "adapter_config.json").write_text("not json")
     with pytest.raises(ValueError, match="cannot read"):
         load_lora(make_tiny_llama(), tmp_path)

@@ -220,6 +220,19 @@ def train(model, params, examples, pad_id: int, steps: int, lr: float, batch_siz
 def _memory_mib() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mib()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB. On Linux VmHWM: getrusage's ru_maxrss keeps
+    the peak of whatever ran before exec, so a subprocess of a 5 GiB parent reports >= 5 GiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
 

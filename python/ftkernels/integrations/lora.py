@@ -22,7 +22,7 @@ from torch import nn
 
 from ..nn.linear_nf4 import LinearNF4
 from ..nn.lora_linear import LoRALinear
-from ..nn.lora_linear_4bit import LoRALinear4bit
+from ..nn.lora_linear_4bit import LoRALinear4bit, _check_hparams
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,9 +79,10 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     """
     if lora_modules(model):
         raise ValueError("the model already has LoRA layers")
+    _check_hparams(r, alpha, dropout, use_rslora, torch.float32)
+    names = _targets(model, target_modules)  # both checked before the model changes
     for p in model.parameters():
         p.requires_grad_(False)
-    names = _targets(model, target_modules)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -136,34 +137,49 @@ def _read_config(src: Path) -> dict:
     return config
 
 
+def _in_out(m: nn.Module) -> tuple[int, int]:
+    if _is_conv1d(m):
+        return tuple(m.weight.shape)
+    return m.in_features, m.out_features
+
+
 def load_lora(model: nn.Module, in_dir: str | os.PathLike) -> list[str]:
     """Adds LoRA layers as a PEFT adapter directory describes them and loads their weights
-    (safetensors only; every key and shape checked). Returns the wrapped layers' names."""
+    (safetensors only). Every key and shape is checked against the model before it changes.
+    Returns the wrapped layers' names."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     src = Path(in_dir)
     config = _read_config(src)
-    targets = config["target_modules"]
-    names = add_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                     targets if not isinstance(targets, str) else targets, config.get("use_rslora", False))
-    state = load_file(str(src / WEIGHTS_NAME), device="cpu")
-    layers = lora_modules(model)
-    want = {}
-    for name, m in layers.items():
-        want[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
-        want[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
+    r = config["r"]
+    try:
+        state = load_file(str(src / WEIGHTS_NAME), device="cpu")
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"cannot read {src / WEIGHTS_NAME}: {e}") from e
     # PEFT writes the adapter name into keys only for non-default names; accept ".default" too.
     state = {k.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight",
                                                                                ".lora_B.weight"): v
              for k, v in state.items()}
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA layers")
+    want = {}
+    for name in _targets(model, config["target_modules"]):
+        k_in, n_out = _in_out(model.get_submodule(name))
+        want[f"{PREFIX}{name}.lora_A.weight"] = (r, k_in)
+        want[f"{PREFIX}{name}.lora_B.weight"] = (n_out, r)
     if set(state) != set(want):
         missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
         raise ValueError(f"{WEIGHTS_NAME} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, v in state.items():
+        if tuple(v.shape) != want[k]:
+            raise ValueError(f"{WEIGHTS_NAME}: {k} has shape {list(v.shape)}, expected {list(want[k])}")
+    names = add_lora(model, r, config["lora_alpha"], config.get("lora_dropout", 0.0), config["target_modules"],
+                     config.get("use_rslora", False))
     with torch.no_grad():
-        for k, v in state.items():
-            if v.shape != want[k].shape:
-                raise ValueError(f"{WEIGHTS_NAME}: {k} has shape {list(v.shape)}, expected {list(want[k].shape)}")
-            want[k].copy_(v)
+        for name, m in lora_modules(model).items():
+            m.lora_A.weight.copy_(state[f"{PREFIX}{name}.lora_A.weight"])
+            m.lora_B.weight.copy_(state[f"{PREFIX}{name}.lora_B.weight"])
     return names
 
 
