@@ -5,8 +5,10 @@ and ftkernels' LoReFT against the published algorithm run eagerly as pyreft runs
 (Householder-parametrised R with its d x d base, gather, edit, scatter; rank 4 at f5+l5 of every
 layer). ftkernels' steps run as `ftk finetune` runs them, the head and the loss fused
 (integrations/loss.py); the *-hf-loss rows use Transformers' loss instead, to show how much of
-the gain is the fused LoRA layers alone. Same run, same model and batch. Peak memory (max RSS of a fresh process doing the same
-setup and two steps) is recorded with each.
+the gain is the fused LoRA layers alone. Same run, same model and batch. Peak memory (VmHWM of
+a fresh process doing the same setup and two steps) is recorded with each. The machines are
+shared, so test_finetune_interleaved also runs the steps round-robin and reports the ratios of
+their medians, which drift between the per-implementation tests cannot skew.
 
 Targets (issue 6):
   CPU: QLoRA step at least 1.1x faster than PEFT+bitsandbytes (speedup_vs_peft-bnb >= 1.1) with
@@ -20,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import resource
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -145,12 +148,26 @@ def base_model():
     return _load()
 
 
+@pytest.fixture(scope="module")
+def prepared(base_model):
+    """impl -> (model, optimizer), each set up once and warmed up by one step (first-call
+    allocations), shared by the per-implementation tests and the interleaved one."""
+    cache = {}
+
+    def get(impl):
+        if impl == "peft-bnb-qlora" and (importlib.util.find_spec("peft") is None
+                                         or importlib.util.find_spec("bitsandbytes") is None):
+            pytest.skip("peft or bitsandbytes is not installed")
+        if impl not in cache:
+            cache[impl] = _setup(impl, base_model)
+            _step(impl, *cache[impl], _batch(base_model.config.vocab_size))
+        return cache[impl]
+    return get
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-def test_finetune_step(benchmark, base_model, impl):
-    if impl == "peft-bnb-qlora" and (importlib.util.find_spec("peft") is None
-                                     or importlib.util.find_spec("bitsandbytes") is None):
-        pytest.skip("peft or bitsandbytes is not installed")
-    model, opt = _setup(impl, base_model)
+def test_finetune_step(benchmark, base_model, prepared, impl):
+    model, opt = prepared(impl)
     batch = _batch(base_model.config.vocab_size)
     benchmark.group = "finetune-cpu"
     benchmark.extra_info["tokens"] = BATCH * SEQ
@@ -160,14 +177,40 @@ def test_finetune_step(benchmark, base_model, impl):
         benchmark.extra_info["report"] = ["peak_rss_mib"]
     if impl in COMPARE:
         benchmark.extra_info["compare"] = {k: f"test_finetune_step[{v}]" for k, v in COMPARE[impl].items()}
-    _step(impl, model, opt, batch)  # warm-up outside the timing (first-call allocations)
     benchmark.pedantic(lambda: _step(impl, model, opt, batch), rounds=3, warmup_rounds=0)
 
 
+def test_finetune_interleaved(benchmark, base_model, prepared):
+    """The same steps round-robin, one of each implementation a round, so that a shared
+    machine's drift over the minutes between the tests above cancels out of the ratios."""
+    steps = {impl: prepared(impl) for impl in IMPLS}
+    batch = _batch(base_model.config.vocab_size)
+    times = {impl: [] for impl in IMPLS}
+
+    def rounds():
+        for _ in range(3):
+            for impl, (model, opt) in steps.items():
+                start = time.perf_counter()
+                _step(impl, model, opt, batch)
+                times[impl].append(time.perf_counter() - start)
+
+    benchmark.group = "finetune-cpu-interleaved"
+    benchmark.pedantic(rounds, rounds=1, warmup_rounds=0)
+    median = {impl: statistics.median(t) for impl, t in times.items()}
+    info = {f"{impl}_median_s": median[impl] for impl in IMPLS}
+    for impl, pairs in COMPARE.items():
+        for label, other in pairs.items():
+            info[f"{impl}_speedup_vs_{label}"] = median[other] / median[impl]
+    benchmark.extra_info.update(info)
+    benchmark.extra_info["report"] = sorted(info)
+
+
 if __name__ == "__main__":  # peak memory of one implementation, in a process of its own
+    from ftkernels.finetune import peak_rss_mib
+
     impl = sys.argv[1]
     model, opt = _setup(impl, _load(), copy_model=False)
     batch = _batch(model.config.vocab_size)
     for _ in range(2):
         _step(impl, model, opt, batch)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mib())
