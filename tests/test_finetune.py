@@ -35,6 +35,16 @@ def test_load_pairs(tmp_path):
         ft.load_pairs(str(f))
 
 
+def test_held_out_prompts_are_not_trained_on():
+    prompts, train, held = ft.held_out_prompts("builtin", ft.BUILTIN_DATA)
+    assert held and train == ft.BUILTIN_DATA and not set(prompts) & {p for p, _ in train}
+    pairs = [(f"q{i}", f"a{i}") for i in range(12)]
+    prompts, train, held = ft.held_out_prompts("file.jsonl", pairs)
+    assert held and prompts == ["q10", "q11"] and train == pairs[:10]
+    prompts, train, held = ft.held_out_prompts("file.jsonl", pairs[:4])
+    assert not held and prompts == ["q0", "q1", "q2"] and train == pairs[:4]
+
+
 def test_encode_masks_the_prompt_and_batches_pad():
     ex = ft.encode(CharTokenizer(), [("hi", "yo"), ("abc", "d")], seq_len=64)
     ids, labels = ex[0]

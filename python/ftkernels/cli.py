@@ -169,7 +169,7 @@ def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     t0 = time.perf_counter()
     print(f"loading {gguf_file or folder} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_causal_lm(folder, gguf_file)
-    prompts = ft.HELD_OUT_PROMPTS if args.data == "builtin" else [p for p, _ in pairs[-3:]]
+    prompts, pairs, held_out = ft.held_out_prompts(args.data, pairs)
     before = [greedy_answer(model, tokenizer, p, args.max_new_tokens) for p in prompts]
     params = ft.prepare(model, args.method)
     examples = ft.encode(tokenizer, pairs, args.seq_len)
@@ -180,12 +180,14 @@ def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                "lr": lr, "batch_size": args.batch_size, "seq_len": args.seq_len, "losses": losses,
                "tokens_per_second": rate, "trainable_parameters": sum(p.numel() for p in params),
                "seconds": time.perf_counter() - t0,
-               "answers": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]}
+               "answers": [{"prompt": p, "held_out": held_out, "before": b, "after": a}
+                           for p, b, a in zip(prompts, before, after)]}
     ft.write_outputs(model, args.method, args.out, metrics, losses)
     print(f"method:   {args.method}, {metrics['trainable_parameters']:,} trainable parameters, lr {lr:g}")
     print(f"loss:     {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps ({rate:.0f} tokens/s)")
     for p, b, a in zip(prompts, before, after):
-        print(f"prompt:   {p}\n  before: {b}\n  after:  {a}")
+        print(f"prompt:   {p}{'' if held_out else '  (a training example: too few to hold any out)'}"
+              f"\n  before: {b}\n  after:  {a}")
     print(f"written:  {args.out}/adapter, {args.out}/metrics.json, {args.out}/loss.png "
           f"({metrics['seconds']:.0f} s in all)")
     return 0

@@ -1,9 +1,9 @@
 """Fine-tuning a causal LM with QLoRA, LoRA or LoReFT: the data, the loop and its outputs.
 
-``finetune(model, tokenizer, method, ...)`` prepares the model (QLoRA: NF4 base + LoRA; LoRA;
-LoReFT interventions), trains on instruction/response pairs with the loss on the response
-tokens only, and returns the metrics; ``write_outputs`` saves the adapter, a metrics JSON and a
-loss-curve PNG. The built-in dataset is a small set of pairs written for this project: short
+``prepare(model, method)`` readies the model (QLoRA: NF4 base + LoRA; LoRA; LoReFT
+interventions), ``train`` trains it on instruction/response pairs (``load_pairs``, ``encode``,
+``batches``) with the loss on the response tokens only, and ``write_outputs`` saves the
+adapter, a metrics JSON and a loss-curve PNG; ``ftk finetune`` (cli.py) strings them together. The built-in dataset is a small set of pairs written for this project: short
 answers in one fixed voice ("ftk says: ..."), so a few dozen steps visibly change the answers.
 """
 
@@ -89,6 +89,18 @@ def load_pairs(data: str) -> list[tuple[str, str]]:
     if not pairs:
         raise ValueError(f"--data: {data} holds no examples")
     return pairs
+
+
+def held_out_prompts(data: str, pairs: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]], bool]:
+    """(prompts to answer before and after, the pairs to train on, whether those prompts are held
+    out). The built-in set has its own held-out prompts; a file gives up its last pairs, one in
+    five up to three, and one of fewer than five pairs shows its first training prompts instead."""
+    if data == "builtin":
+        return list(HELD_OUT_PROMPTS), pairs, True
+    k = min(3, len(pairs) // 5)
+    if k == 0:
+        return [p for p, _ in pairs[:3]], pairs, False
+    return [p for p, _ in pairs[-k:]], pairs[:-k], True
 
 
 def encode(tokenizer, pairs: Sequence[tuple[str, str]], seq_len: int) -> list[tuple[list[int], list[int]]]:
