@@ -26,7 +26,8 @@ def main(method: str) -> None:
         add_lora(model, r=4)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
-    g = torch.Generator().manual_seed(rank)  # each rank its own data
+    start = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]).clone()
+    g = torch.Generator().manual_seed(rank)  # each rank its own data: in sync only if DDP averages
     for _ in range(5):
         ids = torch.randint(3, 100, (2, 10), generator=g)
         loss = ddp(ids, labels=ids).loss
@@ -38,6 +39,7 @@ def main(method: str) -> None:
     dist.all_gather(gathered, flat)
     if rank == 0:
         print("IN_SYNC" if all(torch.equal(gathered[0], t) for t in gathered) else "OUT_OF_SYNC", flush=True)
+        print("TRAINED" if not torch.equal(flat, start) else "UNCHANGED", flush=True)
     dist.destroy_process_group()
 
 

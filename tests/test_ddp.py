@@ -27,4 +27,4 @@ def test_two_ranks_stay_in_sync(method):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "IN_SYNC" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "IN_SYNC" in done.stdout and "TRAINED" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
