@@ -336,22 +336,3 @@ def test_cuda_decode_and_tiled_paths_agree():
         case = Case((m, 1000, 515), dtype, r=16, device="cuda")
         assert_close_to_oracle(case, case.run(0.1, backend="cuda"), 0.1, what=f"m={m}")
 
-
-@pytest.mark.parametrize("tile_bytes", [8 << 20, 4096], ids=["one-tile", "many-tiles"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-def test_cpu_merged_and_two_term_paths_agree(monkeypatch, tile_bytes, dtype):
-    # Without dropout and with rows enough, the CPU runs one product over W + s·B·A; with
-    # dropout, or few rows, the two-term product. Both, over one and many weight tiles.
-    from ftkernels.backends import cpu
-
-    monkeypatch.setattr(cpu, "_TILE_BYTES", tile_bytes)
-    for m, p in ((200, 0.0), (200, 0.1), (2, 0.0)):
-        case = Case((m, 70, 96), dtype, r=5)
-        assert_close_to_oracle(case, case.run(p, backend="cpu"), p, what=f"m={m} p={p}")
-        if p == 0.0:
-            calls = []
-            real = cpu._lora_merged
-            monkeypatch.setattr(cpu, "_lora_merged", lambda *a: calls.append(real(*a)) or calls[-1])
-            case.run(p, backend="cpu")
-            monkeypatch.setattr(cpu, "_lora_merged", real)
-            assert (calls[0] is not None) == (m == 200), "the merged product runs for many rows only"

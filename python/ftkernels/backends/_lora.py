@@ -5,9 +5,6 @@ Each native backend (cpu, cuda, triton) supplies
       seed is None), and
   ``matmul(mode, X, w, bias, L, R, scaling, p, seed) -> out``: the big product with its
       rank-r epilogue, ``_native.LORA_FORWARD`` or ``_native.LORA_GRAD_INPUT``;
-and optionally
-  ``merged(mode, X, w, bias, lora_A, lora_B, scaling) -> out | None``: the big product over
-      W + s·B·A when there is no dropout to keep the two terms apart (None: not worth it);
 and this module does the rest the same way for all of them: the rank-r GEMMs (drop(x)·Aᵀ,
 dy·B, dA, dB; ~1% of the FLOPs at r=16, K=N=4096) go to torch's matmul.
 """
@@ -36,36 +33,25 @@ def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b.to(a.dtype)).float()
 
 
-def _no_merge(*args):
-    return None
-
-
-def forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, *, dropout: Callable, matmul: Callable,
-            merged: Callable = _no_merge):
+def forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, *, dropout: Callable, matmul: Callable):
     n, k = w.shape
     x2 = x.reshape(-1, k)
-    y = merged(_native.LORA_FORWARD, x2, w, bias, lora_A, lora_B, scaling) if seed is None else None
-    if y is None:
-        xd = dropout(x2, dropout_p, seed) if seed is not None else x2
-        xa = mm32(xd, lora_A.T)  # (M, r) fp32, the epilogue's L
-        y = matmul(_native.LORA_FORWARD, x2, w, bias, xa, lora_B, scaling, 0.0, None)
+    xd = dropout(x2, dropout_p, seed) if seed is not None else x2
+    xa = mm32(xd, lora_A.T)  # (M, r) fp32, the epilogue's L
+    y = matmul(_native.LORA_FORWARD, x2, w, bias, xa, lora_B, scaling, 0.0, None)
     return y.view(*x.shape[:-1], n)
 
 
 def backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora, *,
-             dropout: Callable, matmul: Callable, merged: Callable = _no_merge):
+             dropout: Callable, matmul: Callable):
     from .._ops import lora_linear_4bit_backward_outputs
 
     n, k = w.shape
     dy = grad_out.reshape(-1, n)
+    g = mm32(dy, lora_B)  # (M, r) fp32: the gradient at the LoRA bottleneck
     dx, dA, dB = lora_linear_4bit_backward_outputs(x, lora_A, lora_B, False, False)
-    g = mm32(dy, lora_B) if need_lora else None  # (M, r) fp32: the gradient at the LoRA bottleneck
     if need_x:
-        dx = merged(_native.LORA_GRAD_INPUT, dy, w, None, lora_A, lora_B, scaling) if seed is None else None
-        if dx is None:
-            g = mm32(dy, lora_B) if g is None else g
-            dx = matmul(_native.LORA_GRAD_INPUT, dy, w, None, g, lora_A, scaling, dropout_p, seed)
-        dx = dx.view(x.shape)
+        dx = matmul(_native.LORA_GRAD_INPUT, dy, w, None, g, lora_A, scaling, dropout_p, seed).view(x.shape)
     if need_lora:
         x2 = x.reshape(-1, k)
         xd = dropout(x2, dropout_p, seed) if seed is not None else x2

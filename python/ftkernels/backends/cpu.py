@@ -93,17 +93,6 @@ def _lora_dropout(t: torch.Tensor, p: float, seed, out: torch.Tensor | None = No
     return out
 
 
-def _tiled_product(mode, X, tiles, n: int, out: torch.Tensor) -> torch.Tensor:
-    """Accumulate X·Tᵀ (forward: tiles are output columns) or X·T (grad-input: tiles are
-    slices of X's columns) over the tiles into out."""
-    for n0, tile in tiles:
-        if mode == _native.LORA_FORWARD:
-            out[:, n0:n0 + tile.shape[0]].addmm_(X, tile.T)
-        else:
-            out.addmm_(X[:, n0:n0 + tile.shape[0]], tile)
-    return out
-
-
 def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     """The big product and its rank-r epilogue in fp32 (X is fp32: the kernels below widen it).
     The epilogue's s·L·Rᵀ (or s·drop'(L·R)) starts out, and every tile's GEMM accumulates into it."""
@@ -111,35 +100,15 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     if mode == _native.LORA_FORWARD:
         out = torch.addmm(bias.float(), L, R32.T, alpha=scaling) if bias is not None else torch.mm(L, R32.T).mul_(
             scaling)
+        for n0, tile in _weight_tiles(w):
+            out[:, n0:n0 + tile.shape[0]].addmm_(X, tile.T)
     else:
         out = torch.mm(L, R32).mul_(scaling)
         if seed is not None:
             _lora_dropout(out, p, seed, out=out)
-    return _tiled_product(mode, X, _weight_tiles(w), w.shape[0], out)
-
-
-def _lora_merged(mode, X, w, bias, lora_A, lora_B, scaling):
-    """Without dropout the op is one product over W + s·B·A: each dequantized tile gets its
-    rows of s·B·A added in place (N·K·r multiply-adds, in cache) and no M x r bottleneck or
-    M-row epilogue pass is made. Worth it when that merge costs less than the rank-r products
-    it replaces, M·(N+K)·r; so not for a few rows (generation). SmolLM2-135M's projections at
-    1024 rows: one fused step 8-25% faster than the two-term path (bench_lora.py)."""
-    n, k = w.shape
-    m = X.shape[0]
-    if m * (n + k) < n * k:
-        return None
-    A32, B32 = lora_A.float(), lora_B.float()
-    tiles = ((n0, tile.addmm_(B32[n0:n0 + tile.shape[0]], A32, alpha=scaling)) for n0, tile in _weight_tiles(w))
-    if _tile_rows(n, k) == n:  # one tile: its product is the output, no zero fill to accumulate into
-        ((_, tile),) = tiles
-        if mode == _native.LORA_GRAD_INPUT:
-            return X @ tile
-        return torch.addmm(bias.float(), X, tile.T) if bias is not None else X @ tile.T
-    if mode == _native.LORA_FORWARD:
-        out = bias.float().expand(m, n).clone() if bias is not None else X.new_zeros(m, n)
-    else:
-        out = X.new_zeros(m, k)
-    return _tiled_product(mode, X, tiles, n, out)
+        for n0, tile in _weight_tiles(w):
+            out.addmm_(X[:, n0:n0 + tile.shape[0]], tile)
+    return out
 
 
 def _need_native_dtypes(*named) -> None:
@@ -155,14 +124,14 @@ def _need_native_dtypes(*named) -> None:
 def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
     _need_native_dtypes(("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias))
     return _lora.forward(x.float(), w, lora_A, lora_B, scaling, bias, dropout_p, seed,
-                         dropout=_lora_dropout, matmul=_lora_matmul, merged=_lora_merged).to(x.dtype)
+                         dropout=_lora_dropout, matmul=_lora_matmul).to(x.dtype)
 
 
 @register_kernel("lora_linear_4bit_backward", "cpu")
 def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
     _need_native_dtypes(("grad_out", grad_out), ("x", x), ("lora_A", lora_A), ("lora_B", lora_B))
     dx, dA, dB = _lora.backward(grad_out.float(), x.float(), w, lora_A, lora_B, scaling, dropout_p, seed, need_x,
-                                need_lora, dropout=_lora_dropout, matmul=_lora_matmul, merged=_lora_merged)
+                                need_lora, dropout=_lora_dropout, matmul=_lora_matmul)
     return dx.to(x.dtype), dA, dB
 
 
