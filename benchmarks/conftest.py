@@ -5,6 +5,7 @@ dense matmuls measured in the same run), printed and saved under benchmarks/resu
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 from pathlib import Path
@@ -14,6 +15,9 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 HAS_CUDA = torch.cuda.is_available()
+# `ftk bench --quick` (FTK_BENCH_QUICK=1): small shapes and two rounds, to check that every suite
+# and the report run end to end in a minute or two; its figures are not the measurements.
+QUICK = os.environ.get("FTK_BENCH_QUICK") == "1"
 
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"))]
@@ -42,6 +46,8 @@ class Timer:
         self._scratch.add_(1)  # read and write: evicts both clean and dirty lines
 
     def __call__(self, fn, *, bytes_moved: int = 0, flops: int = 0, rounds: int = 20, warmup_rounds: int = 1):
+        if QUICK:
+            rounds, warmup_rounds = min(rounds, 2), 0
         info = self.benchmark.extra_info
         info["bytes_moved"] = int(bytes_moved)
         info["flops"] = int(flops)
