@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("FTK_BENCH_RESULTS") or Path(__file__).parent / "results")
 HAS_CUDA = torch.cuda.is_available()
 # `ftk bench --quick` (FTK_BENCH_QUICK=1): small shapes and two rounds, to check that every suite
 # and the report run end to end in a minute or two; its figures are not the measurements.
@@ -77,44 +77,23 @@ def timer(benchmark, request):
     return Timer(benchmark, device)
 
 
-def _seconds(bench) -> float:
-    info = bench.extra_info
-    return info["device_ms"] / 1e3 if "device_ms" in info else bench.stats.median
-
-
 def pytest_terminal_summary(terminalreporter, config):
+    from ftkernels.bench import summarize
+
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    by_name = {b.name: b for b in session.benchmarks}
-    rows, summary = [], {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                         "cuda": torch.cuda.get_device_name(0) if HAS_CUDA else None, "results": {}}
-    for name, bench in sorted(by_name.items()):
-        t = _seconds(bench)
-        gbps = bench.extra_info.get("bytes_moved", 0) / t / 1e9
-        entry = {"median_ms": t * 1e3, "GB/s": gbps}
-        if bench.extra_info.get("flops"):
-            entry["TFLOP/s"] = bench.extra_info["flops"] / t / 1e12
-        # "compare": {label: other benchmark's name} gives speedup_vs_<label> = its time / ours
-        compare = dict(bench.extra_info.get("compare", {}))
-        if "baseline" in bench.extra_info:
-            compare[bench.extra_info["baseline_label"]] = bench.extra_info["baseline"]
-        for label, other in compare.items():
-            if other in by_name:
-                entry["speedup_vs_" + label] = _seconds(by_name[other]) / t
-        for key in bench.extra_info.get("report", ()):  # figures a benchmark asks to carry over
-            entry[key] = bench.extra_info[key]
-        ceiling = by_name.get(bench.extra_info.get("ceiling", ""))
-        if ceiling is not None:
-            copy_gbps = ceiling.extra_info["bytes_moved"] / _seconds(ceiling) / 1e9
-            entry["fraction_of_copy_bandwidth"] = gbps / copy_gbps
-        summary["results"][name] = entry
-        rows.append((name, entry))
+    records = [{"name": b.name, "group": b.group, "extra_info": b.extra_info,
+                "stats": {"median": b.stats.median, "iqr": b.stats.iqr}} for b in session.benchmarks]
+    summary = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "cuda": torch.cuda.get_device_name(0) if HAS_CUDA else None, "results": summarize(records)}
+    rows = list(summary["results"].items())
     terminalreporter.write_sep("-", "ftkernels: ratios measured in this run")
     for name, entry in rows:
-        extras = "  ".join(f"{k}={v:.3g}" for k, v in entry.items() if k not in ("median_ms", "GB/s"))
+        extras = "  ".join(f"{k}={v:.3g}" for k, v in entry.items()
+                           if k not in ("median_ms", "GB/s", "group", "spread_ms") and isinstance(v, (int, float)))
         terminalreporter.write_line(f"{name:<60} {entry['median_ms']:9.3f} ms {entry['GB/s']:8.2f} GB/s  {extras}")
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "-".join(sorted({Path(b.fullname.split("::")[0]).stem for b in session.benchmarks}))
     out = RESULTS / f"{stem}-{'cuda' if HAS_CUDA else 'cpu'}-summary.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")

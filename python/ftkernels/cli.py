@@ -15,6 +15,9 @@ import importlib.util
 import os
 import sys
 import time
+from pathlib import Path
+
+from .bench import OPS as BENCH_OPS
 
 DEFAULT_PROMPT = "What is the capital of France?"
 DEFAULT_OUT = "smollm2-nf4"
@@ -269,7 +272,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"(default: {DEFAULT_PROMPT!r})")
     g.add_argument("--max-new-tokens", type=int, default=24, metavar="N", help="(default: 24)")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="run the benchmark suites and write a side-by-side report",
+                       description="Run the pytest-benchmark suites (benchmarks/, from a source checkout) with "
+                                   "the baselines that are installed, in one run, and write report.md, "
+                                   "report.json, the raw JSON and PNG charts.")
+    b.add_argument("--quick", action="store_true", help="small shapes and two rounds: checks that it all runs")
+    b.add_argument("--ops", default=",".join(BENCH_OPS), metavar="LIST",
+                   help=f"comma-separated, from {','.join(BENCH_OPS)} (default: all)")
+    b.add_argument("--out", default="ftk-bench", metavar="DIR", help="output directory (default: ./ftk-bench)")
+    b.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from . import bench
+
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in bench.OPS]
+    if not ops or unknown:
+        parser.error(f"--ops must be a comma-separated list from {','.join(bench.OPS)}, got {args.ops!r}")
+    if os.path.isfile(args.out):
+        parser.error(f"--out: {args.out!r} is a file; pass a directory")
+    for module in ("pytest", "pytest_benchmark"):
+        if importlib.util.find_spec(module) is None:
+            parser.error(f"ftk bench needs {module.replace('_', '-')} (pip install pytest pytest-benchmark)")
+    try:
+        report = bench.run(ops, Path(args.out), quick=args.quick)
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    print(f"written: {args.out}/report.md, report.json, raw/, " + (", ".join(Path(p).name for p in report["charts"])
+                                                                  or "no charts"))
+    return 1 if report["failed"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:

