@@ -29,8 +29,12 @@ import time
 
 import pytest
 import torch
+from conftest import QUICK
 
 BATCH, SEQ, RANK_LORA, ALPHA, RANK_REFT = 4, 256, 8, 16, 4
+ROUNDS, WARMUP_ROUNDS, INTERLEAVED_ROUNDS, PEAK_MEMORY = 3, 1, 3, True
+if QUICK:  # ftk bench --quick: a short batch, one round of each, no peak-memory process
+    BATCH, SEQ, ROUNDS, WARMUP_ROUNDS, INTERLEAVED_ROUNDS, PEAK_MEMORY = 1, 32, 1, 0, 1, False
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # ftk-* run the step as `ftk finetune` does, with the head and the loss fused
 # (integrations/loss.py); ftk-*-hf-loss with Transformers' own loss, to show each part's share.
@@ -170,10 +174,11 @@ def prepared(base_model):
 def test_finetune_step(benchmark, base_model, prepared, impl):
     benchmark.group = "finetune-cpu"
     benchmark.extra_info["tokens"] = BATCH * SEQ
-    peak = subprocess.run([sys.executable, __file__, impl], capture_output=True, text=True, timeout=900)
-    if peak.returncode == 0:
-        benchmark.extra_info["peak_rss_mib"] = float(peak.stdout.strip().splitlines()[-1])
-        benchmark.extra_info["report"] = ["peak_rss_mib"]
+    if PEAK_MEMORY:
+        peak = subprocess.run([sys.executable, __file__, impl], capture_output=True, text=True, timeout=900)
+        if peak.returncode == 0:
+            benchmark.extra_info["peak_rss_mib"] = float(peak.stdout.strip().splitlines()[-1])
+            benchmark.extra_info["report"] = ["peak_rss_mib"]
     if impl in COMPARE:
         benchmark.extra_info["compare"] = {k: f"test_finetune_step[{v}]" for k, v in COMPARE[impl].items()}
     if prepared(impl) is None:
@@ -181,7 +186,7 @@ def test_finetune_step(benchmark, base_model, prepared, impl):
     model, opt = prepared(impl)
     batch = _batch(base_model.config.vocab_size)
     # One untimed step right before the rounds: the peak-memory process has just run.
-    benchmark.pedantic(lambda: _step(impl, model, opt, batch), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(lambda: _step(impl, model, opt, batch), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
 
 
 def test_finetune_interleaved(benchmark, base_model, prepared):
@@ -192,7 +197,7 @@ def test_finetune_interleaved(benchmark, base_model, prepared):
     times = {impl: [] for impl in steps}
 
     def rounds():
-        for _ in range(3):
+        for _ in range(INTERLEAVED_ROUNDS):
             for impl, (model, opt) in steps.items():
                 start = time.perf_counter()
                 _step(impl, model, opt, batch)

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, Timer
+from conftest import HAS_CUDA, QUICK, Timer
 from torch import nn
 
 import ftkernels as ftk
 
 N_OUT, K_IN, RANK, ALPHA, BLOCKSIZE = 4096, 4096, 16, 32, 64
+if QUICK:  # ftk bench --quick: a small layer; the token counts (and so the test ids) stay
+    N_OUT, K_IN = 256, 256
 
 try:
     import bitsandbytes as bnb

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, Timer
+from conftest import HAS_CUDA, QUICK, Timer
 from torch import nn
 
 import ftkernels as ftk
 from ftkernels.nn import LoReFT, reft_positions
 
 D, RANK = 4096, 4
+if QUICK:  # ftk bench --quick: narrow hidden states; batch x seq (and so the test ids) stay
+    D = 256
 
 # (device, dtype, batch, seq, positions spec or None for all, what)
 CASES = [

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, QUICK
 
 import ftkernels as ftk
 
 SHAPE, DTYPE, BLOCKSIZE = (4096, 4096), torch.bfloat16, 64
+if QUICK:  # ftk bench --quick: a small weight (a multiple of the blocksize), same tests
+    SHAPE = (512, 512)
 N = SHAPE[0] * SHAPE[1]
 # bytes each op must move: bf16 weights, packed nibbles, one 8-bit absmax code per block
 QUANT_BYTES = N * 2 + N // 2 + N // BLOCKSIZE * 5

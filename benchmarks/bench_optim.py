@@ -18,7 +18,7 @@ import gc
 
 import pytest
 import torch
-from conftest import HAS_CUDA, Timer
+from conftest import HAS_CUDA, QUICK, Timer
 
 import ftkernels.optim as ftk_optim
 
@@ -28,6 +28,8 @@ except ImportError:  # the benchmarks still run, without their baseline
     bnb = None
 
 SHAPE, COUNT = (4096, 4096), 6  # 100.7M parameters
+if QUICK:  # ftk bench --quick: two small matrices, same tests
+    SHAPE, COUNT = (512, 512), 2
 
 OPTIMIZERS = {
     "torch-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),

@@ -47,7 +47,7 @@ class Timer:
 
     def __call__(self, fn, *, bytes_moved: int = 0, flops: int = 0, rounds: int = 20, warmup_rounds: int = 1):
         if QUICK:
-            rounds, warmup_rounds = min(rounds, 2), 0
+            rounds, warmup_rounds = min(rounds, 2), 1  # one warm-up: first-call costs swamp two rounds
         info = self.benchmark.extra_info
         info["bytes_moved"] = int(bytes_moved)
         info["flops"] = int(flops)
