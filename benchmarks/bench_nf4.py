@@ -38,8 +38,17 @@ try:
 except ImportError:  # the benchmarks still run, without their baseline
     bnb_functional = None
 
+try:  # torchao's NF4Tensor (QLoRA in torchtune): its module moved between releases
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+except ImportError:
+    try:
+        from torchao.dtypes.nf4tensor import to_nf4
+    except ImportError:
+        to_nf4 = None
+
 OURS = {"cpu": ["cpu"], "cuda": ["cuda", "triton"]}
-IMPLS = [pytest.param(b, id=f"ftk-{b}") for b in ("cpu", "cuda", "triton")] + ["bitsandbytes"]
+BASELINES = ["bitsandbytes", "torchao"]
+IMPLS = [pytest.param(b, id=f"ftk-{b}") for b in ("cpu", "cuda", "triton")] + BASELINES
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +56,16 @@ def weights():
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(DTYPE)
 
 
-def _skip_unavailable(impl, device):
-    if impl not in OURS[device] + ["bitsandbytes"]:
+def _skip_unavailable(impl, device, mode=None):
+    if impl not in OURS[device] + BASELINES:
         pytest.skip("not a backend of this device")
-    if impl == "bitsandbytes":
-        if bnb_functional is None:
-            pytest.skip("bitsandbytes is not installed")
+    if impl == "bitsandbytes" and bnb_functional is None:
+        pytest.skip("bitsandbytes is not installed")
+    if impl == "torchao" and to_nf4 is None:
+        pytest.skip("torchao is not installed")
+    if impl == "torchao" and mode == "into":
+        pytest.skip("torchao's NF4Tensor has no dequantize into an existing tensor")
+    if impl in BASELINES:
         return
     if not ftk._ops.backend_available(impl, device):
         pytest.skip(f"backend {impl} unavailable on {device}")
@@ -61,9 +74,8 @@ def _skip_unavailable(impl, device):
 def _tag(benchmark, device, op, mode, impl):
     benchmark.group = f"nf4-{op}-{mode}-{device}"
     benchmark.extra_info["ceiling"] = f"test_copy[{device}-{'clone' if mode == 'fresh' else 'copy_'}]"
-    if impl != "bitsandbytes":
-        benchmark.extra_info["baseline"] = f"test_{op}[{device}-{mode}-bitsandbytes]"
-        benchmark.extra_info["baseline_label"] = "bitsandbytes"
+    if impl not in BASELINES:
+        benchmark.extra_info["compare"] = {b: f"test_{op}[{device}-{mode}-{b}]" for b in BASELINES}
 
 
 def _bnb_cpu_dequantize_into(packed, qs, out):
@@ -102,6 +114,8 @@ def test_quantize(timer, benchmark, weights, device, mode, impl):
     A = weights.to(device)
     if impl == "bitsandbytes":
         fn = lambda: bnb_functional.quantize_4bit(A, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")  # noqa: E731
+    elif impl == "torchao":  # its own format: blocks of 64, absmax double-quantized in blocks of 256
+        fn = lambda: to_nf4(A, BLOCKSIZE, 256)  # noqa: E731
     else:
         def fn():
             with ftk.use_backend(impl):
@@ -113,7 +127,7 @@ def test_quantize(timer, benchmark, weights, device, mode, impl):
 @pytest.mark.parametrize("mode", ["fresh", "into"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_dequantize(timer, benchmark, weights, device, mode, impl):
-    _skip_unavailable(impl, device)
+    _skip_unavailable(impl, device, mode)
     _tag(benchmark, device, "dequantize", mode, impl)
     A = weights.to(device)
     out = torch.empty_like(A) if mode == "into" else None
@@ -124,6 +138,8 @@ def test_dequantize(timer, benchmark, weights, device, mode, impl):
             assert torch.equal(fn(), bnb_functional.dequantize_4bit(packed, qs))  # the same result
         else:
             fn = lambda: bnb_functional.dequantize_4bit(packed, qs, out=out)  # noqa: E731
+    elif impl == "torchao":
+        fn = to_nf4(A, BLOCKSIZE, 256).get_original_weight
     else:
         packed, qs = ftk.quantize_4bit(A, BLOCKSIZE, True, "nf4")
 
