@@ -195,13 +195,13 @@ def run(ops: Iterable[str], out: Path, quick: bool = False, echo=print) -> dict:
               "threads": torch.get_num_threads(), "quick": quick,
               "command": "ftk bench" + (" --quick" if quick else "") + f" --ops {','.join(ops)}"}
     report = {"header": header, "baselines_present": present, "failed": failed, "results": results}
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(results, present, header)
-    (out / "report.md").write_text(text)
     try:
-        report["charts"] = [str(p) for p in charts(results, out)]
+        report["charts"] = [p.name for p in charts(results, out)]
     except ImportError:
         report["charts"] = []
         echo("charts: matplotlib is not installed (pip install matplotlib), no PNGs written")
+    text = markdown(results, present, header)
+    (out / "report.md").write_text(text)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     echo(text)
     return report

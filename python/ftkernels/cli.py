@@ -301,8 +301,7 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         report = bench.run(ops, Path(args.out), quick=args.quick)
     except FileNotFoundError as e:
         parser.error(str(e))
-    print(f"written: {args.out}/report.md, report.json, raw/, " + (", ".join(Path(p).name for p in report["charts"])
-                                                                  or "no charts"))
+    print(f"written: {args.out}/report.md, report.json, raw/, " + (", ".join(report["charts"]) or "no charts"))
     return 1 if report["failed"] else 0
 
 
