@@ -98,6 +98,9 @@ def is_ours(name: str) -> bool:
 # ---- the report ----------------------------------------------------------------------------
 
 
+_COLUMNS = ("group", "median_ms", "spread_ms", "GB/s", "TFLOP/s")
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
@@ -116,8 +119,8 @@ def markdown(results: dict[str, dict[str, dict]], present: dict[str, bool], head
         if not rows:
             lines += ["(no results: the suite did not run; see its log in raw/)", ""]
             continue
-        ratio_keys = sorted({k for e in rows.values() for k in e
-                             if k.startswith(("speedup_vs_", "fraction_of_")) and k != "fraction_of_matmul"})
+        ratio_keys = sorted({k for e in rows.values() for k in e  # fraction_of_matmul is speedup_vs_dense
+                             if k.startswith(("speedup_vs_", "fraction_of_")) and k != "speedup_vs_dense"})
         cols = ["benchmark", "median ms", "spread (IQR) ms", "GB/s", "TFLOP/s", *ratio_keys]
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
@@ -126,6 +129,12 @@ def markdown(results: dict[str, dict[str, dict]], present: dict[str, bool], head
                      _fmt(e["GB/s"]) if e["GB/s"] else "", _fmt(e["TFLOP/s"]) if "TFLOP/s" in e else ""]
             cells += [_fmt(e[k]) if k in e else "" for k in ratio_keys]
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        for name, e in rows.items():  # figures a benchmark reports beside its timing
+            extra = {k: v for k, v in e.items() if k not in _COLUMNS and k not in ratio_keys
+                     and k != "speedup_vs_dense" and isinstance(v, (int, float))}
+            if extra:
+                lines.append(f"- {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(extra.items())))
         lines.append("")
     lines += ["How to read it: each ratio is measured in this run. speedup_vs_X > 1 means ours is faster than "
               "X; fraction_of_copy_bandwidth is our GB/s over a plain tensor copy's (1.0 = as fast as memory "
@@ -154,6 +163,10 @@ def charts(results: dict[str, dict[str, dict]], out: Path) -> list[Path]:
         if bars:
             ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#2860c0")
             ax.axvline(1.0, color="grey", linewidth=0.8)
+            for y, (_, v) in enumerate(bars):
+                ax.text(v, y, f" {v:.2f}", va="center", fontsize=7)
+            if kind == "speedup" and min(v for _, v in bars) > 0:
+                ax.set_xscale("log")  # 0.2x to 50x on one axis, 1x in the middle
             ax.invert_yaxis()
         ax.set_title(title)
         ax.tick_params(axis="y", labelsize=7)
@@ -163,6 +176,17 @@ def charts(results: dict[str, dict[str, dict]], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def run(ops: Iterable[str], out: Path, quick: bool = False, echo=print) -> dict:
@@ -189,8 +213,7 @@ def run(ops: Iterable[str], out: Path, quick: bool = False, echo=print) -> dict:
         records = json.loads(record.read_text())["benchmarks"] if record.is_file() else []
         results[op] = summarize(records)
     present = baselines_present()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or
-                                                                               platform.machine())
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
     header = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "quick": quick,
               "command": "ftk bench" + (" --quick" if quick else "") + f" --ops {','.join(ops)}"}
