@@ -21,7 +21,7 @@ def test_summarize_arithmetic():
         _record("bnb", 0.006, bytes_moved=8_000_000),
         _record("dense", 0.0018, flops=4_000_000_000),
         _record("copy", 0.001, bytes_moved=16_000_000),
-        _record("gpu", 1.0, bytes_moved=1_000_000_000, device_ms=250.0, baseline="bnb", baseline_label="old"),
+        _record("gpu", 1.0, bytes_moved=1_000_000_000, device_ms=250.0, compare={"old": "bnb"}),
         _record("reported", 0.5, report=["peak_rss_mib"], peak_rss_mib=123.0),
     ]
     s = bench.summarize(records)
@@ -48,7 +48,7 @@ def test_markdown_and_charts(tmp_path):
     header = {"device": "cpu", "date": "2026-01-01", "torch": "2.x", "threads": 2, "command": "ftk bench", "quick": True}
     text = bench.markdown(results, {"bitsandbytes": True, "torchao": False}, header)
     assert "| **ftk-q** | 1 |" in text and "| bnb-q | 3 |" in text
-    assert "torchao **absent**" in text and "bitsandbytes present" in text
+    assert "- torchao: **absent**" in text and "- bitsandbytes: present" in text
     assert "quick mode" in text and "(no results" in text
     pytest.importorskip("matplotlib")
     paths = bench.charts(results, tmp_path)

@@ -7,7 +7,7 @@ and turn their timings into a report: a markdown table, the raw JSON and two PNG
   - GB/s = bytes_moved / time, TFLOP/s = flops / time (what a benchmark declares it moves or
     computes, in extra_info);
   - speedup_vs_<label> = the other benchmark's time / this one's, for each pair a benchmark names
-    in extra_info["compare"] (and the older "baseline"/"baseline_label" pair);
+    in extra_info["compare"];
   - fraction_of_copy_bandwidth = GB/s / the GB/s of the copy benchmark named in
     extra_info["ceiling"], and fraction_of_matmul = the dense matmuls' time / this one's (the
     "dense" comparison), the two ceilings measured in the same run.
@@ -73,10 +73,7 @@ def summarize(benchmarks: Sequence[dict]) -> dict[str, dict]:
                  "GB/s": info.get("bytes_moved", 0) / t / 1e9 if t > 0 else 0.0}
         if info.get("flops"):
             entry["TFLOP/s"] = info["flops"] / t / 1e12
-        compare = dict(info.get("compare", {}))
-        if "baseline" in info:
-            compare[info["baseline_label"]] = info["baseline"]
-        for label, other in compare.items():
+        for label, other in info.get("compare", {}).items():
             if other in by_name and t > 0:
                 entry["speedup_vs_" + label] = seconds(by_name[other]) / t
         if "speedup_vs_dense" in entry:
@@ -113,7 +110,8 @@ def markdown(results: dict[str, dict[str, dict]], present: dict[str, bool], head
              f"{header['date']} · torch {header['torch']} · {header['threads']} CPU threads · "
              f"`{header['command']}`" + (" · **quick mode: small shapes, not measurements**"
                                          if header.get("quick") else ""), "",
-             "Baselines: " + ", ".join(f"{k} {'present' if v else '**absent**'}" for k, v in present.items()), ""]
+             "Baselines:", *(f"- {k}: {'present' if v else '**absent**'} ({BASELINES[k][1]})"
+                             for k, v in present.items()), ""]
     for op, rows in results.items():
         lines += [f"## {op}", ""]
         if not rows:
