@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -72,11 +73,15 @@ def test_benchmarks_dir_missing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FTK_BENCH_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no benchmark suites"):
         bench.benchmarks_dir()
+    monkeypatch.delenv("FTK_BENCH_DIR")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # a checkout's root
+    assert bench.benchmarks_dir() == Path.cwd() / "benchmarks"
 
 
 @pytest.mark.slow
-def test_ftk_bench_quick_end_to_end(tmp_path, capsys):
+def test_ftk_bench_quick_end_to_end(tmp_path, monkeypatch):
     pytest.importorskip("pytest_benchmark")
+    monkeypatch.setenv("FTK_BENCH_DIR", str(Path(__file__).resolve().parents[1] / "benchmarks"))
     out = tmp_path / "report"
     assert cli.main(["bench", "--quick", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())

@@ -38,14 +38,16 @@ BASELINES = {
 
 
 def benchmarks_dir() -> Path:
-    """The benchmark suites: $FTK_BENCH_DIR, or benchmarks/ of the checkout this package runs from."""
+    """The benchmark suites: $FTK_BENCH_DIR, else benchmarks/ in the current directory (a
+    checkout's root), else next to the package's source (an editable install)."""
     env = os.environ.get("FTK_BENCH_DIR")
-    here = Path(env) if env else Path(__file__).resolve().parents[2] / "benchmarks"
-    if not (here / "conftest.py").is_file():
-        raise FileNotFoundError(
-            f"no benchmark suites at {here}: `ftk bench` runs from a source checkout (pip install -e .), "
-            "or set FTK_BENCH_DIR to its benchmarks/ folder")
-    return here
+    places = [Path(env)] if env else [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"]
+    for here in places:
+        if (here / "conftest.py").is_file() and (here / "bench_nf4.py").is_file():
+            return here
+    raise FileNotFoundError(
+        f"no benchmark suites at {' or '.join(map(str, places))}: run `ftk bench` from the root of a source "
+        "checkout, or set FTK_BENCH_DIR to its benchmarks/ folder")
 
 
 def baselines_present() -> dict[str, bool]:
