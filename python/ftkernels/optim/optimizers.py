@@ -107,6 +107,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for p, _ in work:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        # A tensor lr (a scheduler's) is read once a group, not once a parameter: on a GPU each
+        # read is a host sync.
+        lrs = {id(g): float(g["lr"].item() if isinstance(g["lr"], torch.Tensor) else g["lr"])
+               for g in self.param_groups}
         for i, (p, group) in enumerate(work):
             state = self.state[p]
             if not state:
@@ -114,7 +118,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if self.paged:
                 self._prefetch_next(work, i)
             state["step"] += 1
-            self._update(p, p.grad, state, group)
+            self._update(p, p.grad, state, group, lrs[id(group)])
         return loss
 
     def _prefetch_next(self, work, i: int) -> None:
@@ -129,8 +133,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     for t in self._state_tensors(self.state[q]):
                         prefetch(t)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-        lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else float(group["lr"])
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, lr: float) -> None:
         beta1, beta2 = group["betas"]
         eps, wd, step = group["eps"], group["weight_decay"], state["step"]
         target = p if p.is_contiguous() else p.contiguous()
