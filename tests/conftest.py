@@ -168,3 +168,24 @@ def make_tiny_llama(tie_word_embeddings: bool = True, vocab_size: int = 128, see
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def make_tiny_causal_lm(arch: str = "llama", vocab_size: int = 128, seed: int = 0):
+    """A 2-layer random causal LM of one of the three decoder families the integrations name:
+    ``llama`` (model.model.layers, Llama's config as make_tiny_llama), ``qwen2`` (the same
+    layout, biased q/k/v projections) or ``gpt2`` (model.transformer.h, Conv1D projections,
+    learned positions). float32, eval mode, dropout off."""
+    transformers = pytest.importorskip("transformers")
+    if arch == "llama":
+        return make_tiny_llama(vocab_size=vocab_size, seed=seed)
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        config = transformers.Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64)
+        return transformers.Qwen2ForCausalLM(config).eval()
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(config).eval()
+    raise ValueError(f"arch must be llama, qwen2 or gpt2, got {arch!r}")

@@ -7,12 +7,16 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
+from ftkernels.integrations import enable_gradient_checkpointing
 from ftkernels.integrations.lora import add_lora, load_lora, lora_modules, merge_lora, save_lora
 from ftkernels.integrations.transformers import quantize_model
 from ftkernels.nn import LoRALinear4bit
 from ftkernels.nn.lora_linear import LoRALinear
 
 peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
+
 IDS = torch.tensor([[5, 9, 13, 17, 21, 25, 29, 33]])
 
 
@@ -141,7 +145,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(quantized):
         _randomise_b(model)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model)
         model(ids, labels=ids).loss.backward()
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):

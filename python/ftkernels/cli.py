@@ -42,6 +42,14 @@ def default_model_path() -> str:
 def resolve_model(path: str | None) -> tuple[str, str | None]:
     """``(directory, gguf file name or None)`` for ``--model``: a Transformers model directory
     (config.json), a .gguf file, or a directory holding exactly one .gguf file."""
+    folder, gguf_file = _resolve_model(path)
+    if gguf_file and importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"--model: reading {gguf_file} needs the gguf package (Transformers' GGUF loader "
+                         "uses it): pip install gguf, or pip install 'ftkernels[hf]'")
+    return folder, gguf_file
+
+
+def _resolve_model(path: str | None) -> tuple[str, str | None]:
     if path is None:
         path = default_model_path()
     if not os.path.exists(path):
@@ -67,11 +75,13 @@ def load_causal_lm(folder: str, gguf_file: str | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .integrations.hf_compat import dtype_kwarg
+
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     hf_logging.disable_progress_bar()  # one progress bar (ours) rather than three
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwarg(torch.float32), **kwargs)
     finally:
         hf_logging.enable_progress_bar()
     return model.eval(), tokenizer

@@ -23,7 +23,8 @@ from torch import nn
 from ..nn.linear_nf4 import LinearNF4
 from ..nn.lora_linear import LoRALinear
 from ..nn.lora_linear_4bit import LoRALinear4bit, _check_hparams
-from .transformers import is_conv1d, replace_module
+from .hf_compat import is_conv1d
+from .transformers import replace_module
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

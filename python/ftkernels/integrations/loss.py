@@ -14,11 +14,15 @@ is accumulated in the forward: the backward only scales it. One QLoRA step of Sm
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .hf_compat import forward_arguments, warn_once
 
 # Rows per chunk: this many bytes of fp32 logits. On the CPU 48 MiB (256 rows at 49152): in one
 # QLoRA step of SmolLM2, 85- and 512-row chunks were 4-6% slower, the head's GEMM losing to
@@ -140,10 +144,39 @@ def _head_name(model: nn.Module) -> str | None:
     return next((name for name, child in model.named_children() if child is head), None)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_feeds_the_head_to_the_loss(cls: type, head: str) -> bool | None:
+    """Whether ``cls.forward`` computes ``self.loss_function(...)`` on the output of
+    ``self.<head>(...)``, as Transformers' causal LMs do from 4.46 on (earlier ones, and some
+    models still, build ``CrossEntropyLoss()`` themselves: standing in for the head there would
+    feed hidden states to a loss over the vocabulary). None when the source cannot be read."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
+    return "self.loss_function(" in source and f"self.{head}(" in source
+
+
+def _serves(model: nn.Module) -> str | None:
+    """The head's attribute name when fused_lm_loss can serve model, else None (and why, once)."""
+    name = _head_name(model)
+    if name is None:
+        return None
+    if not isinstance(inspect.getattr_static(type(model), "loss_function", None), property):
+        warn_once(f"loss:{type(model).__name__}", f"ftkernels: {type(model).__name__} has no loss_function "
+                  "property (Transformers < 4.46?); fused_lm_loss computes the plain loss")
+        return None
+    if _forward_feeds_the_head_to_the_loss(type(model), name) is False:
+        warn_once(f"loss:{type(model).__name__}", f"ftkernels: {type(model).__name__}.forward does not compute "
+                  f"self.loss_function(self.{name}(...)); fused_lm_loss computes the plain loss")
+        return None
+    return name
+
+
 def supports_fused_lm_loss(model: nn.Module) -> bool:
     """Whether fused_lm_loss changes how model computes its loss (a Transformers causal LM with
-    a plain nn.Linear head whose logits go straight into the loss)."""
-    return _head_name(model) is not None and hasattr(type(model), "loss_function")
+    a plain nn.Linear head whose logits go straight into ``self.loss_function``)."""
+    return _serves(model) is not None
 
 
 @contextlib.contextmanager
@@ -152,30 +185,51 @@ def fused_lm_loss(model: nn.Module, chunk_rows: int | None = None) -> Iterator[b
     ``linear_cross_entropy``: the head and the loss fused, no logits made. Its ``logits`` output
     is then the final hidden states (batch, seq, hidden), not the logits: use the block for
     training steps. Yields whether the model was changed; a model this cannot serve (see
-    ``supports_fused_lm_loss``) runs as usual. Hooks, LoRA and LoReFT layers and gradient
-    checkpointing are unaffected; the head is put back on exit."""
-    name = _head_name(model) if hasattr(type(model), "loss_function") else None
+    ``supports_fused_lm_loss``) runs as usual, with a one-line warning when the reason is its
+    Transformers code. A forward given labels that does not reach the fused loss raises
+    RuntimeError rather than return a loss over hidden states. Hooks, LoRA and LoReFT layers and
+    gradient checkpointing are unaffected; the head and the loss are put back on exit."""
+    name = _serves(model)
     if name is None:
         yield False
         return
     head = getattr(model, name)
-    had_own = "_loss_function" in model.__dict__
-    own = model.__dict__.get("_loss_function")
+    calls = {"labels": False, "fused": False}
 
     def loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
              **kwargs):
+        calls["fused"] = True
         if shift_labels is None:  # tokens < n predict n, as ForCausalLMLoss
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         return linear_cross_entropy(logits, head.weight, head.bias, shift_labels.to(logits.device), ignore_index,
                                     num_items_in_batch, chunk_rows)
 
+    def before(mod, args, kwargs):
+        calls["labels"] = forward_arguments(mod, args, kwargs).get("labels") is not None
+        calls["fused"] = False
+
+    def after(mod, args, kwargs, output):
+        if calls["labels"] and not calls["fused"]:
+            raise RuntimeError(f"fused_lm_loss: {type(mod).__name__}.forward was given labels but did not call "
+                               "self.loss_function, so its loss would be over hidden states; call it outside "
+                               "the fused_lm_loss block")
+
+    # The property's setter keeps the function in the instance (``_loss_function`` in 4.46-5.x):
+    # whatever it writes is put back as it was, so no private name is assumed.
+    saved = dict(model.__dict__)
     setattr(model, name, _Hidden())
     model.loss_function = loss
+    written = {k for k in model.__dict__ if k not in saved or model.__dict__[k] is not saved[k]} - {"_modules"}
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True)]
     try:
         yield True
     finally:
+        for h in hooks:
+            h.remove()
         setattr(model, name, head)
-        if had_own:
-            model.loss_function = own
-        else:
-            del model._loss_function
+        for k in written:
+            if k in saved:
+                model.__dict__[k] = saved[k]
+            else:
+                del model.__dict__[k]

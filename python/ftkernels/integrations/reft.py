@@ -2,12 +2,22 @@
 
 ``add_loreft(model, layers, rank, positions="f5+l5")`` attaches :class:`ftkernels.nn.LoReFT`
 modules to the outputs of the chosen decoder layers (the residual stream after each block) and
-freezes the model's own weights. The positions come from each call's ``attention_mask`` (the
-first and last real tokens, left or right padding alike; :func:`ftkernels.nn.reft_positions`).
-During generation only the prompt is edited: the prefill call sees the whole prompt and the
-edits reach later tokens through the KV cache; the one-token decode calls (over a filled cache)
-pass through untouched. In training, a call with ``labels`` takes its positions from the
-prompt's tokens (label -100), so they are the positions generation will edit.
+freezes the model's own weights. The positions are the first and last real tokens of the
+prompt (left or right padding alike; :func:`ftkernels.nn.reft_positions`), read per call:
+
+- ``model(...)`` called directly: its input is the prompt, the real tokens those of its
+  ``attention_mask`` (all, without one). A call with ``labels`` takes the prompt's tokens
+  (label -100), so training edits the positions generation will edit. A call over a cache
+  that already holds tokens (a decode step the caller drives) edits nothing.
+- ``model.generate(...)``: ``model.generate`` is wrapped to note the prompt's length and mask
+  from generate's own arguments, because what generate passes to each forward differs between
+  Transformers versions (the cache as ``past_key_values=`` or ``cache=``, ``cache_position``
+  or not, the mask left out when it is all ones). A forward that starts inside the prompt (the
+  prefill, or with ``use_cache=False`` every re-run of the whole sequence) edits the prompt's
+  positions; a decode step over the cache edits nothing, and the edit reaches the generated
+  tokens only through the cached keys and values of the prompt, as in pyreft.
+
+How far into the sequence a call starts is read by :func:`.hf_compat.past_length`.
 With ``share_weights=True`` one intervention a layer edits the first and the last positions;
 with False, the first and the last positions get an intervention each (pyreft's two modes).
 ``save_loreft`` / ``load_loreft`` write and read them as safetensors plus a JSON config.
@@ -23,6 +33,7 @@ import torch
 from torch import nn
 
 from ..nn.loreft import LoReFT, parse_positions, reft_positions
+from .hf_compat import forward_arguments, past_length, real_tokens
 
 CONFIG_NAME = "loreft_config.json"
 WEIGHTS_NAME = "loreft_model.safetensors"
@@ -59,33 +70,52 @@ class LoReFTInterventions(nn.Module):
             f"layer{i}_{part}" for i in layers for part in ("first", "last")]
         self.interventions = nn.ModuleDict({n: LoReFT(embed_dim, rank, dropout) for n in names})
         self._positions: torch.Tensor | None = None
+        self._prompt: _Prompt | None = None  # set while the model's generate runs
         self._handles: list = []
 
     def _capture_positions(self, model, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        x = ids if ids is not None else embeds
+        self._positions = None
+        call = forward_arguments(model, args, kwargs)
+        x = call.get("input_ids")
         if x is None:
-            self._positions = None
+            x = call.get("inputs_embeds")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
             return
         batch, seq = x.shape[0], x.shape[1]
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            self._positions = None  # a decode step over the prompt's cache: nothing to edit
+        past = past_length(call, seq)
+        prompt = self._prompt
+        if prompt is None:  # model(...) called directly: its input is the prompt
+            if past > 0:
+                return  # a step over a cache the caller filled: the prompt's edits are in it
+            real = real_tokens(call.get("attention_mask"), batch, seq)
+            if real is None:
+                real = torch.ones(batch, seq, dtype=torch.bool, device=x.device)
+            labels = call.get("labels")
+            if isinstance(labels, torch.Tensor) and labels.shape == real.shape:
+                # Training: the positions are the prompt's (the tokens whose label is -100), as at
+                # generation, where only the prompt is there; a row without such tokens uses all.
+                marked = real & (labels == -100)
+                real = torch.where(marked.any(dim=1, keepdim=True), marked, real)
+            self._positions = reft_positions(real.long(), self.config["positions"])
             return
-        mask = kwargs.get("attention_mask")
-        if mask is None:
-            mask = torch.ones(batch, seq, dtype=torch.long, device=x.device)
-        if mask.dim() != 2 or mask.shape[1] != seq:  # (older Transformers: the mask covers the cache)
-            self._positions = None
+        # Inside generate: the sequence's first prompt.length tokens are the prompt. A prefill
+        # (past 0) or a re-run without a cache (use_cache=False: past 0, seq >= the prompt) edits
+        # the prompt's positions; a decode step over the cache (past >= the prompt) edits nothing.
+        if past >= prompt.length:
             return
-        labels = kwargs.get("labels")
-        if isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
-            # Training: the positions are the prompt's (the tokens whose label is -100), as at
-            # generation, where only the prompt is there; a row without such tokens uses all.
-            prompt = (mask != 0) & (labels == -100)
-            mask = torch.where(prompt.any(dim=1, keepdim=True), prompt, mask != 0).long()
-        self._positions = reft_positions(mask, self.config["positions"])
+        real = prompt.real
+        if real is None:  # generate was given no mask: the prefill's own, or no padding
+            real = real_tokens(call.get("attention_mask"), batch, prompt.length)
+            if real is None:
+                real = torch.ones(batch, prompt.length, dtype=torch.bool, device=x.device)
+            prompt.real = real
+        elif real.shape[0] != batch:  # generate expanded the batch (beams, num_return_sequences)
+            real = real_tokens(real, batch, prompt.length)
+            if real is None:
+                raise ValueError(f"generate: attention_mask has {prompt.real.shape[0]} rows, and the model "
+                                 f"is called with {batch}, not a multiple of them")
+        positions = reft_positions(real.long(), self.config["positions"]) - past
+        self._positions = torch.where((positions >= 0) & (positions < seq), positions, -1)
 
     def _edit(self, index: int, output):
         positions = self._positions
@@ -105,12 +135,61 @@ class LoReFTInterventions(nn.Module):
         for i in self.config["layers"]:
             self._handles.append(blocks[i].register_forward_hook(
                 lambda mod, args, output, i=i: self._edit(i, output)))
+        if callable(getattr(model, "generate", None)):
+            _RecordPrompt(self, model).install()
 
     def remove(self) -> None:
         """Detaches the hooks (the model computes as before add_loreft)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+class _Prompt:
+    """What one ``generate`` call was given: the prompt's length and, when it came with an
+    ``attention_mask``, its real tokens (batch, length) as bools."""
+
+    def __init__(self, length: int, real: torch.Tensor | None):
+        self.length, self.real = length, real
+
+
+class _RecordPrompt:
+    """Stands in for ``model.generate`` (an instance attribute over the class's method) and
+    tells the interventions what the prompt is while it runs: ``generate``'s own arguments are
+    the one thing every Transformers version gives alike, whatever its forwards are passed."""
+
+    def __init__(self, reft: LoReFTInterventions, model: nn.Module):
+        self.reft, self.model = reft, model
+        self.generate = model.generate  # the method (or another wrapper) that was there
+
+    def install(self) -> None:
+        self.had_own = "generate" in self.model.__dict__
+        self.model.generate = self
+        self.reft._handles.append(self)
+
+    def remove(self) -> None:  # as a hook handle: LoReFTInterventions.remove calls it
+        if self.model.__dict__.get("generate") is self:
+            if self.had_own:
+                self.model.generate = self.generate
+            else:
+                del self.model.generate
+
+    def __call__(self, *args, **kwargs):
+        ids = kwargs.get("inputs", kwargs.get("input_ids", args[0] if args else None))
+        embeds = kwargs.get("inputs_embeds")
+        x = embeds if isinstance(embeds, torch.Tensor) else ids
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:  # generate makes its own start token
+            return self.generate(*args, **kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape[:2] != x.shape[:2]):
+            raise ValueError(f"generate: attention_mask must be (batch, seq) = {list(x.shape[:2])} like the "
+                             f"prompt, got {list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        outer = self.reft._prompt
+        self.reft._prompt = _Prompt(x.shape[1], mask != 0 if mask is not None else None)
+        try:
+            return self.generate(*args, **kwargs)
+        finally:
+            self.reft._prompt = outer
 
 
 def _hidden_size(model: nn.Module) -> int:

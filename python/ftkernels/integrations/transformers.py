@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..nn.linear_nf4 import LinearNF4
+from .hf_compat import from_config, is_conv1d, no_init_weights
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -88,12 +89,6 @@ def model_bytes(model: nn.Module) -> int:
 
 def _layer_bytes(m: nn.Module) -> int:
     return _tensor_bytes(t for t in m.state_dict().values())
-
-
-def is_conv1d(m: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D (GPT-2): a linear layer with a transposed weight, which
-    # Transformers' bitsandbytes loader converts too; matched by name to avoid importing it.
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and m.weight.dim() == 2
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -259,16 +254,6 @@ def _read_safetensors(out_dir: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _no_init():
-    # Skips the random initialisation of weights that the checkpoint overwrites anyway:
-    # 3.5 s -> 0.04 s for SmolLM2-135M on 2 cores. It moved between Transformers 4 and 5.
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
 def load_quantized(out_dir: str | os.PathLike, device=None, model_class=None) -> nn.Module:
     """Build a model with LinearNF4 layers from a bitsandbytes 4-bit checkpoint (as
     :func:`save_quantized` or Transformers write it) without bitsandbytes. Reads config.json
@@ -300,9 +285,9 @@ def load_quantized(out_dir: str | os.PathLike, device=None, model_class=None) ->
     packed = {k.rsplit(".weight.quant_state.", 1)[0] for k in state if ".weight.quant_state." in k}
 
     cls = model_class or AutoModelForCausalLM
-    with _no_init():
-        model = cls.from_config(config, dtype=dtype)
-    # Transformers ties weights (lm_head to the embeddings) inside the init that _no_init skips.
+    with no_init_weights():
+        model = from_config(cls, config, dtype)
+    # Transformers ties weights (lm_head to the embeddings) inside the init that no_init_weights skips.
     model.tie_weights()
     for name, m in list(model.named_modules()):
         if name in packed and type(m) is nn.Linear:
