@@ -152,3 +152,18 @@ def test_fused_loss_refuses_a_forward_that_skips_the_loss_function():
     assert type(model.lm_head) is torch.nn.Linear  # put back after the error
     assert "loss_function" not in model.__dict__ and "_loss_function" not in model.__dict__
     model(ids)  # and the model runs as before
+
+
+def test_fused_loss_leaves_a_read_only_loss_function_alone(monkeypatch):
+    # Transformers before 4.48: loss_function is a property without a setter.
+    monkeypatch.setattr(hf_compat, "_warned", set())
+
+    class ReadOnlyLoss(transformers.LlamaForCausalLM):
+        loss_function = property(transformers.LlamaForCausalLM.loss_function.fget)
+
+    model = ReadOnlyLoss(make_tiny_llama().config).eval()
+    ids = torch.arange(3, 13)[None]
+    with pytest.warns(RuntimeWarning, match="loss_function cannot be replaced"), fused_lm_loss(model) as fused:
+        assert fused is False
+        loss = model(ids, labels=ids).loss
+    assert loss.shape == () and torch.isfinite(loss)

@@ -147,9 +147,9 @@ def _head_name(model: nn.Module) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _forward_feeds_the_head_to_the_loss(cls: type, head: str) -> bool | None:
     """Whether ``cls.forward`` computes ``self.loss_function(...)`` on the output of
-    ``self.<head>(...)``, as Transformers' causal LMs do from 4.46 on (earlier ones, and some
-    models still, build ``CrossEntropyLoss()`` themselves: standing in for the head there would
-    feed hidden states to a loss over the vocabulary). None when the source cannot be read."""
+    ``self.<head>(...)``, as Transformers' causal LMs do (GPT-2 before 4.48, and some models
+    still, build ``CrossEntropyLoss()`` themselves: standing in for the head there would feed
+    hidden states to a loss over the vocabulary). None when the source cannot be read."""
     try:
         source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
@@ -162,9 +162,10 @@ def _serves(model: nn.Module) -> str | None:
     name = _head_name(model)
     if name is None:
         return None
-    if not isinstance(inspect.getattr_static(type(model), "loss_function", None), property):
-        warn_once(f"loss:{type(model).__name__}", f"ftkernels: {type(model).__name__} has no loss_function "
-                  "property (Transformers < 4.46?); fused_lm_loss computes the plain loss")
+    prop = inspect.getattr_static(type(model), "loss_function", None)
+    if not isinstance(prop, property) or prop.fset is None:
+        warn_once(f"loss:{type(model).__name__}", f"ftkernels: {type(model).__name__}.loss_function cannot be "
+                  "replaced (Transformers < 4.48); fused_lm_loss computes the plain loss")
         return None
     if _forward_feeds_the_head_to_the_loss(type(model), name) is False:
         warn_once(f"loss:{type(model).__name__}", f"ftkernels: {type(model).__name__}.forward does not compute "
@@ -214,7 +215,7 @@ def fused_lm_loss(model: nn.Module, chunk_rows: int | None = None) -> Iterator[b
                                "self.loss_function, so its loss would be over hidden states; call it outside "
                                "the fused_lm_loss block")
 
-    # The property's setter keeps the function in the instance (``_loss_function`` in 4.46-5.x):
+    # The property's setter keeps the function in the instance (``_loss_function`` in 4.48-5.x):
     # whatever it writes is put back as it was, so no private name is assumed.
     saved = dict(model.__dict__)
     setattr(model, name, _Hidden())
