@@ -37,11 +37,11 @@ def forward_arguments(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, 
     if not args:
         return dict(kwargs)
     try:
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+        signature = inspect.signature(model.forward)
+        named = dict(signature.bind_partial(*args, **kwargs).arguments)
     except (TypeError, ValueError):  # a forward with an unusual signature: the first is the input
         return {"input_ids": args[0], **kwargs}
-    named = dict(bound.arguments)
-    for name, p in inspect.signature(model.forward).parameters.items():
+    for name, p in signature.parameters.items():
         if p.kind is inspect.Parameter.VAR_KEYWORD and isinstance(named.get(name), dict):
             named.update(named.pop(name))
     return named
