@@ -10,7 +10,7 @@ a fresh process doing the same setup and two steps) is recorded with each. The m
 shared, so test_finetune_interleaved also runs the steps round-robin and reports the ratios of
 their medians, which drift between the per-implementation tests cannot skew.
 
-Targets (issue 6):
+Targets:
   CPU: QLoRA step at least 1.1x faster than PEFT+bitsandbytes (speedup_vs_peft-bnb >= 1.1) with
       peak memory no higher; LoReFT step faster than the eager reference (speedup_vs_eager > 1).
   GPU: tokens/s at least 1.5x PEFT+bitsandbytes for QLoRA; LoReFT at least 3x the eager reference.

@@ -2,7 +2,7 @@
 forward+backward, against PEFT on bitsandbytes' Linear4bit and the dense matmuls the layer
 needs (x·Wᵀ and dY·W with W dense), all in the same run on the same inputs.
 
-Targets (issue 3):
+Targets:
   CPU, 512 tokens: fp32 forward+backward at most 1.1x the two dense fp32 matmuls
       (speedup_vs_dense >= 0.91) and at least 1.1x faster than PEFT+bitsandbytes
       (speedup_vs_peft-bnb >= 1.1); bf16 forward+backward at least 20x faster than
