@@ -36,7 +36,7 @@ try:
 except ImportError:  # the benchmarks still run, without their baseline
     bnb = peft = None
 
-# (device, dtype, tokens, what) cases of the targets.
+# (device, dtype, tokens, what) cases of the targets above.
 CASES = [
     pytest.param(("cpu", torch.float32, 512, "train"), id="cpu-fp32-512-train"),
     pytest.param(("cpu", torch.bfloat16, 512, "train"), id="cpu-bf16-512-train"),

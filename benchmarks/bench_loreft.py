@@ -5,7 +5,7 @@ the weight, the selected rows gathered, edited with separate matmuls, and scatte
 a clone of the hidden states. Same run, same inputs; ``copy`` is the memory-bandwidth ceiling
 (one read and one write of h).
 
-Targets (issue 4):
+Targets:
   CPU: 224 edited rows (16 sequences x "f7+l7") of d = 4096, forward+backward at least 20x
       faster than the eager reference (speedup_vs_eager >= 20).
   GPU: 8x512x4096 bf16 hidden states, every position edited: the forward at 80% or more of

@@ -1,7 +1,7 @@
 """NF4 quantize/dequantize, 4096x4096 bf16, blocksize 64, double quantization (the QLoRA
 setting), against bitsandbytes and a tensor copy measured in the same run.
 
-Targets (issue 2): on the CPU, quantize >= 5x and dequantize >= 2x faster than bitsandbytes,
+Targets: on the CPU, quantize >= 5x and dequantize >= 2x faster than bitsandbytes,
 dequantize within 1.5x of the copy floor; on a GPU, dequantize >= 85% and quantize >= 70%
 of copy bandwidth, dequantize faster than bitsandbytes.
 

@@ -2,7 +2,7 @@
 against torch.optim.AdamW (foreach, fused) and bitsandbytes' optimizers, same run, same
 parameters and gradients; the bytes of optimizer state per parameter are recorded with each.
 
-Targets (issue 5):
+Targets:
   CPU: ftkernels' 8-bit AdamW step no slower than torch.optim.AdamW(foreach=True) in fp32
       (speedup_vs_torch-foreach >= 1 for ftk-adamw8bit).
   GPU: PagedAdamW8bit at least as fast as bitsandbytes' PagedAdamW8bit

@@ -51,7 +51,7 @@
 #   r <= 8:  TILE 16 x BLOCK_D 256 (16 elements a thread, 8-wide loads): forward 55-91
 #            registers, backward 98-182 (r = 1..8).
 #   r 9..16: dot, 32 x 64: 62 / 138.   r 17..64: dot, 16 x 64: 58-80 / 140-176.
-# TODO(gpu): measure on an H100. The target: >= 80% of HBM bandwidth at 8 x 512 x 4096
+# TODO(gpu): measure on an H100. The target: >= 80% of HBM bandwidth at 8 x 512 x 4096
 # bf16, every row edited, r = 4 (256 forward programs of 16 rows).
 
 from __future__ import annotations

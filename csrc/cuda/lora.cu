@@ -75,7 +75,7 @@
 //     issuing ~180 cycles a step per scheduler (16 HMMA + ~90 instructions of loads and
 //     dequantization per warp, 2 warps a scheduler) for 128 steps: ~13 us whatever M is (the
 //     128-row tile is mostly padding; 1 KB of W a step per CTA keeps it far below bandwidth).
-//     So decode wins up to M ~ 18 in Forward: the threshold is 16 (the brief's range, and
+//     So decode wins up to M ~ 18 in Forward: the threshold is 16 (the decode range, and
 //     M x NW = 32 accumulators a lane). GradInput decode has only ceil(K / 32) = 128 CTAs and
 //     ~1 MB of W loads in flight (~1.5 TB/s by Little's law at ~0.7 us latency), and at M = 16
 //     its 64 accumulators + 2 x U prefetched rows would not fit 128 registers at 512 threads:

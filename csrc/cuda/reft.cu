@@ -23,7 +23,7 @@
 // that keeps the forward near 64 registers; kRows = 16 would halve the L2 traffic for 2x the
 // accumulators. Loads are scalar and coalesced (a warp reads 64 contiguous bytes of bf16).
 // NOTE: none of this has been timed on a GPU; the first steps when one is at hand are 16-byte
-// vector loads and a measured kRows (the issue's target: >= 80% of HBM bandwidth at
+// vector loads and a measured kRows (the target: >= 80% of HBM bandwidth at
 // 8x512x4096 bf16, every row edited).
 //
 // Invariants: a slot whose row is -1 or outside [0, n_rows) reads and writes nothing, gets

@@ -58,7 +58,7 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
 # The GEMM is torch's (oneDNN/MKL sgemm at ~165 GFLOP/s on 2 cores, near the FMA peak): a
 # hand-written one here could only lose. Measured (512 x 4096 x 4096 fp32, benchmarks/
 # bench_lora.py): 8 MiB tiles were as fast as one whole-weight GEMM, and 4 MiB ones within 2%.
-# bf16/fp16 inputs are widened to fp32 first, as the issue asks: torch's 16-bit CPU GEMM is
+# bf16/fp16 inputs are widened to fp32 first: torch's 16-bit CPU GEMM is
 # ~400x slower than fp32 on CPUs without AVX512-BF16/AMX, and fp16 is 3x slower even here.
 # NOTE: on this machine (AVX512-BF16) torch's bf16 GEMM is 3x faster than fp32 (512 x 4096 x
 # 4096: 39 ms against 112 ms), so PEFT+bitsandbytes in bf16 (~100 ms a step) beats this path
