@@ -42,7 +42,7 @@
 // one warp's branch, not a CTA's. Bytes moved an element: 8 (fp32 param read and written) + 4
 // (grad) + 4 (two codes read and written) = 16, 10 in bf16, + 16 absmax bytes a block; the two
 // 8-step code searches, four IEEE divisions and a root an element (~100 instructions) put this
-// kernel near the issue limit as well as the memory limit. 60-64 registers: 4 resident CTAs (32 warps) an SM.
+// kernel near the instruction-issue limit as well as the memory limit. 60-64 registers: 4 resident CTAs (32 warps) an SM.
 // NOTE: the searches read the code at pivots 127 ± 64 ± 32 ..., which share banks (63 and 191,
 // 31/95/159/223 ...): up to 4-way conflicts in the middle steps, as in bitsandbytes. A padded
 // table (index i at i + i / 32) would remove them but needs its own search, not quant.h's.
