@@ -110,10 +110,12 @@ class LoReFTInterventions(nn.Module):
                 real = torch.ones(batch, prompt.length, dtype=torch.bool, device=x.device)
             prompt.real = real
         elif real.shape[0] != batch:  # generate expanded the batch (beams, num_return_sequences)
+            rows = real.shape[0]
             real = real_tokens(real, batch, prompt.length)
             if real is None:
-                raise ValueError(f"generate: attention_mask has {prompt.real.shape[0]} rows, and the model "
-                                 f"is called with {batch}, not a multiple of them")
+                raise ValueError(f"generate: attention_mask has {rows} rows, and the model is called with "
+                                 f"{batch}, not a multiple of them")
+            prompt.real = real  # expanded once: every later call of this generate has the same rows
         positions = reft_positions(real.long(), self.config["positions"]) - past
         self._positions = torch.where((positions >= 0) & (positions < seq), positions, -1)
 
