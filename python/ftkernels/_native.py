@@ -14,8 +14,7 @@ import threading
 
 import torch
 
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-QUANT_TYPE_CODE = {"nf4": 0, "fp4": 1}
+from ._formats import DTYPE_CODE, QUANT_TYPE_CODE, dropout_args
 
 _lock = threading.Lock()
 _modules: dict[str, object] = {}
@@ -101,18 +100,6 @@ def dequantize_blockwise_args(A, absmax, code, blocksize, out) -> tuple:
 
 # ---- fused LoRA (csrc/include/ftk/lora.h, lora_args.h) -------------------------------------
 
-LORA_FORWARD, LORA_GRAD_INPUT = 0, 1  # ftk::LoraMatmulMode
-
-
-def dropout_args(p: float, seed: int | None) -> tuple:
-    """(enabled, seed, threshold, scale) of ftk::Dropout; the contract is in lora.h."""
-    from .backends.reference import dropout_scale, dropout_threshold
-
-    if seed is None:
-        return (False, 0, 0, 1.0)
-    return (True, seed, dropout_threshold(p), dropout_scale(p))
-
-
 def lora_dropout_args(t, p: float, seed: int | None, out) -> tuple:
     return (t.data_ptr(), DTYPE_CODE[t.dtype], t.shape[0], t.shape[1], *dropout_args(p, seed), out.data_ptr())
 
@@ -158,17 +145,6 @@ def reft_backward_args(g2, h2, P, Q, z, rows, p: float, seed: int | None, dh, dP
 
 
 # ---- fused optimizer steps (csrc/include/ftk/optim.h, optim_args.h) -----------------------
-
-OPTIM_ADAMW, OPTIM_LION = 0, 1  # ftk::OptimKind
-
-
-def optim_hyper(lr, beta1, beta2, eps, weight_decay, step=None) -> tuple:
-    """ftk::OptimHyper: every derived scalar in double, rounded once on the way in (optim.h)."""
-    from ._ops import adamw_bias_terms
-
-    step_size, bc2_sqrt = adamw_bias_terms(lr, beta1, beta2, step) if step is not None else (lr, 1.0)
-    return (lr, beta1, beta2, eps, 1.0 - lr * weight_decay, 1.0 - beta1, 1.0 - beta2, step_size, bc2_sqrt)
-
 
 def optim_32bit_args(kind: int, param, grad, state1, state2) -> tuple:
     return (kind, param.data_ptr(), DTYPE_CODE[param.dtype], grad.data_ptr(), DTYPE_CODE[grad.dtype], param.numel(),

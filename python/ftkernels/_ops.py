@@ -25,13 +25,28 @@ from typing import NamedTuple
 
 import torch
 
+from ._formats import (
+    BLOCKSIZES_4BIT,
+    BLOCKSIZES_8BIT,
+    FLOAT_DTYPES,
+    GRAD_DTYPES,
+    LORA_MAX_RANK,
+    POSITION_DTYPES,
+    QUANT_TYPES,
+    REFT_MAX_RANK,
+    OPTIM_BLOCK,
+    lora_linear_4bit_backward_outputs,
+    quantize_4bit_outputs,
+    quantize_blockwise_outputs,
+    reft_backward_outputs,
+    reft_compute_dtype,
+    reft_forward_outputs,
+    reft_slots,
+)
+
 LIB = torch.library.Library("ftk", "DEF")  # noqa: TOR901 - the one library of the package
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-BLOCKSIZES_8BIT = BLOCKSIZES_4BIT
-QUANT_TYPES = ("nf4", "fp4")
 
 _KERNELS: dict[tuple[str, str], Callable] = {}
 _override: str | None = None
@@ -306,18 +321,6 @@ def _fake_same_device(A: torch.Tensor, **others) -> None:
             _need_device(name, t, A.device)
 
 
-def quantize_4bit_outputs(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty (packed, absmax) for quantize_4bit of A: the fake returns them and every
-    kernel fills them, so the output shapes are written down once."""
-    n = A.numel()
-    return A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), A.new_empty((-(-n // blocksize),), dtype=torch.float32)
-
-
-def quantize_blockwise_outputs(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty (codes, absmax) for quantize_blockwise of A (see quantize_4bit_outputs)."""
-    return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((-(-A.numel() // blocksize),), dtype=torch.float32)
-
-
 def _fake_quantize_4bit(A, blocksize, quant_type):
     return quantize_4bit_outputs(A, blocksize)
 
@@ -384,8 +387,6 @@ _define(
 # B (N x r). Dropout is PEFT's (on the LoRA input only, kept values scaled by 1/(1-p)); its mask
 # is a hash of (seed, row, column), so backward regenerates it instead of storing it.
 
-LORA_MAX_RANK = 256
-GRAD_DTYPES = FLOAT_DTYPES + (torch.float64,)  # float64: the reference backend, for gradcheck
 
 
 class Weight4bit(NamedTuple):
@@ -502,14 +503,6 @@ def _fake_lora_linear_4bit_backward(grad_out, x, packed, absmax, blocksize, quan
     return lora_linear_4bit_backward_outputs(x, lora_A, lora_B, need_x, need_lora)
 
 
-def lora_linear_4bit_backward_outputs(x, lora_A, lora_B, need_x: bool, need_lora: bool):
-    """Empty (dx, dA, dB) in the dtypes of x, A and B; a gradient not asked for is a 0-element
-    tensor (an op's outputs must be tensors)."""
-    def like(t, wanted):
-        return torch.empty_like(t) if wanted else t.new_empty(0)
-    return like(x, need_x), like(lora_A, need_lora), like(lora_B, need_lora)
-
-
 _WEIGHT_4BIT_SCHEMA = ("Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
                        "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize")
 _define(
@@ -567,13 +560,6 @@ torch.library.register_autograd("ftk::lora_linear_4bit", _lora_backward, setup_c
 # Dropout applies to the edit only, never to h, with the hashed mask over (row, column) of h
 # (dropout.h), so backward regenerates it.
 
-REFT_MAX_RANK = 64  # csrc/include/ftk/reft.h, kReftMaxRank: the kernels keep z and s on chip
-POSITION_DTYPES = (torch.int64, torch.int32)
-
-
-def reft_compute_dtype(h: torch.Tensor) -> torch.dtype:
-    """The math's dtype: fp32, or fp64 when h is (the reference backend, for gradcheck)."""
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
 def _check_reft_h(h) -> None:
@@ -641,11 +627,6 @@ def reft_rows(positions, h: torch.Tensor) -> torch.Tensor | None:
     return torch.where(pos >= 0, pos + base, -1).reshape(-1)
 
 
-def reft_slots(h: torch.Tensor, positions) -> int:
-    """How many slots (rows of z) a call has: positions.numel(), or every row of h."""
-    return positions.numel() if positions is not None else h.numel() // h.shape[-1]
-
-
 def _check_reft(h, P_name, P, Q_name, Q, b, positions, dropout_p, seed, to_pq):
     _check_reft_h(h)
     r = _check_reft_factor(P_name, P, h)
@@ -683,22 +664,6 @@ def _check_reft_backward(grad, h, P, Q, z, positions, dropout_p, seed, need_h, n
     rows = reft_rows(positions, h)
     return (dense(grad), dense(h), dense(P), dense(Q), dense(z), rows, float(dropout_p),
             dropout_seed(dropout_p, seed), bool(need_h), bool(need_params))
-
-
-def reft_forward_outputs(h: torch.Tensor, r: int, n_slots: int):
-    """Empty (out, z): out like h, z (n_slots, r) in the compute dtype."""
-    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(
-        (n_slots, r), dtype=reft_compute_dtype(h))
-
-
-def reft_backward_outputs(h: torch.Tensor, r: int, need_h: bool, need_params: bool):
-    """Empty (dh, dP, dQ, db); a gradient not asked for is a 0-element tensor."""
-    ct = reft_compute_dtype(h)
-    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_h else h.new_empty(0)
-    if not need_params:
-        return dh, h.new_empty(0, dtype=ct), h.new_empty(0, dtype=ct), h.new_empty(0, dtype=ct)
-    d = h.shape[-1]
-    return dh, h.new_empty((r, d), dtype=ct), h.new_empty((r, d), dtype=ct), h.new_empty((r,), dtype=ct)
 
 
 def _fake_reft(A_name: str, B_name: str) -> Callable:
@@ -779,7 +744,6 @@ torch.library.register_autograd(
 # In-place ops: one pass over param, grad and the states. The math is optim.h's (torch's AdamW
 # order, Lion as in bitsandbytes, bitsandbytes' blockwise 8-bit Adam with blocks of 256).
 
-OPTIM_BLOCK = 256  # the 8-bit state blocksize (optim.h, kOptimBlock)
 
 
 def _need_inplace(name: str, t, like: torch.Tensor, dtypes) -> None:
@@ -815,11 +779,6 @@ def _check_param_grad(param, grad):
     if grad.shape != param.shape:
         raise ValueError(f"grad has shape {list(grad.shape)} but param has {list(param.shape)}")
     return dense(grad)
-
-
-def adamw_bias_terms(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
-    """(lr / (1 − β1^t), √(1 − β2^t)) in double, as torch.optim.AdamW computes them."""
-    return lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
 
 
 def _check_adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):

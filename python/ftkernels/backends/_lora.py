@@ -4,7 +4,7 @@ Each native backend (cpu, cuda, triton) supplies
   ``dropout(t, p, seed) -> fp32``: drop(t) of a 2-D t with the hashed mask (t as fp32 when
       seed is None), and
   ``matmul(mode, X, w, bias, L, R, scaling, p, seed) -> out``: the big product with its
-      rank-r epilogue, ``_native.LORA_FORWARD`` or ``_native.LORA_GRAD_INPUT``;
+      rank-r epilogue, ``_formats.LORA_FORWARD`` or ``_formats.LORA_GRAD_INPUT``;
 and this module does the rest the same way for all of them: the rank-r GEMMs (drop(x)·Aᵀ,
 dy·B, dA, dB; ~1% of the FLOPs at r=16, K=N=4096) go to torch's matmul.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from .. import _native
+from .. import _formats
 
 
 def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,20 +38,18 @@ def forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, *, dropout: Ca
     x2 = x.reshape(-1, k)
     xd = dropout(x2, dropout_p, seed) if seed is not None else x2
     xa = mm32(xd, lora_A.T)  # (M, r) fp32, the epilogue's L
-    y = matmul(_native.LORA_FORWARD, x2, w, bias, xa, lora_B, scaling, 0.0, None)
+    y = matmul(_formats.LORA_FORWARD, x2, w, bias, xa, lora_B, scaling, 0.0, None)
     return y.view(*x.shape[:-1], n)
 
 
 def backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora, *,
              dropout: Callable, matmul: Callable):
-    from .._ops import lora_linear_4bit_backward_outputs
-
     n, k = w.shape
     dy = grad_out.reshape(-1, n)
     g = mm32(dy, lora_B)  # (M, r) fp32: the gradient at the LoRA bottleneck
-    dx, dA, dB = lora_linear_4bit_backward_outputs(x, lora_A, lora_B, False, False)
+    dx, dA, dB = _formats.lora_linear_4bit_backward_outputs(x, lora_A, lora_B, False, False)
     if need_x:
-        dx = matmul(_native.LORA_GRAD_INPUT, dy, w, None, g, lora_A, scaling, dropout_p, seed).view(x.shape)
+        dx = matmul(_formats.LORA_GRAD_INPUT, dy, w, None, g, lora_A, scaling, dropout_p, seed).view(x.shape)
     if need_lora:
         x2 = x.reshape(-1, k)
         xd = dropout(x2, dropout_p, seed) if seed is not None else x2

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native
+from .. import _formats, _native
 from . import _lora
-from .._ops import (
-    quantize_4bit_outputs,
-    quantize_blockwise_outputs,
-    reft_backward_outputs,
-    reft_forward_outputs,
-    register_kernel,
-)
+from .._ops import register_kernel
 
 
 @register_kernel("quantize_4bit", "cpu")
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
-    packed, absmax = quantize_4bit_outputs(A, blocksize)
+    packed, absmax = _formats.quantize_4bit_outputs(A, blocksize)
     _native.cpu().quantize_4bit(*_native.quantize_4bit_args(A, blocksize, quant_type, packed, absmax),
                                 torch.get_num_threads())
     return packed, absmax
@@ -36,7 +30,7 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
 
 @register_kernel("quantize_blockwise", "cpu")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-    out, absmax = quantize_blockwise_outputs(A, blocksize)
+    out, absmax = _formats.quantize_blockwise_outputs(A, blocksize)
     _native.cpu().quantize_blockwise(*_native.quantize_blockwise_args(A, code, blocksize, out, absmax),
                                      torch.get_num_threads())
     return out, absmax
@@ -97,7 +91,7 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     """The big product and its rank-r epilogue in fp32 (X is fp32: the kernels below widen it).
     The epilogue's s·L·Rᵀ (or s·drop'(L·R)) starts out, and every tile's GEMM accumulates into it."""
     R32 = R.float()
-    if mode == _native.LORA_FORWARD:
+    if mode == _formats.LORA_FORWARD:
         out = torch.addmm(bias.float(), L, R32.T, alpha=scaling) if bias is not None else torch.mm(L, R32.T).mul_(
             scaling)
         for n0, tile in _weight_tiles(w):
@@ -142,7 +136,7 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
 def reft_forward(h, P, Q, b, rows, dropout_p, seed):
     _need_native_dtypes(("h", h))
     h2 = h.reshape(-1, h.shape[-1])
-    out, z = reft_forward_outputs(h, P.shape[0], rows.numel() if rows is not None else h2.shape[0])
+    out, z = _formats.reft_forward_outputs(h, P.shape[0], rows.numel() if rows is not None else h2.shape[0])
     if rows is not None:
         out.copy_(h)  # rows no slot selects pass through; the kernel writes the selected ones
     _native.cpu().reft_forward(*_native.reft_forward_args(h2, P, Q, b, rows, dropout_p, seed, out, z),
@@ -153,7 +147,7 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
 @register_kernel("reft_backward", "cpu")
 def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
     _need_native_dtypes(("grad", grad), ("h", h))
-    dh, dP, dQ, db = reft_backward_outputs(h, P.shape[0], need_h, need_params)
+    dh, dP, dQ, db = _formats.reft_backward_outputs(h, P.shape[0], need_h, need_params)
     if need_h and rows is not None:
         dh.copy_(grad)
     d = h.shape[-1]
@@ -169,15 +163,15 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 
 @register_kernel("adamw_step", "cpu")
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
-    _native.cpu().optim_32bit_step(*_native.optim_32bit_args(_native.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq),
-                                   *_native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
+    _native.cpu().optim_32bit_step(*_native.optim_32bit_args(_formats.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq),
+                                   *_formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
                                    torch.get_num_threads())
 
 
 @register_kernel("lion_step", "cpu")
 def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
-    _native.cpu().optim_32bit_step(*_native.optim_32bit_args(_native.OPTIM_LION, param, grad, exp_avg, None),
-                                   *_native.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
+    _native.cpu().optim_32bit_step(*_native.optim_32bit_args(_formats.OPTIM_LION, param, grad, exp_avg, None),
+                                   *_formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
                                    torch.get_num_threads())
 
 
@@ -185,5 +179,5 @@ def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
 def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
                    weight_decay, step):
     _native.cpu().optim_8bit_step(*_native.optim_8bit_args(param, grad, state1, state2, absmax1, absmax2, code1, code2),
-                                  *_native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
+                                  *_formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
                                   torch.get_num_threads())

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native
-from .._ops import (quantize_4bit_outputs, quantize_blockwise_outputs, reft_backward_outputs, reft_forward_outputs,
-                    register_kernel)
+from .. import _formats, _native
+from .._ops import register_kernel
 from . import _lora
 
 
@@ -21,7 +20,7 @@ def _stream(device: torch.device) -> int:
 
 @register_kernel("quantize_4bit", "cuda")
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
-    packed, absmax = quantize_4bit_outputs(A, blocksize)
+    packed, absmax = _formats.quantize_4bit_outputs(A, blocksize)
     with torch.cuda.device(A.device):
         _native.cuda().quantize_4bit(*_native.quantize_4bit_args(A, blocksize, quant_type, packed, absmax),
                                      _stream(A.device))
@@ -48,7 +47,7 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
 
 @register_kernel("quantize_blockwise", "cuda")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-    out, absmax = quantize_blockwise_outputs(A, blocksize)
+    out, absmax = _formats.quantize_blockwise_outputs(A, blocksize)
     with torch.cuda.device(A.device):
         _native.cuda().quantize_blockwise(*_native.quantize_blockwise_args(A, code, blocksize, out, absmax),
                                           _stream(A.device))
@@ -88,7 +87,7 @@ def _lora_dropout(t: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
 def _lora_matmul(mode: int, X, w, bias, L, R, scaling: float, p: float, seed: int | None) -> torch.Tensor:
     """Forward: X (M, K) -> (M, N); GradInput: X (M, N) -> (M, K); out in X's dtype."""
     n, k = w.shape
-    forward = mode == _native.LORA_FORWARD
+    forward = mode == _formats.LORA_FORWARD
     out = torch.empty((X.shape[0], n if forward else k), dtype=X.dtype, device=X.device)
     if out.numel() == 0:
         return out
@@ -122,7 +121,7 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
     d = h.shape[-1]
     h2 = h.reshape(-1, d)
     n_slots = rows.numel() if rows is not None else h2.shape[0]
-    out, z = reft_forward_outputs(h, P.shape[0], n_slots)
+    out, z = _formats.reft_forward_outputs(h, P.shape[0], n_slots)
     if rows is not None:
         out.copy_(h)  # the kernel writes the selected rows only
     if n_slots == 0:
@@ -137,7 +136,7 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
 def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
     _need_native_dtypes(grad=grad, h=h, P=P, Q=Q, z=z)
     r, d = P.shape
-    dh, dP, dQ, db = reft_backward_outputs(h, r, need_h, need_params)
+    dh, dP, dQ, db = _formats.reft_backward_outputs(h, r, need_h, need_params)
     if not (need_h or need_params):
         return dh, dP, dQ, db
     if need_h and rows is not None:
@@ -163,15 +162,15 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
     with torch.cuda.device(param.device):
         _native.cuda().optim_32bit_step(
-            *_native.optim_32bit_args(_native.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq),
-            *_native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step), _stream(param.device))
+            *_native.optim_32bit_args(_formats.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq),
+            *_formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step), _stream(param.device))
 
 
 @register_kernel("lion_step", "cuda")
 def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
     with torch.cuda.device(param.device):
-        _native.cuda().optim_32bit_step(*_native.optim_32bit_args(_native.OPTIM_LION, param, grad, exp_avg, None),
-                                        *_native.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
+        _native.cuda().optim_32bit_step(*_native.optim_32bit_args(_formats.OPTIM_LION, param, grad, exp_avg, None),
+                                        *_formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
                                         _stream(param.device))
 
 
@@ -181,4 +180,4 @@ def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, 
     with torch.cuda.device(param.device):
         _native.cuda().optim_8bit_step(
             *_native.optim_8bit_args(param, grad, state1, state2, absmax1, absmax2, code1, code2),
-            *_native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step), _stream(param.device))
+            *_formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step), _stream(param.device))

@@ -9,28 +9,20 @@ from __future__ import annotations
 
 import torch
 
+from .._formats import (
+    FP4_RANK_TO_BITS,
+    FP4_THRESHOLDS,
+    NF4_CODE,
+    OPTIM_BLOCK,
+    adamw_bias_terms,
+    code_4bit,
+    dropout_scale,
+    dropout_threshold,
+    lora_linear_4bit_backward_outputs,
+    quantize_8bit,
+    reft_backward_outputs,
+)
 from .._ops import register_kernel
-
-NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
-# Indexed by bit pattern; index 8 is -0.0 (sign times magnitude, as bitsandbytes' CUDA tree).
-FP4_CODE = (
-    0.0, 0.0625 / 12, 8 / 12, 1.0, 4 / 12, 6 / 12, 2 / 12, 3 / 12,
-    -0.0, -0.0625 / 12, -8 / 12, -1.0, -4 / 12, -6 / 12, -2 / 12, -3 / 12,
-)
-# bitsandbytes' dQuantizeFP4 magnitude thresholds (literals, not exact midpoints) and the
-# bit pattern of each magnitude rank.
-FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
-FP4_RANK_TO_BITS = (0, 1, 6, 7, 4, 5, 2, 3)
-
-
-def code_4bit(quant_type: str, device) -> torch.Tensor:
-    return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32, device=device)
-
 
 def _nf4_midpoints(device) -> torch.Tensor:
     c = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
@@ -89,30 +81,6 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
     return result if out is None else out.copy_(result)
 
 
-def quantize_8bit(code: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' dQuantize<0> (quant.h's quantize_8bit), vectorised: a 7-step binary search
-    over the sorted code, then the nearer bracketing entry, ties to the pivot."""
-    pivot = torch.full_like(x, 127, dtype=torch.long)
-    upper_pivot = torch.full_like(pivot, 255)
-    lower_pivot = torch.zeros_like(pivot)
-    lower = torch.full_like(x, -1.0)
-    upper = torch.full_like(x, 1.0)
-    val = code[pivot]
-    for step in (64, 32, 16, 8, 4, 2, 1):
-        gt = x > val
-        lower_pivot = torch.where(gt, pivot, lower_pivot)
-        lower = torch.where(gt, val, lower)
-        upper_pivot = torch.where(gt, upper_pivot, pivot)
-        upper = torch.where(gt, upper, val)
-        pivot = torch.where(gt, pivot + step, pivot - step)
-        val = code[pivot]
-    upper = torch.where(upper_pivot == 255, code[255], upper)
-    lower = torch.where(lower_pivot == 0, code[0], lower)
-    up = torch.where(x > (upper + val) * 0.5, upper_pivot, pivot)
-    down = torch.where(x < (lower + val) * 0.5, lower_pivot, pivot)
-    return torch.where(x > val, up, down).to(torch.uint8)
-
-
 @register_kernel("quantize_blockwise", "reference")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     x, absmax = _blocks(A, blocksize)
@@ -147,15 +115,6 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     h = h ^ (h >> 15)
     h = _mul32(h, 0x846CA68B)
     return h ^ (h >> 16)
-
-
-def dropout_threshold(p: float) -> int:
-    return int(p * 16777216.0)
-
-
-def dropout_scale(p: float) -> float:
-    """1 / (1 - p) rounded to fp32, the factor every backend applies to kept values."""
-    return torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).item()
 
 
 def dropout_keep(rows: int | torch.Tensor, cols: int, p: float, seed: int, device) -> torch.Tensor:
@@ -198,8 +157,6 @@ def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
 
 @register_kernel("lora_linear_4bit_backward", "reference")
 def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
-    from .._ops import lora_linear_4bit_backward_outputs
-
     dx, dA, dB = lora_linear_4bit_backward_outputs(x, lora_A, lora_B, need_x, need_lora)
     ct = _compute_dtype(x)
     n, k = w.shape
@@ -250,8 +207,6 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
 
 @register_kernel("reft_backward", "reference")
 def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
-    from .._ops import reft_backward_outputs
-
     dh, dP, dQ, db = reft_backward_outputs(h, P.shape[0], need_h, need_params)
     ct = _compute_dtype(h)
     d = h.shape[-1]
@@ -276,8 +231,6 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 
 @register_kernel("adamw_step", "reference")
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
-    from .._ops import adamw_bias_terms
-
     step_size, bc2_sqrt = adamw_bias_terms(lr, beta1, beta2, step)
     p, g = param.float(), grad.float()
     p.mul_(1.0 - lr * weight_decay)
@@ -299,8 +252,6 @@ def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
 @register_kernel("adamw8bit_step", "reference")
 def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
                    weight_decay, step):
-    from .._ops import OPTIM_BLOCK, adamw_bias_terms
-
     n = param.numel()
     if n == 0:
         return

@@ -16,10 +16,8 @@ import os
 
 import torch
 
-from .. import _native
-from .._native import QUANT_TYPE_CODE  # the codes of triton_kernels.nf4.QUANT_NF4 / QUANT_FP4
-from .._ops import (quantize_4bit_outputs, quantize_blockwise_outputs, reft_backward_outputs, reft_forward_outputs,
-                    register_kernel)
+from .. import _formats
+from .._ops import register_kernel
 from . import _lora
 
 
@@ -77,8 +75,8 @@ def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
 
 @register_kernel("quantize_4bit", "triton")
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
-    packed, absmax = quantize_4bit_outputs(A, blocksize)
-    _nf4().quantize_4bit(A, packed, absmax, blocksize, QUANT_TYPE_CODE[quant_type])
+    packed, absmax = _formats.quantize_4bit_outputs(A, blocksize)
+    _nf4().quantize_4bit(A, packed, absmax, blocksize, _formats.QUANT_TYPE_CODE[quant_type])
     return packed, absmax
 
 
@@ -94,7 +92,7 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
 
 @register_kernel("quantize_blockwise", "triton")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
-    out, absmax = quantize_blockwise_outputs(A, blocksize)
+    out, absmax = _formats.quantize_blockwise_outputs(A, blocksize)
     _nf4().quantize_blockwise(A, code, out, absmax, blocksize)
     return out, absmax
 
@@ -111,15 +109,15 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
 
 def _lora_dropout(t: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
     out = torch.empty(t.shape, dtype=torch.float32, device=t.device)
-    _lora_kernels().lora_dropout(t, out, *_native.dropout_args(p, seed))
+    _lora_kernels().lora_dropout(t, out, *_formats.dropout_args(p, seed))
     return out
 
 
 def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     n, k = w.shape
-    out = X.new_empty((X.shape[0], n if mode == _native.LORA_FORWARD else k))
+    out = X.new_empty((X.shape[0], n if mode == _formats.LORA_FORWARD else k))
     _lora_kernels().lora_matmul(mode, X, w, _code_4bit(w.quant_type, X.device), bias, L.contiguous(), R, scaling,
-                                *_native.dropout_args(p, seed), out)
+                                *_formats.dropout_args(p, seed), out)
     return out
 
 
@@ -149,10 +147,10 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
 def reft_forward(h, P, Q, b, rows, dropout_p, seed):
     _no_float64(h, P, Q, b)
     n_slots = rows.numel() if rows is not None else h.numel() // h.shape[-1]
-    out, z = reft_forward_outputs(h, P.shape[0], n_slots)
+    out, z = _formats.reft_forward_outputs(h, P.shape[0], n_slots)
     if rows is not None:
         out.copy_(h)  # rows no slot selects keep h; the kernel writes the selected ones
-    _reft_kernels().reft_forward(h, P, Q, b, rows, *_native.dropout_args(dropout_p, seed), out, z)
+    _reft_kernels().reft_forward(h, P, Q, b, rows, *_formats.dropout_args(dropout_p, seed), out, z)
     return out, z
 
 
@@ -161,12 +159,12 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
     _no_float64(grad, h, P, Q, z)
     kernels = _reft_kernels()
     r, d = P.shape
-    dh, dP, dQ, db = reft_backward_outputs(h, r, need_h, need_params)
+    dh, dP, dQ, db = _formats.reft_backward_outputs(h, r, need_h, need_params)
     if rows is not None and need_h:
         dh.copy_(grad)  # rows no slot selects: dh = grad
     workspace = torch.empty(kernels.backward_workspace_shape(z.shape[0], r, d, h.device, need_params),
                             dtype=torch.float32, device=h.device)
-    kernels.reft_backward(grad, h, P, Q, z, rows, *_native.dropout_args(dropout_p, seed), dh if need_h else None,
+    kernels.reft_backward(grad, h, P, Q, z, rows, *_formats.dropout_args(dropout_p, seed), dh if need_h else None,
                           *((dP, dQ, db) if need_params else (None, None, None)), workspace)
     return dh, dP, dQ, db
 
@@ -177,16 +175,16 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 @register_kernel("adamw_step", "triton")
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
     _optim_kernels().adamw_step(param, grad, exp_avg, exp_avg_sq,
-                                _native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step))
+                                _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step))
 
 
 @register_kernel("lion_step", "triton")
 def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
-    _optim_kernels().lion_step(param, grad, exp_avg, _native.optim_hyper(lr, beta1, beta2, 0.0, weight_decay))
+    _optim_kernels().lion_step(param, grad, exp_avg, _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay))
 
 
 @register_kernel("adamw8bit_step", "triton")
 def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
                    weight_decay, step):
     _optim_kernels().adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2,
-                                    _native.optim_hyper(lr, beta1, beta2, eps, weight_decay, step))
+                                    _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step))
