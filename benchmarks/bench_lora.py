@@ -123,7 +123,7 @@ def test_lora(benchmark, weight, case, impl):
     device, dtype, tokens, what = case
     if impl.startswith("ftk-") and impl not in OURS[device]:
         pytest.skip("not a backend of this device")
-    if impl.startswith("ftk-") and not ftk._ops.backend_available(impl.removeprefix("ftk-"), device):
+    if impl.startswith("ftk-") and not ftk._registry.backend_available(impl.removeprefix("ftk-"), device):
         pytest.skip(f"backend {impl} unavailable on {device}")
     if impl == "dense" and device == "cpu" and dtype != torch.float32:
         pytest.skip("torch's 16-bit CPU GEMM is no ceiling (~400x slower than fp32 here)")

@@ -129,7 +129,7 @@ def test_loreft(benchmark, case, impl):
     device, dtype, batch, seq, spec, what = case
     if impl.startswith("ftk-") and impl not in OURS[device]:
         pytest.skip("not a backend of this device")
-    if impl.startswith("ftk-") and not ftk._ops.backend_available(impl.removeprefix("ftk-"), device):
+    if impl.startswith("ftk-") and not ftk._registry.backend_available(impl.removeprefix("ftk-"), device):
         pytest.skip(f"backend {impl} unavailable on {device}")
     name = f"{device}-{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16').replace('float32', 'fp32')}"
     name += f"-{batch}x{seq}-{spec or 'all'}-{what}"

@@ -67,7 +67,7 @@ def _skip_unavailable(impl, device, mode=None):
         pytest.skip("torchao's NF4Tensor has no dequantize into an existing tensor")
     if impl in BASELINES:
         return
-    if not ftk._ops.backend_available(impl, device):
+    if not ftk._registry.backend_available(impl, device):
         pytest.skip(f"backend {impl} unavailable on {device}")
 
 

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import ftkernels  # noqa: E402
-from ftkernels._ops import backend_available  # noqa: E402
+from ftkernels._registry import backend_available  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -13,7 +13,7 @@ import torch
 from conftest import assert_within_torch_error, cuda_only, raise_bad_call
 
 import ftkernels as ftk
-from ftkernels import _native
+from ftkernels import _formats, _native
 from ftkernels.backends import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -65,7 +65,7 @@ class Case:
         if p > 0:
             s = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
             keep = reference.dropout_keep(x2.shape[0], x2.shape[1], p, s, dev)
-            xd = torch.where(keep, x2 * reference.dropout_scale(p), torch.zeros((), dtype=dtype, device=dev))
+            xd = torch.where(keep, x2 * _formats.dropout_scale(p), torch.zeros((), dtype=dtype, device=dev))
         y = x2 @ self.W.to(dtype).T + self.scaling * ((xd @ A.T) @ B.T)
         if bias is not None:
             y = y + bias
@@ -189,7 +189,7 @@ def test_dropout_mask_statistics():
     other = reference.dropout_keep(512, 1024, 0.1, 124, "cpu").float()
     agree = (keep == other).float().mean().item()
     assert abs(agree - (0.9**2 + 0.1**2)) < 0.005  # two seeds: independent masks
-    assert reference.dropout_threshold(0.0) == 0 and reference.dropout_keep(3, 3, 0.0, 1, "cpu").all()
+    assert _formats.dropout_threshold(0.0) == 0 and reference.dropout_keep(3, 3, 0.0, 1, "cpu").all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)

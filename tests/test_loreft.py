@@ -15,7 +15,7 @@ from torch import nn
 from conftest import BACKEND_DEVICES, assert_within_torch_error, raise_bad_call
 
 import ftkernels as ftk
-from ftkernels import _native
+from ftkernels import _formats, _native
 from ftkernels.backends import reference
 from ftkernels.nn import DiReFT, LoReFT, parse_positions, reft_positions
 from ftkernels.nn.loreft import OrthonormalRows
@@ -92,7 +92,7 @@ class Case:
         if p > 0:
             s = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
             keep = reference.dropout_keep(rows, d, p, s, h.device)
-            edit = torch.where(keep, edit * reference.dropout_scale(p), torch.zeros((), dtype=dtype,
+            edit = torch.where(keep, edit * _formats.dropout_scale(p), torch.zeros((), dtype=dtype,
                                                                                       device=h.device))
         out = h2.index_add(0, rows, edit).reshape(h.shape)
         out.backward(self.grad.to(dtype))

@@ -6,28 +6,28 @@ import pytest
 import torch
 
 import ftkernels as ftk
-from ftkernels import _native, _ops
+from ftkernels import _native, _registry
 
 
 def test_every_op_has_a_reference_and_a_cpu_kernel():
     for op in ("quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise"):
         for backend in ("reference", "cpu", "cuda", "triton"):
-            assert (op, backend) in _ops._KERNELS, (op, backend)
+            assert (op, backend) in _registry._KERNELS, (op, backend)
 
 
 def test_default_backend_per_device():
     expected = "cpu" if _native.cpu_available() else "reference"
-    assert _ops.select_backend("quantize_4bit", "cpu") == expected
-    assert _ops.select_backend("quantize_4bit", "mps") == "reference"
+    assert _registry.select_backend("quantize_4bit", "cpu") == expected
+    assert _registry.select_backend("quantize_4bit", "mps") == "reference"
 
 
 def test_set_backend_and_env_override(monkeypatch):
     ftk.set_backend("reference")
     assert ftk.get_backend() == "reference"
-    assert _ops.select_backend("dequantize_4bit", "cpu") == "reference"
+    assert _registry.select_backend("dequantize_4bit", "cpu") == "reference"
     ftk.set_backend(None)
     monkeypatch.setenv("FTK_BACKEND", "Reference ")
-    assert _ops.select_backend("dequantize_4bit", "cpu") == "reference"
+    assert _registry.select_backend("dequantize_4bit", "cpu") == "reference"
     monkeypatch.setenv("FTK_BACKEND", "fastest")
     with pytest.raises(ValueError, match="FTK_BACKEND must be one of"):
         ftk.quantize_4bit(torch.randn(64))

@@ -13,6 +13,7 @@ from conftest import cuda_only, raise_bad_call
 from torch import nn
 
 import ftkernels as ftk
+from ftkernels import _formats
 from ftkernels.backends import reference
 from ftkernels.optim import AdamW, AdamW8bit, Lion, PagedAdamW, PagedAdamW8bit, PagedLion
 
@@ -116,7 +117,7 @@ def test_reference_quantize_8bit_is_quantize_blockwise():
     code = ftk.create_dynamic_map()
     q, absmax = torch.ops.ftk.quantize_blockwise(x, code, 256)
     blocks = x.reshape(-1, 256)
-    assert torch.equal(reference.quantize_8bit(code, blocks / absmax[:, None]).reshape(-1), q)
+    assert torch.equal(_formats.quantize_8bit(code, blocks / absmax[:, None]).reshape(-1), q)
 
 
 def test_adamw_step_is_torch_adamw():

@@ -8,7 +8,7 @@ from . import _ops  # noqa: F401  (defines torch.ops.ftk.*)
 from . import backends  # noqa: F401  (registers the kernels)
 from . import nn  # noqa: F401  (ftkernels.nn.LinearNF4)
 from . import optim  # noqa: F401  (ftkernels.optim.PagedAdamW8bit)
-from ._ops import get_backend, set_backend, use_backend
+from ._registry import get_backend, set_backend, use_backend
 from .functional import (
     create_dynamic_map,
     dequantize_4bit,

@@ -234,7 +234,7 @@ def _out_dir(path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._ops import BLOCKSIZES_4BIT, QUANT_TYPES
+    from ._formats import BLOCKSIZES_4BIT, QUANT_TYPES
 
     parser = argparse.ArgumentParser(prog="ftk", description="ftkernels: 4-bit weights for fine-tuning LLMs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

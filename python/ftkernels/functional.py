@@ -3,31 +3,11 @@ can switch by changing an import; the defaults are the QLoRA ones (NF4, double q
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from . import _ops
+from ._checks import need_quant_type, need_tensor
+from ._formats import NESTED_BLOCKSIZE, code_4bit, dynamic_map
 from .quant_state import QuantState
-
-NESTED_BLOCKSIZE = 256  # the absmax of absmax: 256 fp32 statistics share one fp32 scale
-
-
-@functools.lru_cache(maxsize=None)
-def _dynamic_map_cpu(signed: bool = True) -> torch.Tensor:
-    # The 8-bit dynamic map (Dettmers, "8-bit approximations for parallelism"): for exponent
-    # e = 0..6, the midpoints of linspace(0.1, 1, k + 1) at scale 10**(e - 6), k = 2**e values
-    # of each sign (signed) or k = 2**(e + 1) non-negative ones (unsigned: the sign bit buys
-    # twice the resolution); then 0 and 1. 256 sorted values, one 0, max 1.0.
-    values = []
-    for e in range(7):
-        k = 2**e if signed else 2 ** (e + 1)
-        edges = torch.linspace(0.1, 1, k + 1, dtype=torch.float32)
-        mids = (edges[:-1] + edges[1:]) / 2.0
-        scaled = (10 ** (e - 6)) * mids
-        values += scaled.tolist() + ((-scaled).tolist() if signed else [])
-    values += [0.0, 1.0]
-    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 def create_dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
@@ -35,13 +15,12 @@ def create_dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
     the first Adam moment, unsigned for the second."""
     if not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool, got {type(signed).__name__} (pass device= by keyword)")
-    return _dynamic_map_cpu(signed).to(device or "cpu", copy=True)
+    return dynamic_map(signed).to(device or "cpu", copy=True)
 
 
 def get_4bit_type(quant_type: str = "nf4", device=None) -> torch.Tensor:
     """The 16-entry code of ``quant_type`` as stored in ``quant_map`` (bitsandbytes' values)."""
-    _ops.need_quant_type(quant_type)
-    from .backends.reference import code_4bit
+    need_quant_type(quant_type)
 
     code = code_4bit(quant_type, device or "cpu")
     return code.abs() * torch.sign(code + 0.0) if quant_type == "fp4" else code  # +0.0 at index 8
@@ -62,7 +41,7 @@ def quantize_4bit(
     bits per parameter at blocksize 64). NaN or inf in a block is kept visible: that block
     dequantizes to non-finite values (with double quantization, every block does).
     """
-    _ops._need_tensor("A", A)
+    need_tensor("A", A)
     if quant_storage != torch.uint8:
         raise ValueError(f"quant_storage: only torch.uint8 is supported, got {quant_storage}")
     packed, absmax = torch.ops.ftk.quantize_4bit(A, blocksize, quant_type)
@@ -113,7 +92,7 @@ def quantize_blockwise(
     A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 4096
 ) -> tuple[torch.Tensor, QuantState]:
     """8-bit blockwise quantization with a 256-entry code (default: the dynamic map)."""
-    _ops._need_tensor("A", A)
+    need_tensor("A", A)
     if code is None:
         code = create_dynamic_map(device=A.device)
     q, absmax = torch.ops.ftk.quantize_blockwise(A, code, blocksize)
@@ -134,7 +113,7 @@ def dequantize_blockwise(
     elif absmax is None:
         raise ValueError("dequantize_blockwise needs quant_state or absmax")
     if code is None:
-        _ops._need_tensor("A", A)
+        need_tensor("A", A)
         code = create_dynamic_map(device=A.device)
     return torch.ops.ftk.dequantize_blockwise(A, absmax, code, blocksize, dtype)
 

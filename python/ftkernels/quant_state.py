@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._ops import BLOCKSIZES_4BIT, BLOCKSIZES_8BIT, QUANT_TYPES
+from ._formats import BLOCKSIZES_4BIT, BLOCKSIZES_8BIT, QUANT_TYPES, code_4bit
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _KEYS = {
@@ -148,7 +148,6 @@ class QuantState:
             raise ValueError(f"quant_state: shape must be a list of non-negative ints, got {shape!r}")
         nblocks = -(-math.prod(shape) // blocksize)
 
-        from .backends.reference import code_4bit
 
         code = _tensor("quant_map", d["quant_map"], torch.float32, 16)
         if not torch.equal(code, code_4bit(quant_type, "cpu").to(code.device)):

@@ -1,3 +1,3 @@
-"""Backend kernels, each registered in ftkernels._ops with register_kernel(op, backend)."""
+"""Backend kernels, each registered in ftkernels._registry with register_kernel(op, backend)."""
 
 from . import cpu, cuda, reference, triton  # noqa: F401  (importing registers the kernels)

@@ -6,7 +6,9 @@ import torch
 
 from .. import _formats, _native
 from . import _lora
-from .._ops import register_kernel
+from .._registry import register_backend, register_kernel
+
+register_backend("cpu", lambda device_type: device_type == "cpu" and _native.cpu_available())
 
 
 @register_kernel("quantize_4bit", "cpu")

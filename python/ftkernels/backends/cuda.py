@@ -10,8 +10,11 @@ from __future__ import annotations
 import torch
 
 from .. import _formats, _native
-from .._ops import register_kernel
+from .._registry import register_backend, register_kernel
 from . import _lora
+
+
+register_backend("cuda", lambda device_type: device_type == "cuda" and _native.cuda_available())
 
 
 def _stream(device: torch.device) -> int:

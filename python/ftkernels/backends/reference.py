@@ -22,7 +22,9 @@ from .._formats import (
     quantize_8bit,
     reft_backward_outputs,
 )
-from .._ops import register_kernel
+from .._registry import register_backend, register_kernel
+
+register_backend("reference", lambda device_type: True)  # any device torch supports
 
 def _nf4_midpoints(device) -> torch.Tensor:
     c = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)

@@ -4,7 +4,7 @@ Triton is optional: nothing here imports it until a kernel runs, and :func:`avai
 False (never raises) where it is missing. On the CPU, Triton runs only under its interpreter
 (``TRITON_INTERPRET=1``, set before Triton is first imported), which is how the tests run.
 
-Each kernel receives the arguments its ``_check_<op>`` in ``_ops.py`` returned (dense tensors,
+Each kernel receives the arguments its op's check (``_ops/<family>.py``) returned (dense tensors,
 valid blocksizes and dtypes), allocates its outputs with torch and returns what the reference
 kernel returns: same shapes, dtypes and bytes.
 """
@@ -17,7 +17,7 @@ import os
 import torch
 
 from .. import _formats
-from .._ops import register_kernel
+from .._registry import register_backend, register_kernel
 from . import _lora
 
 
@@ -38,6 +38,9 @@ def available(device_type: str) -> bool:
     if device_type == "cpu":
         return os.environ.get("TRITON_INTERPRET") == "1" and _triton_imports()
     return False
+
+
+register_backend("triton", available)
 
 
 def _nf4():
@@ -68,9 +71,7 @@ def _optim_kernels():
 def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
     # The 16-entry table the dequantize kernel gathers from, made once per device (the first
     # call, like Triton's own compile, belongs before any CUDA graph capture).
-    from .reference import code_4bit
-
-    return code_4bit(quant_type, device)
+    return _formats.code_4bit(quant_type, device)
 
 
 @register_kernel("quantize_4bit", "triton")

@@ -131,7 +131,7 @@ def quantize_model(
         skip_modules = skip
     from tqdm.auto import tqdm
 
-    from .._ops import need_blocksize, need_quant_type
+    from .._checks import need_blocksize, need_quant_type
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

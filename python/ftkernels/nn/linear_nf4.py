@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._ops import FLOAT_DTYPES, need_blocksize, need_quant_type
-from ..functional import NESTED_BLOCKSIZE, create_dynamic_map, dequantize_4bit, get_4bit_type, quantize_4bit
+from .._checks import need_blocksize, need_quant_type
+from .._formats import FLOAT_DTYPES
+from .._formats import NESTED_BLOCKSIZE
+from ..functional import create_dynamic_map, dequantize_4bit, get_4bit_type, quantize_4bit
 from ..quant_state import QuantState
 
 # NOTE: torch's CPU matmul in bf16 (and fp16) has no fast kernel on most CPUs: bf16 `x @ W` on

@@ -42,7 +42,8 @@ import sys
 import torch
 from torch import nn
 
-from .._ops import FLOAT_DTYPES, LORA_MAX_RANK, need_blocksize, need_quant_type
+from .._checks import need_blocksize, need_quant_type
+from .._formats import FLOAT_DTYPES, LORA_MAX_RANK
 from ..functional import dequantize_4bit, lora_linear_4bit
 from ..quant_state import dtype_name
 from .linear_nf4 import LinearNF4, check_layer_input

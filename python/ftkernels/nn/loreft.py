@@ -4,7 +4,6 @@ LoReFT edits h at chosen positions: Φ(h) = h + Rᵀ(W·h + b − R·h), R (rank
 orthonormal rows. The reference library keeps R orthonormal with torch's Householder
 parametrisation, which multiplies by a d x d "base" (64 MB at d = 4096) three times a forward.
 Here R is the Q factor of a thin QR of an unconstrained (rank x d) parameter V:
-
     R = qr(Vᵀ).Q ᵀ, with the signs fixed so diag(qr(Vᵀ).R) > 0
 
 which costs O(d·rank²) (Householder QR of a d x rank matrix), has no d x d buffer, is smooth
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._formats import REFT_MAX_RANK
 from ..functional import direft, loreft
 
 __all__ = ["DiReFT", "LoReFT", "OrthonormalRows", "parse_positions", "reft_positions"]
@@ -44,8 +44,6 @@ class OrthonormalRows(nn.Module):
 
 
 def _check_dims(embed_dim, rank) -> None:
-    from .._ops import REFT_MAX_RANK
-
     for name, v in (("embed_dim", embed_dim), ("rank", rank)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -24,7 +24,9 @@ from itertools import chain
 
 import torch
 
-from .. import _ops
+from .._formats import OPTIM_BLOCK, quantize_8bit
+from ..functional import create_dynamic_map
+from .paged import paged_empty, prefetch
 
 __all__ = ["AdamW", "AdamW8bit", "Lion", "PagedAdamW", "PagedAdamW8bit", "PagedLion"]
 
@@ -66,8 +68,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _alloc(self, p: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
         if self.paged and p.device.type == "cuda":
-            from .paged import paged_empty
-
             return paged_empty(shape, dtype, p.device)
         return torch.empty(shape, dtype=dtype, device=p.device)
 
@@ -80,7 +80,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, state: dict) -> None:
         state["step"] = 0
         if self._uses_8bit(p):
-            blocks = -(-p.numel() // _ops.OPTIM_BLOCK)
+            blocks = -(-p.numel() // OPTIM_BLOCK)
             codes = _codes(p.device)
             state["state1"] = self._alloc(p, p.shape, torch.uint8).fill_(codes.zero1)
             state["state2"] = self._alloc(p, p.shape, torch.uint8).fill_(codes.zero2)
@@ -124,7 +124,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _prefetch_next(self, work, i: int) -> None:
         """Queue the next parameter's states to its GPU on the current stream (this one's were
         queued during the previous step; the first one's now), never waiting."""
-        from .paged import prefetch
 
         for j in ((i, i + 1) if i == 0 else (i + 1,)):
             if j < len(work):
@@ -174,9 +173,6 @@ class _Codes:
     """The two 8-bit maps on a device, and the code each stores for 0."""
 
     def __init__(self, device):
-        from ..backends.reference import quantize_8bit
-        from ..functional import create_dynamic_map
-
         self.signed = create_dynamic_map(device=device)
         self.unsigned = create_dynamic_map(signed=False, device=device)
         zero = torch.zeros(1, device=device)
