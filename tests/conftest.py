@@ -66,8 +66,8 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "
 
 def assert_within_torch_error(got: torch.Tensor, ref: torch.Tensor, own: torch.Tensor, factor: float = 2.0,
                               what: str = "") -> None:
-    """DESIGN.md's tolerance: got's error against the fp64 oracle ref is at most factor x the
-    error of plain torch in the same dtype (own), plus a small epsilon."""
+    """docs/ARCHITECTURE.md's tolerance rule: got's error against the fp64 oracle ref is at most
+    factor x the error of plain torch in the same dtype (own), plus a small epsilon."""
     assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
     if ref.numel() == 0:
         return

@@ -1,7 +1,7 @@
 """ftk::lora_linear_4bit and its backward: every backend against an fp64 oracle of the formula
-(values and gradients, by DESIGN.md's rule: at most 2x torch's own error in the same dtype),
-dropout, opcheck, gradcheck, torch.compile, bad input. Mirrors csrc/cpu/lora.cpp,
-csrc/cuda/lora.cu, triton_kernels/lora.py and backends/_lora.py."""
+(values and gradients, by the tolerance rule of docs/ARCHITECTURE.md: at most 2x torch's own
+error in the same dtype), dropout, opcheck, gradcheck, torch.compile, bad input. Mirrors
+csrc/cpu/lora.cpp, csrc/cuda/lora*.cu, triton_kernels/lora.py and backends/_lora.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """ftk::loreft, ftk::direft and their backward: every backend against an fp64 oracle of the
-formula (values and gradients, by DESIGN.md's rule: at most 2x torch's own error in the same
-dtype), positions, dropout, opcheck, gradcheck, torch.compile, bad input; then the modules
+formula (values and gradients, by the tolerance rule of docs/ARCHITECTURE.md: at most 2x
+torch's own error in the same dtype), positions, dropout, opcheck, gradcheck, torch.compile, bad input; then the modules
 (nn.LoReFT's orthonormality through training and save/load/resume) and the position helpers.
 Mirrors csrc/cpu/reft.cpp, csrc/cuda/reft.cu, triton_kernels/reft.py and nn/loreft.py."""
 

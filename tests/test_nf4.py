@@ -239,8 +239,8 @@ def _bnb_quantize(A, blocksize, compress, quant_type):
 
 def assert_matches_bnb(A, blocksize, quant_type="nf4"):
     """bitsandbytes' CPU build quantizes 4-bit exactly as its CUDA build does (NF4), but picks
-    an approximate 8-bit code for a few double-quantized absmax (DESIGN.md): where the codes
-    differ, ours (the CUDA binary search, see the reference tests) is the nearer."""
+    an approximate 8-bit code for a few double-quantized absmax (docs/ARCHITECTURE.md, "Formats"):
+    where the codes differ, ours (the CUDA binary search, see the reference tests) is the nearer."""
     packed, qs = ftk.quantize_4bit(A, blocksize, True, quant_type)
     b_packed, b_qs = _bnb_quantize(A, blocksize, True, quant_type)
     assert torch.equal(packed, b_packed)
