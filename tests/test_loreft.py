@@ -1,114 +1,27 @@
 """ftk::loreft, ftk::direft and their backward: every backend against an fp64 oracle of the
-formula (values and gradients, by the tolerance rule of docs/ARCHITECTURE.md: at most 2x
-torch's own error in the same dtype), positions, dropout, opcheck, gradcheck, torch.compile, bad input; then the modules
-(nn.LoReFT's orthonormality through training and save/load/resume) and the position helpers.
-Mirrors csrc/cpu/reft.cpp, csrc/cuda/reft.cu, triton_kernels/reft.py and nn/loreft.py."""
+formula (reft_oracle.py; values and gradients, by the tolerance rule of docs/ARCHITECTURE.md:
+at most 2x torch's own error in the same dtype), positions, dropout, opcheck, gradcheck,
+torch.compile, bad input. The modules are in test_loreft_modules.py. Mirrors
+csrc/cpu/reft.cpp, csrc/cuda/reft.cu, triton_kernels/reft.py and _ops/reft.py."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-
+import ftkernels as ftk
 import pytest
 import torch
-from torch import nn
-from conftest import BACKEND_DEVICES, assert_within_torch_error, raise_bad_call
-
-import ftkernels as ftk
-from ftkernels import _formats, _native
+from conftest import BACKEND_DEVICES, raise_bad_call
+from ftkernels import _native
 from ftkernels.backends import reference
-from ftkernels.nn import DiReFT, LoReFT, parse_positions, reft_positions
-from ftkernels.nn.loreft import OrthonormalRows
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-# (batch, seq, d, rank, positions): odd d, rank 1, 17 and the maximum 64, a 2-D h, k > seq/2.
-SHAPES = [
-    (1, 1, 7, 1, None),
-    (2, 5, 7, 3, [[0, 3, -1], [4, -1, 1]]),
-    (3, 9, 96, 8, [[8, 0], [-1, -1], [2, 5]]),
-    (2, 6, 130, 64, None),
-    (None, 11, 65, 5, [10, 0, 3]),  # h (rows, d), positions are row indices
-    (1, 3, 4097, 4, [[2, 0]]),
-    (2, 3, 40, 17, [[2, 0], [1, -1]]),  # rank >= 16: the Triton kernels' tl.dot path
-]
-SMALL = [0, 1, 2, 4, 6]  # indices into SHAPES for the interpreted Triton kernels
-
-
-def _shape_id(s):
-    b, n, d, r, pos = s
-    return f"{'' if b is None else f'{b}x'}{n}x{d}-r{r}{'-pos' if pos is not None else ''}"
-
-
-class Case:
-    """One call's inputs: h, the factors (R orthonormal for LoReFT), positions, the gradient."""
-
-    def __init__(self, spec, dtype, kind="loreft", seed=0, device="cpu", param_dtype=None):
-        b, n, d, r, pos = spec
-        g = torch.Generator().manual_seed(seed)
-        self.kind, self.dtype = kind, dtype
-        shape = (n, d) if b is None else (b, n, d)
-        pd = param_dtype or dtype
-        self.h = torch.randn(shape, generator=g).to(device, dtype)
-        self.A = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0].T.to(device, pd)
-        self.B = (torch.randn(r, d, generator=g) / d**0.5).to(device, pd)
-        self.b = torch.randn(r, generator=g).to(device, pd)
-        self.positions = None if pos is None else torch.tensor(pos, dtype=torch.int64, device=device)
-        self.grad = torch.randn(shape, generator=g).to(device, dtype)
-
-    @property
-    def fn(self):
-        return ftk.loreft if self.kind == "loreft" else ftk.direft
-
-    def run(self, p=0.0, seed=7, backend=None, need=(True, True, True, True)):
-        """(out, dh, dA, dB, db) from the public function under ``backend``."""
-        leaves = [t.detach().clone().requires_grad_(w) for t, w in zip((self.h, self.A, self.B, self.b), need)]
-        with ftk.use_backend(backend) if backend else contextlib.nullcontext():
-            out = self.fn(*leaves, self.positions, dropout_p=p, generator=torch.Generator().manual_seed(seed))
-            if any(need):
-                out.backward(self.grad)
-        return (out, *(t.grad for t in leaves))
-
-    def torch_run(self, dtype, p=0.0, seed=7):
-        """The edit in plain torch autograd in ``dtype``, row by row with gather and scatter, the
-        same dropout mask: fp64 is the oracle, the input dtype gives torch's own error."""
-        h, A, B, b = (t.detach().to(dtype).requires_grad_() for t in (self.h, self.A, self.B, self.b))
-        d = h.shape[-1]
-        h2 = h.reshape(-1, d)
-        if self.positions is None:
-            rows = torch.arange(h2.shape[0])
-        else:
-            pos = self.positions.cpu().reshape(1 if self.h.dim() == 2 else self.h.shape[0], -1)
-            seq = self.h.shape[-2]
-            rows = torch.tensor([i * seq + int(q) for i in range(pos.shape[0]) for q in pos[i] if q >= 0],
-                                dtype=torch.int64)
-        rows = rows.to(h.device)
-        x = h2[rows]
-        if self.kind == "loreft":
-            edit = (x @ B.T + b - x @ A.T) @ A  # Rᵀ(W·h + b − R·h), A = R, B = W
-        else:
-            edit = (x @ A.T + b) @ B  # W2ᵀ(W1·h + b), A = W1, B = W2
-        if p > 0:
-            s = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
-            keep = reference.dropout_keep(rows, d, p, s, h.device)
-            edit = torch.where(keep, edit * _formats.dropout_scale(p), torch.zeros((), dtype=dtype,
-                                                                                      device=h.device))
-        out = h2.index_add(0, rows, edit).reshape(h.shape)
-        out.backward(self.grad.to(dtype))
-        return (out, h.grad, A.grad, B.grad, b.grad)
-
-
-def assert_close_to_oracle(case, outs, p=0.0, seed=7, what="", factor=2.0):
-    """Each of outs within factor x torch's own error (same dtype, against fp64) + epsilon."""
-    oracle = case.torch_run(torch.float64, p, seed)
-    torch_own = case.torch_run(case.dtype, p, seed)
-    for name, got, ref, own, like in zip(("out", "dh", "dA", "dB", "db"), outs, oracle, torch_own,
-                                         (case.h, case.h, case.A, case.B, case.b)):
-        if got is None:
-            continue
-        assert got.dtype == like.dtype, (what, name, got.dtype)
-        assert_within_torch_error(got, ref, own, factor, f"{what} {name}")
+from ftkernels.nn import LoReFT, reft_positions
+from reft_oracle import (
+    DT_ID,
+    DTYPES,
+    SHAPES,
+    SMALL,
+    Case,
+    _shape_id,
+    assert_close_to_oracle,
+)
 
 
 def _skip_slow_triton(backend_device, i):
@@ -353,187 +266,3 @@ def test_native_reft_functions_check_their_arguments_again():
     if cuda is not None and hasattr(cuda, "reft_forward"):
         with pytest.raises(ValueError, match="r must be"):
             cuda.reft_forward(1, 0, 4, 128, 0, 0, 4, 1, 1, 1, False, 0, 0, 1.0, 1, 1, 0)
-
-
-# ---- the modules ----------------------------------------------------------------------------
-
-
-def _orthonormality_error(R: torch.Tensor) -> float:
-    R = R.detach().double()
-    return (R @ R.T - torch.eye(R.shape[0], dtype=torch.float64)).abs().max().item()
-
-
-def test_orthonormal_rows_parametrisation():
-    torch.manual_seed(0)
-    V = torch.randn(5, 40)
-    R = OrthonormalRows()(V)
-    assert _orthonormality_error(R) < 1e-6
-    # R spans V's row space, and an orthonormal V maps to itself (right_inverse is the identity).
-    torch.testing.assert_close(R.T @ (R @ V.T), V.T, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(OrthonormalRows()(R), R, rtol=0, atol=1e-6)
-
-
-def test_loreft_module_is_the_op_and_keeps_no_d_by_d_state():
-    torch.manual_seed(0)
-    d, r = 4096, 4
-    mod = LoReFT(d, r)
-    assert sum(t.numel() for t in [*mod.parameters(), *mod.buffers()]) == 2 * r * d + r
-    assert _orthonormality_error(mod.rotation) < 1e-6
-    h = torch.randn(2, 3, d)
-    want = ftk.loreft(h, mod.rotation, mod.learned_source.weight, mod.learned_source.bias)
-    torch.testing.assert_close(mod(h), want)
-
-
-def test_rotation_is_recomputed_once_a_training_step(monkeypatch):
-    calls = []
-    forward = OrthonormalRows.forward
-    monkeypatch.setattr(OrthonormalRows, "forward", lambda self, V: calls.append(1) or forward(self, V))
-    mod = LoReFT(32, 4)
-    opt = torch.optim.SGD(mod.parameters(), lr=0.1)
-    calls.clear()
-    for _ in range(3):
-        opt.zero_grad()
-        mod(torch.randn(2, 5, 32)).square().sum().backward()
-        opt.step()
-    assert len(calls) == 3
-
-
-def _train(mod, opt, steps, seed):
-    """Steps of learning to add a fixed rank-3 shift at the edited positions: (first, last) loss."""
-    g = torch.Generator().manual_seed(seed)
-    shift = torch.randn(3, 48, generator=torch.Generator().manual_seed(0)).sum(0)
-    pos = reft_positions(torch.tensor([[1] * 12, [0] * 4 + [1] * 8, [1] * 3 + [0] * 9, [1] * 12]), "f3+l3")
-    edited = torch.zeros(4, 12, dtype=torch.bool)
-    for i, row in enumerate(pos.tolist()):
-        edited[i, [q for q in row if q >= 0]] = True
-    mod.train()
-    losses = []
-    for _ in range(steps):
-        h = torch.randn(4, 12, 48, generator=g)
-        loss = (mod(h, pos) - h - shift)[edited].square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses[0], losses[-1]
-
-
-def test_stays_orthonormal_through_training_and_save_load_resume():
-    torch.manual_seed(0)
-    mod = LoReFT(48, 6, dropout=0.1)
-    opt = torch.optim.AdamW(mod.parameters(), lr=0.05)
-    first, last = _train(mod, opt, 150, seed=1)
-    assert _orthonormality_error(mod.rotation) < 1e-5
-    assert last < 0.2 * first  # it learns
-
-    buf = io.BytesIO()
-    torch.save({"model": mod.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, buf)
-    _train(mod, opt, 20, seed=2)  # uninterrupted
-
-    buf.seek(0)
-    state = torch.load(buf, weights_only=True)
-    resumed = LoReFT(48, 6, dropout=0.1)
-    resumed.load_state_dict(state["model"])
-    assert _orthonormality_error(resumed.rotation) < 1e-5
-    ropt = torch.optim.AdamW(resumed.parameters(), lr=0.05)
-    ropt.load_state_dict(state["opt"])
-    torch.set_rng_state(state["rng"])
-    _train(resumed, ropt, 20, seed=2)
-    for (name, a), b in zip(mod.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), f"{name} differs after resuming"
-    assert _orthonormality_error(resumed.rotation) < 1e-5
-
-
-def test_loading_a_non_orthonormal_state_still_gives_an_orthonormal_rotation():
-    mod = LoReFT(32, 3)
-    state = mod.state_dict()
-    state["parametrizations.rotation.original"] = torch.randn(3, 32) * 5
-    mod.load_state_dict(state)
-    assert _orthonormality_error(mod.rotation) < 1e-6
-
-
-def test_pyreft_state_dict_both_ways():
-    # pyreft's LoreftIntervention, written out: R^T as an orthogonal()-parametrised (d x rank)
-    # weight, W and b in learned_source; its state_dict is {weight, bias, rotate_layer}.
-    torch.manual_seed(0)
-    d, r = 40, 3
-    rotate = nn.Module()
-    rotate.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(d, r)))
-    rotate = nn.utils.parametrizations.orthogonal(rotate)
-    source = nn.Linear(d, r)
-    with torch.no_grad():
-        # as after training (the Householder vectors live below the diagonal of `original`)
-        rotate.parametrizations.weight.original.add_(0.1 * torch.randn(d, r).tril(-1))
-    R_t = rotate.weight.detach()
-    state = {"weight": source.weight.detach(), "bias": source.bias.detach(), "rotate_layer": R_t}
-    mod = LoReFT.from_pyreft_state_dict(state)
-    h = torch.randn(2, 5, d)
-    want = h + ((h @ source.weight.detach().T + source.bias.detach()) - h @ R_t) @ R_t.T
-    torch.testing.assert_close(mod(h), want, rtol=1e-5, atol=1e-5)
-    back = mod.pyreft_state_dict()
-    assert back.keys() == state.keys()
-    for k in state:
-        torch.testing.assert_close(back[k], state[k], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="keys 'weight', 'bias', 'rotate_layer'"):
-        LoReFT.from_pyreft_state_dict({"weight": state["weight"]})
-    with pytest.raises(ValueError, match="weight must be"):
-        LoReFT.from_pyreft_state_dict({**state, "weight": state["weight"][:, :5]})
-
-
-def test_direft_module_is_the_op():
-    torch.manual_seed(0)
-    mod = DiReFT(64, 4, dropout=0.2).eval()
-    h = torch.randn(2, 7, 64)
-    pos = torch.tensor([[0, 6], [3, -1]])
-    want = ftk.direft(h, mod.learned_source.weight, mod.proj, mod.learned_source.bias, pos)
-    torch.testing.assert_close(mod(h, pos), want)
-    mod.train()
-    mod(h, pos).sum().backward()
-    assert all(p.grad is not None for p in mod.parameters())
-
-
-# ---- positions ------------------------------------------------------------------------------
-
-
-def test_parse_positions():
-    assert parse_positions("f7+l7") == (7, 7)
-    assert parse_positions("f5") == (5, 0)
-    assert parse_positions("l3") == (0, 3)
-    for bad in ("", "7", "f7l7", "x1", "f-1", None):
-        with pytest.raises(ValueError, match="positions must look like"):
-            parse_positions(bad)
-
-
-def _expected_positions(mask_row, first, last):
-    real = [i for i, m in enumerate(mask_row) if m]
-    head = real[:first]
-    tail = [q for q in real[max(len(real) - last, 0):] if q not in head]
-    return head + [-1] * (first - len(head)) + [-1] * (last - len(tail)) + tail
-
-
-@pytest.mark.parametrize("padding", ["right", "left"])
-def test_positions_with_padding_and_short_prompts(padding):
-    lengths = [10, 6, 3, 1, 0]
-    seq = 10
-    rows = []
-    for n in lengths:
-        ones, zeros = [1] * n, [0] * (seq - n)
-        rows.append(ones + zeros if padding == "right" else zeros + ones)
-    mask = torch.tensor(rows)
-    for spec, (f, l) in (("f2+l2", (2, 2)), ("f7+l7", (7, 7)), ("f3", (3, 0)), ("l4", (0, 4))):
-        got = reft_positions(mask, spec)
-        assert got.dtype == torch.int64 and got.shape == (len(lengths), f + l)
-        for i, row in enumerate(rows):
-            assert got[i].tolist() == _expected_positions(row, f, l), (padding, spec, i)
-        # every real token at most once, never a padding token
-        for i, row in enumerate(rows):
-            picked = [q for q in got[i].tolist() if q >= 0]
-            assert len(set(picked)) == len(picked) and all(row[q] for q in picked)
-
-
-def test_positions_feed_the_op_with_left_padding():
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    pos = reft_positions(mask, "f1+l1")
-    assert pos.tolist() == [[2, 4], [0, 4]]
-    case = Case((2, 5, 16, 2, pos.tolist()), torch.float32)
-    assert_close_to_oracle(case, case.run())
