@@ -4,9 +4,10 @@
 # Contract: csrc/include/ftk/lora.h (math, dropout hash, modes) and backends/reference.py (the
 # oracle); backends/_lora.py composes the op from these two kernels and torch's rank-r GEMMs.
 #
-# Algorithm. One kernel shape serves both big products (MODE, a constexpr):
-#   Forward   (0): out (M x N) = X (M x K) · deq(W)ᵀ + bias + s · L (M x r) · Bᵀ
-#   GradInput (1): out (M x K) = X (M x N) · deq(W)    + drop(s · L (M x r) · A)
+# Algorithm. One kernel shape serves both big products (FORWARD, a constexpr: the launcher's
+# mode == _formats.LORA_FORWARD, ftk::LoraMatmulMode):
+#   Forward   (LORA_FORWARD):    out (M x N) = X (M x K) · deq(W)ᵀ + bias + s · L (M x r) · Bᵀ
+#   GradInput (LORA_GRAD_INPUT): out (M x K) = X (M x N) · deq(W)    + drop(s · L (M x r) · A)
 # A program owns one BLOCK_M x BLOCK_O output tile (O = N forward, K backward) and loops over
 # the reduction (K forward, N backward) in steps of BLOCK_RED. Per step it loads an X tile and
 # the packed bytes of the matching W tile, decodes the nibbles, gathers the 16-entry code,
@@ -64,10 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._formats import LORA_FORWARD, LORA_GRAD_INPUT
 from .common import LAUNCH, device_of, dropout_keep, dropout_key, from_f32, int32_bits, seed_words, to_f32
-
-LORA_FORWARD = 0  # same values as ftk::LoraMatmulMode / _native.LORA_*
-LORA_GRAD_INPUT = 1
 
 # Decode path threshold. The op reads N*K/2 bytes of W (plus 1/32 to 1/8 of that in absmax) and
 # does 2*M*N*K FLOPs: 4*M FLOP per byte of W. An H100 streams ~3.35 TB/s and does ~990 bf16
@@ -180,12 +179,12 @@ def _dot(x, w, acc, EXACT_BF16: tl.constexpr):
 def _lora_matmul_kernel(
     X, packed, absmax, nested_absmax, nested_code, offset, code, bias, L, R, out,
     M, N, K, r, nblocks, scaling, seed_lo, seed_hi, threshold, drop_scale,
-    MODE: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    FORWARD: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
     LORA_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):
-    if MODE == 0:
+    if FORWARD:
         OUT = N
         RED = K
     else:
@@ -212,7 +211,7 @@ def _lora_matmul_kernel(
         rr = r0 + tl.arange(0, BLOCK_R)
         rmask = rr < r
         l_tile = tl.load(L + rm64[:, None] * r + rr[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
-        if MODE == 0:  # B (N x r): rows ro, transposed to BLOCK_R x BLOCK_O
+        if FORWARD:  # B (N x r): rows ro, transposed to BLOCK_R x BLOCK_O
             rt = tl.load(R + ro.to(tl.int64)[:, None] * r + rr[None, :], mask=omask[:, None] & rmask[None, :],
                          other=0.0)
             rt = tl.trans(to_f32(rt, EXACT_BF16))
@@ -222,7 +221,7 @@ def _lora_matmul_kernel(
             rt = to_f32(rt, EXACT_BF16)
         lora = tl.dot(l_tile, rt, lora, input_precision=LORA_PRECISION)
     acc = lora * scaling
-    if MODE == 1:
+    if not FORWARD:
         if DROPOUT:  # drop(s · L·A) at (row m, column k) of the M x K output
             keep = dropout_keep(dropout_key(seed_lo, seed_hi), rm64, ro, threshold)
             acc = tl.where(keep, acc * drop_scale, 0.0)
@@ -232,7 +231,7 @@ def _lora_matmul_kernel(
     for red0 in range(0, RED, BLOCK_RED):
         rk = red0 + tl.arange(0, BLOCK_RED)
         x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & (rk < RED)[None, :], other=0.0)
-        if MODE == 0:  # W rows ro (output), columns red0.. (reduction): use its transpose
+        if FORWARD:  # W rows ro (output), columns red0.. (reduction): use its transpose
             w = _w_tile(packed, absmax, nested_absmax, nested_code, offset, code, ro, red0, N, K, nblocks,
                         BLOCK_RED, BS, NESTED_BS, DOUBLE_QUANT, EVEN_K, ALIGNED)
             acc = _dot(x, tl.trans(w), acc, EXACT_BF16)
@@ -241,7 +240,7 @@ def _lora_matmul_kernel(
                          nblocks, BLOCK_O, BS, NESTED_BS, DOUBLE_QUANT, EVEN_K, ALIGNED)
             acc = _dot(x, w, acc, EXACT_BF16)
 
-    if MODE == 0:
+    if FORWARD:
         if HAS_BIAS:
             acc += to_f32(tl.load(bias + ro, mask=omask, other=0.0), EXACT_BF16)[None, :]
     y = from_f32(acc, out.dtype.element_ty, EXACT_BF16)
@@ -330,7 +329,7 @@ def lora_matmul(mode: int, X: torch.Tensor, w, code: torch.Tensor, bias: torch.T
             bias if bias is not None else L, L, R, out,
             M, n, k, r, triton.cdiv(n * k, w.blocksize), float(scaling), lo, hi, int32_bits(threshold),
             float(drop_scale),
-            MODE=mode, BS=w.blocksize, NESTED_BS=w.nested_blocksize, DOUBLE_QUANT=double_quant,
+            FORWARD=mode == LORA_FORWARD, BS=w.blocksize, NESTED_BS=w.nested_blocksize, DOUBLE_QUANT=double_quant,
             HAS_BIAS=bias is not None and mode == LORA_FORWARD, DROPOUT=bool(enabled) and mode == LORA_GRAD_INPUT,
             EVEN_K=k % 2 == 0, ALIGNED=k % w.blocksize == 0,
             BLOCK_R=min(LORA_R_CHUNK[X.dtype], max(16, triton.next_power_of_2(r))),

@@ -34,7 +34,8 @@
 # element the format quantizes into the last low nibble (0 * rcp: index 7 for NF4, 0 for FP4,
 # 0 when the block's absmax is 0 or NaN); every launch passes common.LAUNCH (enable_fp_fusion=
 # False: see the NOTE in _dequantize_4bit_kernel). Launchers allocate nothing: outputs and code
-# tables come from the caller.
+# tables come from the caller. quant_type is _formats.QUANT_TYPE_CODE's value (ftk::QuantType),
+# turned into the kernel's constexpr NF4 by the launcher.
 
 from __future__ import annotations
 
@@ -42,10 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._formats import NESTED_BLOCKSIZE, QUANT_TYPE_CODE
 from .common import LAUNCH, code8_index, device_of, from_f32, to_f32
-
-QUANT_NF4 = 0  # same values as ftk::QuantType
-QUANT_FP4 = 1
 
 TILE_4BIT = 4096  # elements per program: quantize_4bit, dequantize_4bit
 TILE_8BIT_DEQUANT = 4096
@@ -140,12 +139,12 @@ def _load_blocks(A, n, BS: tl.constexpr, ROWS: tl.constexpr, EXACT_BF16: tl.cons
 
 @triton.jit
 def _quantize_4bit_kernel(A, packed, absmax, n, nbytes, BS: tl.constexpr, ROWS: tl.constexpr,
-                          QUANT_TYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
+                          NF4: tl.constexpr, EXACT_BF16: tl.constexpr):
     TILE: tl.constexpr = ROWS * BS
     HALF: tl.constexpr = BS // 2
     pid = tl.program_id(0).to(tl.int64)
     xn, amax, offs, rem = _load_blocks(A, n, BS, ROWS, EXACT_BF16)
-    if QUANT_TYPE == 0:
+    if NF4:
         q = _nf4_index(xn)
     else:
         q = _fp4_index(xn)
@@ -233,20 +232,22 @@ def _grid(n: int, blocksize: int, tile: int) -> tuple[int, tuple[int]]:
 def quantize_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                   quant_type: int) -> None:
     """A (n fp32/fp16/bf16) -> packed (uint8, (n + 1) // 2), absmax (fp32, ceil(n / blocksize)).
-    quant_type: QUANT_NF4 or QUANT_FP4."""
+    quant_type: _formats.QUANT_TYPE_CODE["nf4"] or ["fp4"] (ftk::QuantType)."""
+    if quant_type not in QUANT_TYPE_CODE.values():
+        raise ValueError(f"quant_type must be one of {QUANT_TYPE_CODE} (ftk::QuantType), got {quant_type!r}")
     n = A.numel()
     if n == 0:
         return
     rows, grid = _grid(n, blocksize, TILE_4BIT)
     with device_of(A):
-        _quantize_4bit_kernel[grid](A, packed, absmax, n, (n + 1) // 2, BS=blocksize, ROWS=rows, QUANT_TYPE=quant_type,
-                                    num_warps=WARPS_QUANT_4BIT, **LAUNCH)
+        _quantize_4bit_kernel[grid](A, packed, absmax, n, (n + 1) // 2, BS=blocksize, ROWS=rows,
+                                    NF4=quant_type == QUANT_TYPE_CODE["nf4"], num_warps=WARPS_QUANT_4BIT, **LAUNCH)
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
                     blocksize: int, nested_absmax: torch.Tensor | None = None,
                     nested_code: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-                    nested_blocksize: int = 256) -> None:
+                    nested_blocksize: int = NESTED_BLOCKSIZE) -> None:
     """packed (uint8, (n + 1) // 2) -> out (n elements of its dtype). code: the 16-entry fp32
     table indexed by nibble. absmax: fp32 per block; or, with nested_absmax, nested_code (256
     fp32) and offset (1 fp32) all given, one uint8 code per block (double quantization)."""

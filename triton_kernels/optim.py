@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._formats import OPTIM_BLOCK  # the 8-bit state blocksize, 256: optim.h's kOptimBlock (bitsandbytes')
 from .common import LAUNCH, code8_index, device_of, from_f32, to_f32
 
-OPTIM_BLOCK = 256  # the 8-bit state blocksize, optim.h's kOptimBlock (bitsandbytes')
 BLOCK_32BIT = 1024  # elements per program: 8 per thread at 4 warps (two 16-B fp32 loads)
 WARPS_32BIT = 4
 ROWS_8BIT = 4  # 256-element blocks per program: 1024 elements, 8 per thread at 4 warps
