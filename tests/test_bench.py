@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from ftkernels import bench, cli
+from ftkernels import bench, cli, plots
 
 
 def _record(name, median_s, group="g", iqr_s=0.0, **extra_info):
@@ -55,6 +56,13 @@ def test_markdown_and_charts(tmp_path):
     paths = bench.charts(results, tmp_path)
     assert [p.name for p in paths] == ["speedup.png", "ceiling.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_charts_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    with pytest.raises(plots.PlotsUnavailable, match=r"not installed \(pip install matplotlib\)"):
+        bench.charts({"nf4": {}}, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_options_are_usage_errors(tmp_path, capsys):

@@ -176,6 +176,17 @@ def test_finetune_a_tiny_model_then_generate_with_the_adapter(tiny_model_dir, tm
                      "--max-new-tokens", "3"]) == 0
 
 
+def test_finetune_without_matplotlib_finishes_and_says_why_there_is_no_plot(tiny_model_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--model", str(tiny_model_dir), "--method", "lora", "--steps", "2",
+                     "--batch-size", "2", "--seq-len", "32", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "loss.png not written: matplotlib is not installed (pip install matplotlib)\n" in err
+    assert "Traceback" not in err and (out / "metrics.json").is_file() and not (out / "loss.png").exists()
+
+
 def test_finetune_bad_options(tiny_model_dir, tmp_path, capsys):
     for args, match in ((["--steps", "0"], "--steps must be at least 1"), (["--lr", "-1"], "--lr must be positive"),
                         (["--data", str(tmp_path / "none.jsonl")], "cannot read")):

@@ -4,6 +4,8 @@ with a character-level stand-in tokenizer (the real model runs in the CLI test).
 from __future__ import annotations
 
 import json
+import math
+import sys
 
 import pytest
 import torch
@@ -76,3 +78,33 @@ def test_each_method_trains_and_writes_its_outputs(method, tmp_path):
 def test_bad_method():
     with pytest.raises(ValueError, match="--method must be one of"):
         ft.prepare(make_tiny_llama(), "dora")
+
+
+def test_smoothed_is_a_centred_moving_average():
+    assert ft.smoothed([1.0, 2.0, 3.0, 4.0]) == pytest.approx([1.5, 2.0, 3.0, 3.5])  # window 3
+    s = ft.smoothed([4.0, float("nan"), 2.0, float("inf"), float("nan")])
+    assert s[:4] == pytest.approx([4.0, 3.0, 2.0, 2.0]) and math.isnan(s[4])  # non-finite losses skipped
+    assert len(ft.smoothed([1.0] * 95)) == 95 and ft.smoothed([1.0] * 95, window=21)[50] == 1.0
+
+
+def test_loss_curve_is_a_matplotlib_png_with_labelled_axes(tmp_path):
+    pytest.importorskip("matplotlib")
+    losses = [5.0 - 0.1 * i for i in range(25)] + [float("inf")]
+    fig = ft.loss_curve_png(losses, tmp_path / "loss.png", title="LoRA fine-tuning of tiny")
+    (ax,) = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("step", "train loss", "LoRA fine-tuning of tiny")
+    raw, smooth = ax.get_lines()  # 26 steps: the losses and their moving average
+    assert list(raw.get_xdata()) == list(range(1, 27)) and len(smooth.get_ydata()) == 26
+    data = (tmp_path / "loss.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"Matplotlib" in data[:4096]  # its Software tEXt chunk
+
+
+def test_without_matplotlib_the_outputs_are_written_but_the_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    model = make_tiny_llama()
+    ft.prepare(model, "lora", rank=4)
+    ft.write_outputs(model, "lora", tmp_path, {"method": "lora"}, [2.0, 1.5, 1.0])
+    err = capsys.readouterr().err
+    assert err == "loss.png not written: matplotlib is not installed (pip install matplotlib)\n"
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "adapter").is_dir()
+    assert not (tmp_path / "loss.png").exists()

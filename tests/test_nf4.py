@@ -426,3 +426,15 @@ def test_native_module_checks_its_arguments_again(module):
         mod.quantize_blockwise(0, 64, 7, 0, 256, 0, 0, last)
     if module == "_ftk_cuda":
         assert mod.device_count() >= 0
+
+
+@pytest.mark.triton
+def test_triton_launcher_takes_the_quant_type_codes_of_formats():
+    pytest.importorskip("triton")
+    from ftkernels import _formats
+    from ftkernels.triton_kernels import nf4
+
+    A = torch.randn(64)
+    packed, absmax = _formats.quantize_4bit_outputs(A, 64)
+    with pytest.raises(ValueError, match="quant_type must be one of"):
+        nf4.quantize_4bit(A, packed, absmax, 64, max(_formats.QUANT_TYPE_CODE.values()) + 1)

@@ -4,9 +4,10 @@
 # Contract: csrc/include/ftk/lora.h (math, dropout hash, modes) and backends/reference.py (the
 # oracle); backends/_lora.py composes the op from these two kernels and torch's rank-r GEMMs.
 #
-# Algorithm. One kernel shape serves both big products (MODE, a constexpr):
-#   Forward   (0): out (M x N) = X (M x K) · deq(W)ᵀ + bias + s · L (M x r) · Bᵀ
-#   GradInput (1): out (M x K) = X (M x N) · deq(W)    + drop(s · L (M x r) · A)
+# Algorithm. One kernel shape serves both big products (FORWARD, a constexpr: the launcher's
+# mode == _formats.LORA_FORWARD, ftk::LoraMatmulMode):
+#   Forward   (LORA_FORWARD):    out (M x N) = X (M x K) · deq(W)ᵀ + bias + s · L (M x r) · Bᵀ
+#   GradInput (LORA_GRAD_INPUT): out (M x K) = X (M x N) · deq(W)    + drop(s · L (M x r) · A)
 # A program owns one BLOCK_M x BLOCK_O output tile (O = N forward, K backward) and loops over
 # the reduction (K forward, N backward) in steps of BLOCK_RED. Per step it loads an X tile and
 # the packed bytes of the matching W tile, decodes the nibbles, gathers the 16-entry code,
@@ -35,21 +36,16 @@
 #   * Row offsets (m*K, n*K, ...) are int64: numel may pass 2^31; in-tile offsets are int32.
 #   * r is padded with masks to BLOCK_R = next power of two >= 16, taken in chunks of at most
 #     LORA_R_CHUNK (r <= 256), so the L and R tiles stay small in registers / shared memory.
-#   * The dropout hash is uint32 arithmetic with wrap-around. Triton types a literal in
-#     [2^31, 2^32) (0x846CA68B) as uint32 and one below 2^31 (0x7FEB352D) as int32, and
-#     uint32 op int32 promotes to uint32 (C rules): the frontend, shared by the compiler and
-#     the interpreter, types the whole mix as uint32, so the products wrap modulo 2^32 (numpy
-#     uint32 interpreted; mul.lo.s32 in the sm_90a PTX, the same low word, with 0x846CA68B as
-#     the immediate -2073254261) and `>>` is a logical shift (shr.u32, no shr.s32). The seed
-#     words and threshold cross as int32 bit patterns (an int argument in [2^31, 2^32) would be
-#     i64 compiled but uint32 interpreted) and are bitcast in the kernel.
+#   * Dropout: common.py's hash of (row m, column k) of the M x K output (dropout_key once a
+#     program, dropout_keep on the BLOCK_M x BLOCK_O tile), uint32 arithmetic with wrap-around;
+#     the seed words and threshold cross as int32 bit patterns (seed_words, int32_bits).
 #   * Precision: fp32 X uses tl.dot(input_precision="ieee") (fp32-accurate FMAs); fp16/bf16 X
 #     use the tensor cores on (X, deq(W) rounded to X's dtype), fp32 accumulate. The rank-r
 #     dot of 16-bit X runs in tf32 (L keeps fp32's range, where fp16 could overflow, and 3
 #     more mantissa bits than bf16; a 16-bit R is exact in tf32); with fp32 X it is ieee. It is
 #     r/K of the FLOPs (0.4% at r = 16, K = 4096), so the tf32 rate costs ~1%.
-#   * Launches pass enable_fp_fusion=False (the double-quant absmax is a product then a sum,
-#     each rounded, as in nf4.py and the reference).
+#   * Launches pass common.LAUNCH, enable_fp_fusion=False (the double-quant absmax is a product
+#     then a sum, each rounded, as in nf4.py and the reference).
 #
 # Tiles (_config). No GPU was at hand: sizes were chosen so that ptxas (sm_90a, compiled
 # without a device) reports no register spills, and their speed is to be re-measured on an H100.
@@ -69,10 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .nf4 import _LAUNCH, _device_of, _from_f32, _to_f32
-
-LORA_FORWARD = 0  # same values as ftk::LoraMatmulMode / _native.LORA_*
-LORA_GRAD_INPUT = 1
+from .._formats import LORA_FORWARD, LORA_GRAD_INPUT
+from .common import LAUNCH, device_of, dropout_keep, dropout_key, from_f32, int32_bits, seed_words, to_f32
 
 # Decode path threshold. The op reads N*K/2 bytes of W (plus 1/32 to 1/8 of that in absmax) and
 # does 2*M*N*K FLOPs: 4*M FLOP per byte of W. An H100 streams ~3.35 TB/s and does ~990 bf16
@@ -98,33 +92,7 @@ DECODE_MAX_M = 16
 LORA_R_CHUNK = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 32}
 
 
-# ---- dropout hash (lora.h) -------------------------------------------------------------------
-
-
-@triton.jit
-def _mix32(h):
-    """lowbias32 on a uint32 tensor: products and shifts wrap modulo 2^32 (see Invariants)."""
-    h ^= h >> 16
-    h = h * 0x7FEB352D
-    h ^= h >> 15
-    h = h * 0x846CA68B
-    h ^= h >> 16
-    return h
-
-
-@triton.jit
-def _dropout_key(seed_lo, seed_hi):
-    """key = mix32(lo32(seed) ^ mix32(hi32(seed))); the words arrive as int32 bit patterns."""
-    return _mix32(seed_lo.to(tl.uint32, bitcast=True) ^ _mix32(seed_hi.to(tl.uint32, bitcast=True)))
-
-
-@triton.jit
-def _dropout_keep(key, rows, cols, threshold):
-    """[len(rows), len(cols)] keep mask: (mix32(row_key ^ mix32(lo32(col))) >> 8) >= threshold."""
-    row_key = _mix32(key ^ rows.to(tl.uint32))  # lo32(row): truncation of the int64 index
-    col_hash = _mix32(cols.to(tl.uint32))
-    h = _mix32(row_key[:, None] ^ col_hash[None, :])
-    return (h >> 8) >= threshold.to(tl.uint32, bitcast=True)
+# ---- dropout (lora.h; the hash is common.py's) -----------------------------------------------
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
@@ -134,9 +102,9 @@ def _lora_dropout_kernel(inp, out, rows, cols, seed_lo, seed_hi, threshold, scal
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rr < rows)[:, None] & (rc < cols)[None, :]
     offs = rr[:, None] * cols + rc[None, :]
-    x = _to_f32(tl.load(inp + offs, mask=mask, other=0.0), EXACT_BF16)
+    x = to_f32(tl.load(inp + offs, mask=mask, other=0.0), EXACT_BF16)
     if ENABLED:
-        keep = _dropout_keep(_dropout_key(seed_lo, seed_hi), rr, rc, threshold)
+        keep = dropout_keep(dropout_key(seed_lo, seed_hi), rr, rc, threshold)
         x = tl.where(keep, x * scale, 0.0)  # fp32 product, as the reference
     tl.store(out + offs, x, mask=mask)
 
@@ -198,8 +166,8 @@ def _dot(x, w, acc, EXACT_BF16: tl.constexpr):
     elif EXACT_BF16 and x.dtype == tl.bfloat16:
         # NOTE: the interpreter's tl.dot multiplies bf16 tiles as their uint16 bit patterns;
         # bf16 -> fp32 is exact, so the fp32 dot of the widened tiles is the tensor-core product.
-        wq = _to_f32(_from_f32(w, tl.bfloat16, EXACT_BF16), EXACT_BF16)
-        return tl.dot(_to_f32(x, EXACT_BF16), wq, acc, input_precision="ieee")
+        wq = to_f32(from_f32(w, tl.bfloat16, EXACT_BF16), EXACT_BF16)
+        return tl.dot(to_f32(x, EXACT_BF16), wq, acc, input_precision="ieee")
     else:
         return tl.dot(x, w.to(x.dtype), acc)
 
@@ -211,12 +179,12 @@ def _dot(x, w, acc, EXACT_BF16: tl.constexpr):
 def _lora_matmul_kernel(
     X, packed, absmax, nested_absmax, nested_code, offset, code, bias, L, R, out,
     M, N, K, r, nblocks, scaling, seed_lo, seed_hi, threshold, drop_scale,
-    MODE: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    FORWARD: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
     LORA_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, EXACT_BF16: tl.constexpr,
 ):
-    if MODE == 0:
+    if FORWARD:
         OUT = N
         RED = K
     else:
@@ -243,19 +211,19 @@ def _lora_matmul_kernel(
         rr = r0 + tl.arange(0, BLOCK_R)
         rmask = rr < r
         l_tile = tl.load(L + rm64[:, None] * r + rr[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
-        if MODE == 0:  # B (N x r): rows ro, transposed to BLOCK_R x BLOCK_O
+        if FORWARD:  # B (N x r): rows ro, transposed to BLOCK_R x BLOCK_O
             rt = tl.load(R + ro.to(tl.int64)[:, None] * r + rr[None, :], mask=omask[:, None] & rmask[None, :],
                          other=0.0)
-            rt = tl.trans(_to_f32(rt, EXACT_BF16))
+            rt = tl.trans(to_f32(rt, EXACT_BF16))
         else:  # A (r x K): columns ro
             rt = tl.load(R + rr.to(tl.int64)[:, None] * K + ro[None, :], mask=rmask[:, None] & omask[None, :],
                          other=0.0)
-            rt = _to_f32(rt, EXACT_BF16)
+            rt = to_f32(rt, EXACT_BF16)
         lora = tl.dot(l_tile, rt, lora, input_precision=LORA_PRECISION)
     acc = lora * scaling
-    if MODE == 1:
+    if not FORWARD:
         if DROPOUT:  # drop(s · L·A) at (row m, column k) of the M x K output
-            keep = _dropout_keep(_dropout_key(seed_lo, seed_hi), rm64, ro, threshold)
+            keep = dropout_keep(dropout_key(seed_lo, seed_hi), rm64, ro, threshold)
             acc = tl.where(keep, acc * drop_scale, 0.0)
 
     # Main loop over the reduction dimension; W decoded tile by tile.
@@ -263,7 +231,7 @@ def _lora_matmul_kernel(
     for red0 in range(0, RED, BLOCK_RED):
         rk = red0 + tl.arange(0, BLOCK_RED)
         x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & (rk < RED)[None, :], other=0.0)
-        if MODE == 0:  # W rows ro (output), columns red0.. (reduction): use its transpose
+        if FORWARD:  # W rows ro (output), columns red0.. (reduction): use its transpose
             w = _w_tile(packed, absmax, nested_absmax, nested_code, offset, code, ro, red0, N, K, nblocks,
                         BLOCK_RED, BS, NESTED_BS, DOUBLE_QUANT, EVEN_K, ALIGNED)
             acc = _dot(x, tl.trans(w), acc, EXACT_BF16)
@@ -272,10 +240,10 @@ def _lora_matmul_kernel(
                          nblocks, BLOCK_O, BS, NESTED_BS, DOUBLE_QUANT, EVEN_K, ALIGNED)
             acc = _dot(x, w, acc, EXACT_BF16)
 
-    if MODE == 0:
+    if FORWARD:
         if HAS_BIAS:
-            acc += _to_f32(tl.load(bias + ro, mask=omask, other=0.0), EXACT_BF16)[None, :]
-    y = _from_f32(acc, out.dtype.element_ty, EXACT_BF16)
+            acc += to_f32(tl.load(bias + ro, mask=omask, other=0.0), EXACT_BF16)[None, :]
+    y = from_f32(acc, out.dtype.element_ty, EXACT_BF16)
     tl.store(out + rm64[:, None] * OUT + ro[None, :], y, mask=mmask[:, None] & omask[None, :])
 
 
@@ -287,29 +255,19 @@ DROPOUT_TILE = (16, 256)  # rows x cols per program: 4096 elements, 16 per threa
 WARPS_DROPOUT = 8  # 78 registers on sm_90a; at 4 warps (32 hashes per thread) 118
 
 
-def _int32_bits(v: int) -> int:
-    """The low 32 bits of v as a signed int32 value (an i32 kernel argument either way)."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= (1 << 31) else v
-
-
-def _seed_words(seed: int) -> tuple[int, int]:
-    return _int32_bits(seed), _int32_bits(seed >> 32)
-
-
 def lora_dropout(t: torch.Tensor, out: torch.Tensor, enabled: bool, seed: int, threshold: int,
                  scale: float) -> None:
     """out (rows x cols fp32) = drop(t), t 2-D fp32/fp16/bf16; with enabled False, t as fp32.
-    (enabled, seed, threshold, scale) as _native.dropout_args gives them (ftk::Dropout)."""
+    (enabled, seed, threshold, scale) as _formats.dropout_args gives them (ftk::Dropout)."""
     rows, cols = t.shape
     if rows * cols == 0:
         return
-    lo, hi = _seed_words(seed)
+    lo, hi = seed_words(seed)
     grid = (triton.cdiv(rows, DROPOUT_TILE[0]), triton.cdiv(cols, DROPOUT_TILE[1]))
-    with _device_of(t):
-        _lora_dropout_kernel[grid](t, out, rows, cols, lo, hi, _int32_bits(threshold), float(scale),
+    with device_of(t):
+        _lora_dropout_kernel[grid](t, out, rows, cols, lo, hi, int32_bits(threshold), float(scale),
                                    ENABLED=bool(enabled), BLOCK_R=DROPOUT_TILE[0], BLOCK_C=DROPOUT_TILE[1],
-                                   num_warps=WARPS_DROPOUT, **_LAUNCH)
+                                   num_warps=WARPS_DROPOUT, **LAUNCH)
 
 
 def _config(mode: int, M: int, K: int, dtype: torch.dtype, blocksize: int) -> dict:
@@ -346,7 +304,7 @@ def lora_matmul(mode: int, X: torch.Tensor, w, code: torch.Tensor, bias: torch.T
 
     mode: LORA_FORWARD (X M x K, R = B (N x r), bias optional, out M x N) or LORA_GRAD_INPUT
     (X M x N, R = A (r x K), out M x K, dropout (enabled, seed, threshold, drop_scale) as
-    _native.dropout_args gives them; Forward ignores them). w: an _ops.Weight4bit (N x K);
+    _formats.dropout_args gives them; Forward ignores them). w: an _ops.Weight4bit (N x K);
     code: its 16-entry fp32 table. L: M x r fp32. out has X's dtype. config overrides the tile
     sizes of _config (tests use it to cover several tiles with small shapes)."""
     n, k = w.shape
@@ -363,16 +321,16 @@ def lora_matmul(mode: int, X: torch.Tensor, w, code: torch.Tensor, bias: torch.T
     double_quant = w.nested_absmax is not None
     nested_absmax, nested_code, offset = (w.nested_absmax, w.nested_code, w.offset) if double_quant else (
         w.absmax, w.absmax, w.absmax)  # the plain variant never reads these pointers
-    lo, hi = _seed_words(seed)
+    lo, hi = seed_words(seed)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(out_cols, cfg["BLOCK_O"]),)
-    with _device_of(X):
+    with device_of(X):
         _lora_matmul_kernel[grid](
             X, w.packed, w.absmax, nested_absmax, nested_code, offset, code,
             bias if bias is not None else L, L, R, out,
-            M, n, k, r, triton.cdiv(n * k, w.blocksize), float(scaling), lo, hi, _int32_bits(threshold),
+            M, n, k, r, triton.cdiv(n * k, w.blocksize), float(scaling), lo, hi, int32_bits(threshold),
             float(drop_scale),
-            MODE=mode, BS=w.blocksize, NESTED_BS=w.nested_blocksize, DOUBLE_QUANT=double_quant,
+            FORWARD=mode == LORA_FORWARD, BS=w.blocksize, NESTED_BS=w.nested_blocksize, DOUBLE_QUANT=double_quant,
             HAS_BIAS=bias is not None and mode == LORA_FORWARD, DROPOUT=bool(enabled) and mode == LORA_GRAD_INPUT,
             EVEN_K=k % 2 == 0, ALIGNED=k % w.blocksize == 0,
             BLOCK_R=min(LORA_R_CHUNK[X.dtype], max(16, triton.next_power_of_2(r))),
-            LORA_PRECISION="ieee" if X.dtype == torch.float32 else "tf32", **cfg, **_LAUNCH)
+            LORA_PRECISION="ieee" if X.dtype == torch.float32 else "tf32", **cfg, **LAUNCH)

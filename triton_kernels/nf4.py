@@ -10,7 +10,8 @@
 #   quantize:   |x| max per row -> rcp = 1/absmax (one IEEE fp32 division per block)
 #               -> xn = x * rcp -> index (NF4: 4-level compare/select tree over the 15 fp32
 #               midpoints; FP4: 3-level tree over the 7 magnitude thresholds; 8-bit: the
-#               bitsandbytes 7-step binary search over the 256-entry code, gathered from L1)
+#               bitsandbytes 7-step binary search over the 256-entry code, gathered from L1:
+#               common.py's code8_index)
 #               -> [ROWS, BS/2, 2] split into even/odd -> one byte per pair.
 #   dequantize: bytes -> code gathered from a 16- or 256-entry fp32 table (64 B / 1 KiB,
 #               L1-resident) -> * absmax -> cast once -> interleave hi/lo -> store.
@@ -31,20 +32,19 @@
 # element of an odd n sits in the last element's block); the tile base is int64 (n may pass
 # 2^31), in-tile offsets are int32 (< 4096); masked lanes load 0.0, which is exactly the pad
 # element the format quantizes into the last low nibble (0 * rcp: index 7 for NF4, 0 for FP4,
-# 0 when the block's absmax is 0 or NaN); every launch passes enable_fp_fusion=False (see NOTE
-# in dequantize_4bit). Launchers allocate nothing: outputs and code tables come from the caller.
+# 0 when the block's absmax is 0 or NaN); every launch passes common.LAUNCH (enable_fp_fusion=
+# False: see the NOTE in _dequantize_4bit_kernel). Launchers allocate nothing: outputs and code
+# tables come from the caller. quant_type is _formats.QUANT_TYPE_CODE's value (ftk::QuantType),
+# turned into the kernel's constexpr NF4 by the launcher.
 
 from __future__ import annotations
 
-import contextlib
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-QUANT_NF4 = 0  # same values as ftk::QuantType
-QUANT_FP4 = 1
+from .._formats import NESTED_BLOCKSIZE, QUANT_TYPE_CODE
+from .common import LAUNCH, code8_index, device_of, from_f32, to_f32
 
 TILE_4BIT = 4096  # elements per program: quantize_4bit, dequantize_4bit
 TILE_8BIT_DEQUANT = 4096
@@ -119,63 +119,13 @@ def _fp4_index(x):
 
 
 @triton.jit
-def _code8_index(code, x):
-    """quantize_8bit: bitsandbytes' dQuantize<0> search over the sorted 256-entry code, step
-    for step (the same fp32 compares and midpoints), vectorised with selects."""
-    pivot = tl.full(x.shape, 127, tl.int32)
-    upper_pivot = tl.full(x.shape, 255, tl.int32)
-    lower_pivot = tl.zeros(x.shape, tl.int32)
-    lower = tl.full(x.shape, -1.0, tl.float32)
-    upper = tl.full(x.shape, 1.0, tl.float32)
-    val = tl.broadcast_to(tl.load(code + 127), x.shape)
-    for i in tl.static_range(7):
-        gt = x > val
-        lower_pivot = tl.where(gt, pivot, lower_pivot)
-        lower = tl.where(gt, val, lower)
-        upper_pivot = tl.where(gt, upper_pivot, pivot)
-        upper = tl.where(gt, upper, val)
-        pivot = tl.where(gt, pivot + (64 >> i), pivot - (64 >> i))
-        val = tl.load(code + pivot)  # pivot stays in [0, 254]: no mask needed
-    upper = tl.where(upper_pivot == 255, tl.load(code + 255), upper)
-    lower = tl.where(lower_pivot == 0, tl.load(code), lower)
-    up = tl.where(x > (upper + val) * 0.5, upper_pivot, pivot)
-    down = tl.where(x < (lower + val) * 0.5, lower_pivot, pivot)
-    return tl.where(x > val, up, down)
-
-
-@triton.jit
-def _to_f32(x, EXACT_BF16: tl.constexpr):
-    """Widen a loaded fp32/fp16/bf16 tile to fp32 (exact)."""
-    # NOTE: Triton 3.9's interpreter converts bf16 <-> fp32 with its own bit code, which
-    # mangles bf16 subnormals and truncates instead of rounding to nearest even. Under the
-    # interpreter (EXACT_BF16) the conversions are done on the bits, as the hardware does
-    # them; on the GPU the native conversions are exact / round to nearest even already.
-    if EXACT_BF16 and x.dtype == tl.bfloat16:
-        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return x.to(tl.float32)
-
-
-@triton.jit
-def _from_f32(y, ty: tl.constexpr, EXACT_BF16: tl.constexpr):
-    """Round an fp32 tile once to the output dtype (nearest even; see _to_f32)."""
-    if EXACT_BF16 and ty == tl.bfloat16:
-        u = y.to(tl.uint32, bitcast=True)
-        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        r = tl.where(y != y, 0xFFFF, r)  # NaN: torch's CPU conversion gives 0xFFFF
-        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return y.to(ty)
-
-
-@triton.jit
 def _load_blocks(A, n, BS: tl.constexpr, ROWS: tl.constexpr, EXACT_BF16: tl.constexpr):
     """This program's [ROWS, BS] fp32 tile (0.0 past n), its absmax and 1/absmax per row."""
     TILE: tl.constexpr = ROWS * BS
     pid = tl.program_id(0).to(tl.int64)
     rem = tl.minimum(n - pid * TILE, TILE).to(tl.int32)  # valid elements in this tile
     offs = tl.arange(0, ROWS)[:, None] * BS + tl.arange(0, BS)[None, :]
-    x = _to_f32(tl.load(A + pid * TILE + offs, mask=offs < rem, other=0.0), EXACT_BF16)
+    x = to_f32(tl.load(A + pid * TILE + offs, mask=offs < rem, other=0.0), EXACT_BF16)
     absmax = _block_absmax(x)
     # NOTE: an IEEE division (div_rn), once per block: Triton's `/` on fp32 may lower to an
     # approximate division on the GPU, and x * (1/absmax) must equal the reference's bits.
@@ -189,12 +139,12 @@ def _load_blocks(A, n, BS: tl.constexpr, ROWS: tl.constexpr, EXACT_BF16: tl.cons
 
 @triton.jit
 def _quantize_4bit_kernel(A, packed, absmax, n, nbytes, BS: tl.constexpr, ROWS: tl.constexpr,
-                          QUANT_TYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
+                          NF4: tl.constexpr, EXACT_BF16: tl.constexpr):
     TILE: tl.constexpr = ROWS * BS
     HALF: tl.constexpr = BS // 2
     pid = tl.program_id(0).to(tl.int64)
     xn, amax, offs, rem = _load_blocks(A, n, BS, ROWS, EXACT_BF16)
-    if QUANT_TYPE == 0:
+    if NF4:
         q = _nf4_index(xn)
     else:
         q = _fp4_index(xn)
@@ -234,8 +184,8 @@ def _dequantize_4bit_kernel(packed, absmax, nested_absmax, nested_code, offset, 
     rem_b = tl.minimum(nbytes - pid * (TILE // 2), TILE // 2).to(tl.int32)  # nbytes: see quantize
     b = tl.load(packed + pid * (TILE // 2) + boffs, mask=boffs < rem_b, other=0).to(tl.int32)
     ty = out.dtype.element_ty
-    hi = _from_f32(tl.load(code + (b >> 4)) * amax[:, None], ty, EXACT_BF16)
-    lo = _from_f32(tl.load(code + (b & 0xF)) * amax[:, None], ty, EXACT_BF16)
+    hi = from_f32(tl.load(code + (b >> 4)) * amax[:, None], ty, EXACT_BF16)
+    lo = from_f32(tl.load(code + (b & 0xF)) * amax[:, None], ty, EXACT_BF16)
     offs = rows[:, None] * BS + tl.arange(0, BS)[None, :]
     tl.store(out + pid * TILE + offs, tl.interleave(hi, lo), mask=offs < rem)
 
@@ -246,7 +196,7 @@ def _quantize_8bit_kernel(A, code, out, absmax, n, BS: tl.constexpr, ROWS: tl.co
     TILE: tl.constexpr = ROWS * BS
     pid = tl.program_id(0).to(tl.int64)
     xn, amax, offs, rem = _load_blocks(A, n, BS, ROWS, EXACT_BF16)
-    q = _code8_index(code, xn)
+    q = code8_index(code, xn)
     tl.store(out + pid * TILE + offs, q.to(tl.uint8), mask=offs < rem)
     rows = tl.arange(0, ROWS)
     tl.store(absmax + pid * ROWS + rows, amax, mask=rows * BS < rem)
@@ -263,32 +213,14 @@ def _dequantize_8bit_kernel(A, absmax, code, out, n, BS: tl.constexpr, ROWS: tl.
     offs = rows[:, None] * BS + tl.arange(0, BS)[None, :]
     mask = offs < rem
     a = tl.load(A + pid * TILE + offs, mask=mask, other=0).to(tl.int32)
-    y = _from_f32(tl.load(code + a) * amax[:, None], out.dtype.element_ty, EXACT_BF16)
+    y = from_f32(tl.load(code + a) * amax[:, None], out.dtype.element_ty, EXACT_BF16)
     tl.store(out + pid * TILE + offs, y, mask=mask)
 
 
 # ---- launchers ------------------------------------------------------------------------------
 # Torch tensors (contiguous, on one device) and plain ints in; results written into the
 # caller's tensors; nothing allocated. Triton launches on the current stream of the tensors'
-# device. n == 0 launches nothing.
-
-# True when TRITON_INTERPRET=1 was set as this module was imported: numpy runs the kernels.
-_INTERPRETED = type(_quantize_4bit_kernel).__name__ == "InterpretedFunction"
-
-# Every launch: no FMA contraction (bit-exactness; see the NOTE in _dequantize_4bit_kernel,
-# the one place with an a * b + c; elsewhere there is nothing to fuse, so it costs nothing).
-_LAUNCH = dict(EXACT_BF16=_INTERPRETED, enable_fp_fusion=False)
-
-
-def _device_of(t: torch.Tensor) -> contextlib.ExitStack:
-    """The launch context: t's CUDA device current; under the interpreter, numpy quiet about
-    the 1/0 and 0*inf that an all-zero (or masked-off) block defines (index 0, as specified)."""
-    stack = contextlib.ExitStack()
-    if t.is_cuda:
-        stack.enter_context(torch.cuda.device(t.device))
-    if _INTERPRETED:
-        stack.enter_context(np.errstate(divide="ignore", over="ignore", invalid="ignore"))
-    return stack
+# device (common.device_of). n == 0 launches nothing.
 
 
 def _grid(n: int, blocksize: int, tile: int) -> tuple[int, tuple[int]]:
@@ -300,20 +232,22 @@ def _grid(n: int, blocksize: int, tile: int) -> tuple[int, tuple[int]]:
 def quantize_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
                   quant_type: int) -> None:
     """A (n fp32/fp16/bf16) -> packed (uint8, (n + 1) // 2), absmax (fp32, ceil(n / blocksize)).
-    quant_type: QUANT_NF4 or QUANT_FP4."""
+    quant_type: _formats.QUANT_TYPE_CODE["nf4"] or ["fp4"] (ftk::QuantType)."""
+    if quant_type not in QUANT_TYPE_CODE.values():
+        raise ValueError(f"quant_type must be one of {QUANT_TYPE_CODE} (ftk::QuantType), got {quant_type!r}")
     n = A.numel()
     if n == 0:
         return
     rows, grid = _grid(n, blocksize, TILE_4BIT)
-    with _device_of(A):
-        _quantize_4bit_kernel[grid](A, packed, absmax, n, (n + 1) // 2, BS=blocksize, ROWS=rows, QUANT_TYPE=quant_type,
-                                    num_warps=WARPS_QUANT_4BIT, **_LAUNCH)
+    with device_of(A):
+        _quantize_4bit_kernel[grid](A, packed, absmax, n, (n + 1) // 2, BS=blocksize, ROWS=rows,
+                                    NF4=quant_type == QUANT_TYPE_CODE["nf4"], num_warps=WARPS_QUANT_4BIT, **LAUNCH)
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
                     blocksize: int, nested_absmax: torch.Tensor | None = None,
                     nested_code: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-                    nested_blocksize: int = 256) -> None:
+                    nested_blocksize: int = NESTED_BLOCKSIZE) -> None:
     """packed (uint8, (n + 1) // 2) -> out (n elements of its dtype). code: the 16-entry fp32
     table indexed by nibble. absmax: fp32 per block; or, with nested_absmax, nested_code (256
     fp32) and offset (1 fp32) all given, one uint8 code per block (double quantization)."""
@@ -324,10 +258,10 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if not double_quant:  # the plain variant never reads these pointers
         nested_absmax = nested_code = offset = absmax
     rows, grid = _grid(n, blocksize, TILE_4BIT)
-    with _device_of(out):
+    with device_of(out):
         _dequantize_4bit_kernel[grid](packed, absmax, nested_absmax, nested_code, offset, code, out, n,
                                       (n + 1) // 2, BS=blocksize, ROWS=rows, DOUBLE_QUANT=double_quant,
-                                      NESTED_BS=nested_blocksize, num_warps=WARPS_DEQUANT_4BIT, **_LAUNCH)
+                                      NESTED_BS=nested_blocksize, num_warps=WARPS_DEQUANT_4BIT, **LAUNCH)
 
 
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor,
@@ -338,9 +272,9 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, out: torch.Tensor, a
     if n == 0:
         return
     rows, grid = _grid(n, blocksize, TILE_8BIT_QUANT)
-    with _device_of(A):
+    with device_of(A):
         _quantize_8bit_kernel[grid](A, code, out, absmax, n, BS=blocksize, ROWS=rows,
-                                    num_warps=WARPS_QUANT_8BIT, **_LAUNCH)
+                                    num_warps=WARPS_QUANT_8BIT, **LAUNCH)
 
 
 def dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
@@ -350,6 +284,6 @@ def dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if n == 0:
         return
     rows, grid = _grid(n, blocksize, TILE_8BIT_DEQUANT)
-    with _device_of(A):
+    with device_of(A):
         _dequantize_8bit_kernel[grid](A, absmax, code, out, n, BS=blocksize, ROWS=rows,
-                                      num_warps=WARPS_DEQUANT_8BIT, **_LAUNCH)
+                                      num_warps=WARPS_DEQUANT_8BIT, **LAUNCH)

@@ -14,7 +14,7 @@
 #   8-bit:  a program owns ROWS_8BIT whole 256-element state blocks as a [ROWS, 256] tile:
 #           dequantize (code[q] · absmax, gathers from the 1 KiB L1-resident code), update m, v
 #           and param in fp32, the block's new absmax per row (tl.max of |x|), then
-#           x / absmax and nf4.py's _code8_index (bitsandbytes' dQuantize<0>: 7 dependent
+#           x / absmax and common.py's code8_index (bitsandbytes' dQuantize<0>: 7 dependent
 #           gathers, then the nearer bracketing entry). 4 + 4 + 2 + 2 B an fp32 parameter.
 #
 # Invariants: all tensors contiguous (the op layer guarantees it); n may pass 2^31 (program
@@ -24,7 +24,7 @@
 # i.e. −absmax). A block whose absmax is 0 quantizes 0.0 (the code of 0) and stores absmax 0.
 #
 # NOTE (bit-exactness with the CPU kernels and torch): every launch passes
-# enable_fp_fusion=False (nf4._LAUNCH), so m·β1 + g·(1 − β1) stays two rounded products and a
+# enable_fp_fusion=False (common.LAUNCH), so m·β1 + g·(1 − β1) stays two rounded products and a
 # rounded sum rather than an FMA; divisions are tl.math.div_rn and square roots tl.sqrt_rn,
 # since Triton's `/` and tl.sqrt on fp32 may lower to approximate PTX (div.full, sqrt.approx).
 
@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .nf4 import _LAUNCH, _code8_index, _device_of, _from_f32, _to_f32
+from .._formats import OPTIM_BLOCK  # the 8-bit state blocksize, 256: optim.h's kOptimBlock (bitsandbytes')
+from .common import LAUNCH, code8_index, device_of, from_f32, to_f32
 
-OPTIM_BLOCK = 256  # the 8-bit state blocksize, optim.h's kOptimBlock (bitsandbytes')
 BLOCK_32BIT = 1024  # elements per program: 8 per thread at 4 warps (two 16-B fp32 loads)
 WARPS_32BIT = 4
 ROWS_8BIT = 4  # 256-element blocks per program: 1024 elements, 8 per thread at 4 warps
@@ -53,8 +53,8 @@ def _adamw_kernel(param, grad, state1, state2, n, beta2, eps, decay, one_minus_b
     rem = tl.minimum(n - base, BLOCK).to(tl.int32)
     offs = tl.arange(0, BLOCK)
     mask = offs < rem
-    g = _to_f32(tl.load(grad + base + offs, mask=mask, other=0.0), EXACT_BF16)
-    x = _to_f32(tl.load(param + base + offs, mask=mask, other=0.0), EXACT_BF16) * decay
+    g = to_f32(tl.load(grad + base + offs, mask=mask, other=0.0), EXACT_BF16)
+    x = to_f32(tl.load(param + base + offs, mask=mask, other=0.0), EXACT_BF16) * decay
     m = tl.load(state1 + base + offs, mask=mask, other=0.0)
     v = tl.load(state2 + base + offs, mask=mask, other=0.0)
     # torch's lerp(m, g, w): two formulas, the one with the smaller weight (w is uniform).
@@ -65,7 +65,7 @@ def _adamw_kernel(param, grad, state1, state2, n, beta2, eps, decay, one_minus_b
     x = x + tl.math.div_rn((-step_size) * m, denom)  # addcdiv: (value · m) / denom
     tl.store(state1 + base + offs, m, mask=mask)
     tl.store(state2 + base + offs, v, mask=mask)
-    tl.store(param + base + offs, _from_f32(x, param.dtype.element_ty, EXACT_BF16), mask=mask)
+    tl.store(param + base + offs, from_f32(x, param.dtype.element_ty, EXACT_BF16), mask=mask)
 
 
 @triton.jit
@@ -75,12 +75,12 @@ def _lion_kernel(param, grad, state1, n, lr, beta1, beta2, decay, one_minus_beta
     rem = tl.minimum(n - base, BLOCK).to(tl.int32)
     offs = tl.arange(0, BLOCK)
     mask = offs < rem
-    g = _to_f32(tl.load(grad + base + offs, mask=mask, other=0.0), EXACT_BF16)
+    g = to_f32(tl.load(grad + base + offs, mask=mask, other=0.0), EXACT_BF16)
     m = tl.load(state1 + base + offs, mask=mask, other=0.0)
     c = m * beta1 + g * one_minus_beta1
     sign = tl.where(c > 0.0, 1.0, tl.where(c < 0.0, -1.0, 0.0))  # NaN: 0, as optim.cpp
-    x = _to_f32(tl.load(param + base + offs, mask=mask, other=0.0), EXACT_BF16) * decay + (-lr) * sign
-    tl.store(param + base + offs, _from_f32(x, param.dtype.element_ty, EXACT_BF16), mask=mask)
+    x = to_f32(tl.load(param + base + offs, mask=mask, other=0.0), EXACT_BF16) * decay + (-lr) * sign
+    tl.store(param + base + offs, from_f32(x, param.dtype.element_ty, EXACT_BF16), mask=mask)
     tl.store(state1 + base + offs, m * beta2 + one_minus_beta2 * g, mask=mask)
 
 
@@ -91,7 +91,7 @@ def _requantize(x, code):
     amax = tl.max(tl.abs(x), axis=1)
     nonzero = amax > 0.0
     xn = tl.math.div_rn(x, tl.where(nonzero, amax, 1.0)[:, None])
-    return _code8_index(code, tl.where(nonzero[:, None], xn, 0.0)), amax
+    return code8_index(code, tl.where(nonzero[:, None], xn, 0.0)), amax
 
 
 @triton.jit
@@ -110,15 +110,15 @@ def _adamw8bit_kernel(param, grad, state1, state2, absmax1, absmax2, code1, code
     a2 = tl.load(absmax2 + pid * ROWS + rows, mask=rmask, other=0.0)
     q1 = tl.load(state1 + base + offs, mask=mask, other=0).to(tl.int32)
     q2 = tl.load(state2 + base + offs, mask=mask, other=0).to(tl.int32)
-    g = _to_f32(tl.load(grad + base + offs, mask=mask, other=0.0), EXACT_BF16)
+    g = to_f32(tl.load(grad + base + offs, mask=mask, other=0.0), EXACT_BF16)
     m = (tl.load(code1 + q1) * a1[:, None]) * beta1 + g * one_minus_beta1
     v = (tl.load(code2 + q2) * a2[:, None]) * beta2 + (g * g) * one_minus_beta2
     m = tl.where(mask, m, 0.0)  # lanes past n: out of the absmax (their code byte 0 is not 0.0)
     v = tl.where(mask, v, 0.0)
-    x = _to_f32(tl.load(param + base + offs, mask=mask, other=0.0), EXACT_BF16) * decay
+    x = to_f32(tl.load(param + base + offs, mask=mask, other=0.0), EXACT_BF16) * decay
     denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     x = x - step_size * tl.math.div_rn(m, denom)
-    tl.store(param + base + offs, _from_f32(x, param.dtype.element_ty, EXACT_BF16), mask=mask)
+    tl.store(param + base + offs, from_f32(x, param.dtype.element_ty, EXACT_BF16), mask=mask)
     q1, amax1 = _requantize(m, code1)
     q2, amax2 = _requantize(v, code2)
     tl.store(state1 + base + offs, q1.to(tl.uint8), mask=mask)
@@ -141,10 +141,10 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     if n == 0:
         return
     _lr, _b1, b2, eps, decay, omb1, omb2, step_size, bc2_sqrt = hyper
-    with _device_of(param):
+    with device_of(param):
         _adamw_kernel[(triton.cdiv(n, BLOCK_32BIT),)](param, grad, exp_avg, exp_avg_sq, n, b2, eps, decay, omb1, omb2,
                                                       step_size, bc2_sqrt, BLOCK=BLOCK_32BIT, num_warps=WARPS_32BIT,
-                                                      **_LAUNCH)
+                                                      **LAUNCH)
 
 
 def lion_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, hyper: tuple) -> None:
@@ -153,9 +153,9 @@ def lion_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, hy
     if n == 0:
         return
     lr, b1, b2, _eps, decay, omb1, omb2, _step_size, _bc2 = hyper
-    with _device_of(param):
+    with device_of(param):
         _lion_kernel[(triton.cdiv(n, BLOCK_32BIT),)](param, grad, exp_avg, n, lr, b1, b2, decay, omb1, omb2,
-                                                     BLOCK=BLOCK_32BIT, num_warps=WARPS_32BIT, **_LAUNCH)
+                                                     BLOCK=BLOCK_32BIT, num_warps=WARPS_32BIT, **LAUNCH)
 
 
 def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
@@ -168,7 +168,7 @@ def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor
         return
     _lr, b1, b2, eps, decay, omb1, omb2, step_size, bc2_sqrt = hyper
     grid = (triton.cdiv(n, ROWS_8BIT * OPTIM_BLOCK),)
-    with _device_of(param):
+    with device_of(param):
         _adamw8bit_kernel[grid](param, grad, state1, state2, absmax1, absmax2, code1, code2, n, b1, b2, eps, decay,
                                 omb1, omb2, step_size, bc2_sqrt, BS=OPTIM_BLOCK, ROWS=ROWS_8BIT,
-                                num_warps=WARPS_8BIT, **_LAUNCH)
+                                num_warps=WARPS_8BIT, **LAUNCH)

@@ -37,14 +37,16 @@
 #     not trust it), loads nothing and stores nothing: its h and g are 0, its z is written 0
 #     (forward) and read as 0 (backward, so a NaN there cannot leak), so it adds nothing.
 #   * Row offsets are int64 (n_rows·d may pass 2^31), as are the P/Q/workspace offsets j·d.
-#   * Dropout: the hash of dropout.h over (row of h, column) through lora.py's helpers; the
-#     kept value is multiplied by scale in fp32 (the reference's t * scale).
+#   * Dropout: the hash of dropout.h over (row of h, column), common.py's dropout_key (once a
+#     program) and dropout_keep; the kept value is multiplied by scale in fp32 (the reference's
+#     t * scale).
 #   * A workspace element is read and written by the same thread across tiles when the load and
 #     the store get one layout, but layouts may replicate a vector over threads, so a
 #     debug_barrier precedes each tile's first workspace access (__syncthreads orders global
 #     memory too: the previous tile's stores are then visible to the whole CTA).
 #   * Arithmetic in fp32; out and dh rounded once to h's dtype. Launches pass
-#     enable_fp_fusion=True (nothing here is specified bit for bit, and an FMA rounds once).
+#     EXACT_BF16=common.INTERPRETED and enable_fp_fusion=True, not common.LAUNCH (nothing here
+#     is specified bit for bit, and an FMA rounds once).
 #
 # Tiles (_config), 8 warps, chosen without a GPU so that ptxas (sm_90a, compiled offline with
 # d and the pointers 16-divisible) reports no spills, bf16:
@@ -62,8 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import _dropout_keep, _dropout_key, _int32_bits, _seed_words
-from .nf4 import _INTERPRETED, _device_of, _from_f32, _to_f32
+from .common import INTERPRETED, device_of, dropout_keep, dropout_key, from_f32, int32_bits, seed_words, to_f32
 
 TILE_ELEMENTS = 4096  # TILE x BLOCK_D below DOT_MIN_RANK: 16 fp32 a thread at 8 warps (8192: 128+ registers)
 WARPS = 8
@@ -180,7 +181,7 @@ def _reft_forward_kernel(H, P, Q, B, ROWS, OUT, Z, n_rows, d, r, n_slots, seed_l
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < d
-        h = _to_f32(tl.load(h_rows + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0), EXACT_BF16)
+        h = to_f32(tl.load(h_rows + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0), EXACT_BF16)
         z = _project(z, h, Q, d64, cols, cmask, kr, r, BLOCK_R, USE_DOT)
     b = tl.load(B + kr, mask=rmask, other=0.0)
     z = tl.where(valid[:, None], z + b[None, :], 0.0)  # a slot with no row: z = 0
@@ -188,17 +189,17 @@ def _reft_forward_kernel(H, P, Q, B, ROWS, OUT, Z, n_rows, d, r, n_slots, seed_l
 
     # Pass 2: out = h + drop(Pᵀz), the tile's rows of h again (from L2).
     if DROPOUT:
-        key = _dropout_key(seed_lo, seed_hi)
+        key = dropout_key(seed_lo, seed_hi)
     for d0 in range(0, d, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < d
         m = valid[:, None] & cmask[None, :]
-        h = _to_f32(tl.load(h_rows + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first"), EXACT_BF16)
+        h = to_f32(tl.load(h_rows + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first"), EXACT_BF16)
         edit = _expand(tl.zeros([TILE, BLOCK_D], dtype=tl.float32), z, P, d64, cols, cmask, kr, r, BLOCK_R, USE_DOT)
         if DROPOUT:
-            keep = _dropout_keep(key, row, cols, threshold)
+            keep = dropout_keep(key, row, cols, threshold)
             edit = tl.where(keep, edit * drop_scale, 0.0)  # fp32 product, as the reference
-        tl.store(OUT + row[:, None] * d + cols[None, :], _from_f32(h + edit, OUT.dtype.element_ty, EXACT_BF16),
+        tl.store(OUT + row[:, None] * d + cols[None, :], from_f32(h + edit, OUT.dtype.element_ty, EXACT_BF16),
                  mask=m)
 
 
@@ -214,7 +215,7 @@ def _reft_backward_kernel(G, H, P, Q, Z, ROWS, DH, WS, n_rows, d, r, n_slots, n_
     d64 = d + tl.zeros([], dtype=tl.int64)  # (d may arrive as the constexpr 1)
     ws = WS + pid.to(tl.int64) * ws_stride  # this program's row: [dP | dQ | db | pad]
     if DROPOUT:
-        key = _dropout_key(seed_lo, seed_hi)
+        key = dropout_key(seed_lo, seed_hi)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         slots, smask, row, valid = _slot_rows(ROWS, tile, n_slots, n_rows, HAS_ROWS, TILE)
         g_rows = G + row[:, None] * d
@@ -224,10 +225,10 @@ def _reft_backward_kernel(G, H, P, Q, Z, ROWS, DH, WS, n_rows, d, r, n_slots, n_
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < d
-            g = _to_f32(tl.load(g_rows + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0),
+            g = to_f32(tl.load(g_rows + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0),
                         EXACT_BF16)
             if DROPOUT:
-                g = tl.where(_dropout_keep(key, row, cols, threshold), g * drop_scale, 0.0)
+                g = tl.where(dropout_keep(key, row, cols, threshold), g * drop_scale, 0.0)
             s = _project(s, g, P, d64, cols, cmask, kr, r, BLOCK_R, USE_DOT)
 
         first = (tile == pid).to(tl.int32)
@@ -241,16 +242,16 @@ def _reft_backward_kernel(G, H, P, Q, Z, ROWS, DH, WS, n_rows, d, r, n_slots, n_
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < d
             m = valid[:, None] & cmask[None, :]
-            g = _to_f32(tl.load(g_rows + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first"),
+            g = to_f32(tl.load(g_rows + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first"),
                         EXACT_BF16)
             if NEED_H:
                 dh = _expand(g, s, Q, d64, cols, cmask, kr, r, BLOCK_R, USE_DOT)
-                tl.store(DH + row[:, None] * d + cols[None, :], _from_f32(dh, DH.dtype.element_ty, EXACT_BF16),
+                tl.store(DH + row[:, None] * d + cols[None, :], from_f32(dh, DH.dtype.element_ty, EXACT_BF16),
                          mask=m)
             if NEED_PARAMS:
                 if DROPOUT:
-                    g = tl.where(_dropout_keep(key, row, cols, threshold), g * drop_scale, 0.0)
-                h = _to_f32(tl.load(H + row[:, None] * d + cols[None, :], mask=m, other=0.0,
+                    g = tl.where(dropout_keep(key, row, cols, threshold), g * drop_scale, 0.0)
+                h = to_f32(tl.load(H + row[:, None] * d + cols[None, :], mask=m, other=0.0,
                                     eviction_policy="evict_first"), EXACT_BF16)
                 _accumulate_outer(ws, z, g, d64, cols, cmask, kr, r, first, BLOCK_R, USE_DOT)
                 _accumulate_outer(ws + r * d64, s, h, d64, cols, cmask, kr, r, first, BLOCK_R, USE_DOT)
@@ -299,12 +300,12 @@ def reft_forward(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Ten
     if config:
         cfg.update(config)
     cfg.pop("PROGRAMS", None)
-    lo, hi = _seed_words(seed)
+    lo, hi = seed_words(seed)
     grid = (triton.cdiv(n_slots, cfg["TILE"]),)
-    with _device_of(h):
+    with device_of(h):
         _reft_forward_kernel[grid](h, P, Q, b, rows if rows is not None else z, out, z, n_rows, d, r, n_slots,
-                                   lo, hi, _int32_bits(threshold), float(scale), HAS_ROWS=rows is not None,
-                                   DROPOUT=bool(enabled), EXACT_BF16=_INTERPRETED, enable_fp_fusion=True, **cfg)
+                                   lo, hi, int32_bits(threshold), float(scale), HAS_ROWS=rows is not None,
+                                   DROPOUT=bool(enabled), EXACT_BF16=INTERPRETED, enable_fp_fusion=True, **cfg)
 
 
 def backward_programs(n_slots: int, r: int, d: int, device: torch.device, *, config: dict | None = None) -> int:
@@ -359,14 +360,14 @@ def reft_backward(grad: torch.Tensor, h: torch.Tensor, P: torch.Tensor, Q: torch
     if need_params and tuple(workspace.shape) != (n_programs, ws_stride):
         raise ValueError(f"workspace must be {(n_programs, ws_stride)} (backward_workspace_shape), "
                          f"got {tuple(workspace.shape)}")
-    lo, hi = _seed_words(seed)
+    lo, hi = seed_words(seed)
     n_tiles = triton.cdiv(n_slots, cfg["TILE"])
-    with _device_of(h):
+    with device_of(h):
         _reft_backward_kernel[(n_programs,)](
             grad, h, P, Q, z, rows if rows is not None else z, dh if need_h else grad,
             workspace if need_params else z, n_rows, d, r, n_slots, n_tiles, ws_stride, lo, hi,
-            _int32_bits(threshold), float(scale), HAS_ROWS=rows is not None, DROPOUT=bool(enabled),
-            NEED_H=need_h, NEED_PARAMS=need_params, EXACT_BF16=_INTERPRETED, enable_fp_fusion=True,
+            int32_bits(threshold), float(scale), HAS_ROWS=rows is not None, DROPOUT=bool(enabled),
+            NEED_H=need_h, NEED_PARAMS=need_params, EXACT_BF16=INTERPRETED, enable_fp_fusion=True,
             **cfg)
         if need_params:
             _reft_reduce_kernel[(triton.cdiv(2 * r * d + r, REDUCE_BLOCK),)](

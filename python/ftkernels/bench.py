@@ -25,6 +25,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from . import plots
+
 OPS = ("nf4", "lora", "loreft", "optim", "finetune")
 
 # Baselines and what they are needed for; each is reported as present or absent.
@@ -145,11 +147,8 @@ def markdown(results: dict[str, dict[str, dict]], present: dict[str, bool], head
 
 def charts(results: dict[str, dict[str, dict]], out: Path) -> list[Path]:
     """speedup.png (ours over each baseline) and ceiling.png (fraction of a ceiling) per op;
-    none without matplotlib (the report says so)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plots.PlotsUnavailable (an ImportError) without matplotlib, which run() reports in one line."""
+    plt = plots.pyplot()
 
     written = []
     for kind, keys, title, fname in (
@@ -220,9 +219,9 @@ def run(ops: Iterable[str], out: Path, quick: bool = False, echo=print) -> dict:
     report = {"header": header, "baselines_present": present, "failed": failed, "results": results}
     try:
         report["charts"] = [p.name for p in charts(results, out)]
-    except ImportError:
+    except plots.PlotsUnavailable as e:
         report["charts"] = []
-        echo("charts: matplotlib is not installed (pip install matplotlib), no PNGs written")
+        echo(f"charts: {e}, no PNGs written")
     text = markdown(results, present, header)
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

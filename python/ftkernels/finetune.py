@@ -3,7 +3,9 @@
 ``prepare(model, method)`` readies the model (QLoRA: NF4 base + LoRA; LoRA; LoReFT
 interventions), ``train`` trains it on instruction/response pairs (``load_pairs``, ``encode``,
 ``batches``) with the loss on the response tokens only, and ``write_outputs`` saves the
-adapter, a metrics JSON and a loss-curve PNG; ``ftk finetune`` (cli.py) strings them together. The built-in dataset is a small set of pairs written for this project: short
+adapter, a metrics JSON and a loss-curve PNG (drawn with matplotlib, an optional dependency:
+without it the PNG is skipped with a one-line note); ``ftk finetune`` (cli.py) strings them
+together. The built-in dataset is a small set of pairs written for this project: short
 answers in one fixed voice ("ftk says: ..."), so a few dozen steps visibly change the answers.
 """
 
@@ -13,15 +15,17 @@ import json
 import math
 import os
 import random
-import struct
+import sys
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from . import plots
+
 METHODS = ("qlora", "lora", "loreft")
+METHOD_NAMES = {"qlora": "QLoRA", "lora": "LoRA", "loreft": "LoReFT"}  # as figure titles spell them
 
 # Instruction -> response pairs in one voice. The held-out prompts below are not among them.
 BUILTIN_DATA: list[tuple[str, str]] = [
@@ -147,38 +151,54 @@ def batches(examples, batch_size: int, pad_id: int, seed: int = 0) -> Iterator[d
         yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def loss_curve_png(losses: Sequence[float], path: str | os.PathLike, width: int = 480, height: int = 240) -> None:
-    """A plain line plot of the losses as a PNG (grey frame, blue line), written without a
-    plotting library: the package does not depend on one for a single figure."""
-    img = [[255] * width for _ in range(height)]
-    for x in range(width):
-        img[0][x] = img[height - 1][x] = 160
-    for y in range(height):
-        img[y][0] = img[y][width - 1] = 160
-    finite = [v for v in losses if math.isfinite(v)]
-    if len(finite) >= 2:
-        lo, hi = min(finite), max(finite)
-        span = hi - lo or 1.0
-        pts = [(4 + i * (width - 9) / (len(losses) - 1), 4 + (hi - v) * (height - 9) / span)
-               for i, v in enumerate(losses) if math.isfinite(v)]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-            for s in range(steps + 1):
-                x = round(x0 + (x1 - x0) * s / steps)
-                y = round(y0 + (y1 - y0) * s / steps)
-                img[y][x] = 1  # marked: drawn in blue below
-    raw = bytearray()
-    for row in img:
-        raw.append(0)
-        for v in row:
-            raw += bytes((40, 90, 200)) if v == 1 else bytes((v, v, v))
+def smoothed(losses: Sequence[float], window: int | None = None) -> list[float]:
+    """A centred moving average: each point the mean of the finite losses within window // 2
+    steps of it (window: n / 10 rounded up to an odd number, at least 3; shorter at the ends),
+    so it follows the trend without an exponential average's lag; NaN where none is finite."""
+    n = len(losses)
+    half = (window or max(3, -(-n // 10))) // 2
+    total, count = [0.0], [0]  # prefix sums over the finite losses
+    for v in losses:
+        ok = math.isfinite(v)
+        total.append(total[-1] + (v if ok else 0.0))
+        count.append(count[-1] + ok)
+    out = []
+    for i in range(n):
+        lo, hi = max(0, i - half), min(n, i + half + 1)
+        k = count[hi] - count[lo]
+        out.append((total[hi] - total[lo]) / k if k else float("nan"))
+    return out
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(bytes(raw), 9)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
+def loss_curve_png(losses: Sequence[float], path: str | os.PathLike, title: str = "fine-tuning loss"):
+    """The train loss per step as a PNG drawn with matplotlib: x axis "step" (1..n), y axis
+    "train loss", the title given; from 10 steps on, the moving average too (``smoothed``).
+    Returns the (closed) Figure, or None when matplotlib is missing: then one line on stderr
+    says so and how to install it, and nothing is written."""
+    try:
+        plt = plots.pyplot()
+    except plots.PlotsUnavailable as e:
+        print(f"{Path(path).name} not written: {e}", file=sys.stderr)
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    steps = list(range(1, len(losses) + 1))
+    values = [v if math.isfinite(v) else float("nan") for v in losses]  # inf: a gap, as NaN
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(steps, values, color="#2860c0", linewidth=1.0, alpha=0.55 if len(losses) >= 10 else 1.0,
+            marker="o" if len(losses) < 10 else None, markersize=3, label="train loss")
+    if len(losses) >= 10:  # below that each point is marked and read on its own
+        ax.plot(steps, smoothed(losses), color="#c04028", linewidth=1.6, label="moving average")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title(title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, linewidth=0.4, alpha=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
 
 
 def prepare(model, method: str, rank: int | None = None) -> list[torch.nn.Parameter]:
@@ -255,7 +275,8 @@ def peak_rss_mib() -> float:
 
 def write_outputs(model, method: str, out_dir: str | os.PathLike, metrics: dict, losses: Sequence[float]) -> None:
     """The adapter (PEFT's files for LoRA/QLoRA, safetensors + JSON for LoReFT), metrics.json
-    and loss.png into out_dir."""
+    and loss.png (the loss curve; skipped, with a note on stderr, without matplotlib) into
+    out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if method == "loreft":
@@ -267,4 +288,14 @@ def write_outputs(model, method: str, out_dir: str | os.PathLike, metrics: dict,
 
         save_lora(model, out / "adapter")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    loss_curve_png(losses, out / "loss.png")
+    title = f"{METHOD_NAMES.get(method, method)} fine-tuning of {model_name(model, metrics)}"
+    loss_curve_png(losses, out / "loss.png", title=title)
+
+
+def model_name(model, metrics: dict) -> str:
+    """A short name for the model: the last part of metrics["model"] (the folder or GGUF file
+    loaded), else of its config's name_or_path, else its class name."""
+    for where in (metrics.get("model"), getattr(getattr(model, "config", None), "name_or_path", None)):
+        if where:
+            return Path(str(where)).name or str(where)
+    return type(model).__name__
