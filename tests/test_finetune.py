@@ -1,4 +1,4 @@
-"""ftkernels.finetune: data, the loop and its outputs for each method, on a tiny random Llama
+"""ftkernels.apps.finetune: data, the loop and its outputs for each method, on a tiny random Llama
 with a character-level stand-in tokenizer (the real model runs in the CLI test)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from ftkernels import finetune as ft
+from ftkernels.apps import finetune as ft
 
 pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
 

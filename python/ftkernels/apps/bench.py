@@ -25,6 +25,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import torch
+
 from . import plots
 
 OPS = ("nf4", "lora", "loreft", "optim", "finetune")
@@ -190,8 +192,6 @@ def _cpu_name() -> str:
 
 def run(ops: Iterable[str], out: Path, quick: bool = False, echo=print) -> dict:
     """Runs each op's suite into out/raw/, then writes report.md, report.json and the charts."""
-    import torch
-
     ops = list(ops)
     bench_dir = benchmarks_dir()
     raw = out / "raw"

@@ -22,6 +22,11 @@ from pathlib import Path
 
 import torch
 
+from ..integrations.lora import add_lora, save_lora
+from ..integrations.loss import fused_lm_loss
+from ..integrations.reft import add_loreft, save_loreft
+from ..integrations.transformers import quantize_model
+from ..optim import AdamW
 from . import plots
 
 METHODS = ("qlora", "lora", "loreft")
@@ -206,15 +211,10 @@ def prepare(model, method: str, rank: int | None = None) -> list[torch.nn.Parame
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
     if method == "loreft":
-        from .integrations.reft import add_loreft
-
         reft = add_loreft(model, layers="all", rank=rank or 4, positions="f5+l5")
         return list(reft.parameters())
-    from .integrations.lora import add_lora
 
     if method == "qlora":
-        from .integrations.transformers import quantize_model
-
         quantize_model(model, progress=False)
     add_lora(model, r=rank or 8, alpha=2 * (rank or 8))
     return [p for p in model.parameters() if p.requires_grad]
@@ -224,8 +224,6 @@ def train(model, params, examples, pad_id: int, steps: int, lr: float, batch_siz
     """The loop: ftkernels.optim.AdamW on ``params``; returns (losses, tokens a second)."""
     from tqdm import tqdm
 
-    from .integrations.loss import fused_lm_loss
-    from .optim import AdamW
 
     opt = AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
@@ -273,23 +271,21 @@ def peak_rss_mib() -> float:
         return float("nan")
 
 
-def write_outputs(model, method: str, out_dir: str | os.PathLike, metrics: dict, losses: Sequence[float]) -> None:
+def write_outputs(model, method: str, out_dir: str | os.PathLike, metrics: dict,
+                  losses: Sequence[float]) -> list[Path]:
     """The adapter (PEFT's files for LoRA/QLoRA, safetensors + JSON for LoReFT), metrics.json
     and loss.png (the loss curve; skipped, with a note on stderr, without matplotlib) into
-    out_dir."""
+    out_dir; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if method == "loreft":
-        from .integrations.reft import save_loreft
-
         save_loreft(model, out / "adapter")
     else:
-        from .integrations.lora import save_lora
-
         save_lora(model, out / "adapter")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     title = f"{METHOD_NAMES.get(method, method)} fine-tuning of {model_name(model, metrics)}"
-    loss_curve_png(losses, out / "loss.png", title=title)
+    figure = loss_curve_png(losses, out / "loss.png", title=title)
+    return [out / "adapter", out / "metrics.json"] + ([out / "loss.png"] if figure is not None else [])
 
 
 def model_name(model, metrics: dict) -> str:

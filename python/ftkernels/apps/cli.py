@@ -17,7 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import OPS as BENCH_OPS
+import torch
+
+from .._formats import BLOCKSIZES_4BIT, QUANT_TYPES
+from ..integrations.hf_compat import dtype_kwarg
+from ..integrations.lora import load_lora
+from ..integrations.reft import load_loreft
+from ..integrations.transformers import quantize_model, save_quantized
+from ..nn import dequantized_weights
+from . import bench
+from . import finetune as ft
 
 DEFAULT_PROMPT = "What is the capital of France?"
 DEFAULT_OUT = "smollm2-nf4"
@@ -72,11 +81,9 @@ def _resolve_model(path: str | None) -> tuple[str, str | None]:
 def load_causal_lm(folder: str, gguf_file: str | None):
     """Model (float32, CPU, eval mode) and tokenizer. float32 because the CPU has no fast
     bf16 matmul (bf16 runs ~400x slower here), and a GGUF file is dequantized on load anyway."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .integrations.hf_compat import dtype_kwarg
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     hf_logging.disable_progress_bar()  # one progress bar (ours) rather than three
@@ -90,7 +97,6 @@ def load_causal_lm(folder: str, gguf_file: str | None):
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     """The model's greedy reply to ``prompt`` as one user turn (the chat template applied)."""
-    import torch
 
     if getattr(tokenizer, "chat_template", None):
         enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -111,9 +117,6 @@ def _mib(n: int) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .integrations.transformers import quantize_model, save_quantized
-    from .nn import dequantized_weights
-
     try:
         folder, gguf_file = resolve_model(args.model)
     except (FileNotFoundError, ValueError) as e:
@@ -163,8 +166,6 @@ DEFAULT_LR = {"qlora": 2e-4, "lora": 2e-4, "loreft": 4e-3}  # LoReFT: ~10-20x Lo
 
 
 def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from . import finetune as ft
-
     for name in ("steps", "batch_size", "seq_len", "max_new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -192,21 +193,17 @@ def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                "seconds": time.perf_counter() - t0,
                "answers": [{"prompt": p, "held_out": held_out, "before": b, "after": a}
                            for p, b, a in zip(prompts, before, after)]}
-    ft.write_outputs(model, args.method, args.out, metrics, losses)
+    written = ft.write_outputs(model, args.method, args.out, metrics, losses)
     print(f"method:   {args.method}, {metrics['trainable_parameters']:,} trainable parameters, lr {lr:g}")
     print(f"loss:     {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps ({rate:.0f} tokens/s)")
     for p, b, a in zip(prompts, before, after):
         print(f"prompt:   {p}{'' if held_out else '  (a training example: too few to hold any out)'}"
               f"\n  before: {b}\n  after:  {a}")
-    print(f"written:  {args.out}/adapter, {args.out}/metrics.json, {args.out}/loss.png "
-          f"({metrics['seconds']:.0f} s in all)")
+    print(f"written:  {', '.join(str(p) for p in written)} ({metrics['seconds']:.0f} s in all)")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .integrations.lora import load_lora
-    from .integrations.reft import load_loreft
-
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     try:
@@ -234,8 +231,6 @@ def _out_dir(path: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ._formats import BLOCKSIZES_4BIT, QUANT_TYPES
-
     parser = argparse.ArgumentParser(prog="ftk", description="ftkernels: 4-bit weights for fine-tuning LLMs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -293,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the baselines that are installed, in one run, and write report.md, "
                                    "report.json, the raw JSON and PNG charts.")
     b.add_argument("--quick", action="store_true", help="small shapes and two rounds: checks that it all runs")
-    b.add_argument("--ops", default=",".join(BENCH_OPS), metavar="LIST",
-                   help=f"comma-separated, from {','.join(BENCH_OPS)} (default: all)")
+    b.add_argument("--ops", default=",".join(bench.OPS), metavar="LIST",
+                   help=f"comma-separated, from {','.join(bench.OPS)} (default: all)")
     b.add_argument("--out", default="ftk-bench", metavar="DIR", type=_out_dir,
                    help="output directory (default: ./ftk-bench)")
     b.set_defaults(func=cmd_bench)
@@ -302,8 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from . import bench
-
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in ops if op not in bench.OPS]
     if not ops or unknown:

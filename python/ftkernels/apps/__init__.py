@@ -1,0 +1,2 @@
+"""The applications, above the library: the ``ftk`` command (cli), the fine-tuning job
+(finetune), the benchmark report (bench) and their plots (plots, matplotlib)."""
