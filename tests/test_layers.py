@@ -5,6 +5,7 @@ see, a cycle between two modules of one layer."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,18 @@ def test_no_file_is_too_long():
         if n > MAX_LINES[path.suffix]:
             too_long[str(path.relative_to(ROOT))] = n
     assert too_long == {}
+
+
+@pytest.mark.skipif(not (ROOT / "triton_kernels").is_dir(), reason="needs the source tree")
+def test_triton_kernels_import_only_their_common_helpers_and_the_formats():
+    # ftkernels.triton_kernels is a namespace package, which import-linter does not see.
+    allowed_relative = {(1, "common"), (2, "_formats")}
+    allowed_absolute = {"__future__", "contextlib", "functools", "math", "numpy", "torch", "triton"}
+    for path in sorted((ROOT / "triton_kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert (node.level, node.module) in allowed_relative, f"{path.name}: from {'.' * node.level}{node.module}"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                for name in names:
+                    assert name.split(".")[0] in allowed_absolute, f"{path.name}: import {name}"

@@ -12,6 +12,7 @@ kernel returns: same shapes, dtypes and bytes.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -43,28 +44,13 @@ def available(device_type: str) -> bool:
 register_backend("triton", available)
 
 
-def _nf4():
-    from ..triton_kernels import nf4
-
-    return nf4
-
-
-def _lora_kernels():
-    from ..triton_kernels import lora
-
-    return lora
+def _kernels(name: str):
+    """ftkernels.triton_kernels.<name>, imported on first use (it imports triton). By name, as
+    the subpackage is a namespace package (see pyproject.toml's import-linter comment)."""
+    return importlib.import_module(f"{_PACKAGE}.triton_kernels.{name}")
 
 
-def _reft_kernels():
-    from ..triton_kernels import reft
-
-    return reft
-
-
-def _optim_kernels():
-    from ..triton_kernels import optim
-
-    return optim
+_PACKAGE = __name__.split(".")[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,7 +63,7 @@ def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
 @register_kernel("quantize_4bit", "triton")
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
     packed, absmax = _formats.quantize_4bit_outputs(A, blocksize)
-    _nf4().quantize_4bit(A, packed, absmax, blocksize, _formats.QUANT_TYPE_CODE[quant_type])
+    _kernels("nf4").quantize_4bit(A, packed, absmax, blocksize, _formats.QUANT_TYPE_CODE[quant_type])
     return packed, absmax
 
 
@@ -86,7 +72,7 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
                     nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256, out=None):
     if out is None:
         out = A.new_empty(shape, dtype=dtype)
-    _nf4().dequantize_4bit(A, absmax, _code_4bit(quant_type, A.device), out, blocksize,
+    _kernels("nf4").dequantize_4bit(A, absmax, _code_4bit(quant_type, A.device), out, blocksize,
                            nested_absmax, nested_code, offset, nested_blocksize)
     return out
 
@@ -94,14 +80,14 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
 @register_kernel("quantize_blockwise", "triton")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     out, absmax = _formats.quantize_blockwise_outputs(A, blocksize)
-    _nf4().quantize_blockwise(A, code, out, absmax, blocksize)
+    _kernels("nf4").quantize_blockwise(A, code, out, absmax, blocksize)
     return out, absmax
 
 
 @register_kernel("dequantize_blockwise", "triton")
 def dequantize_blockwise(A, absmax, code, blocksize, dtype):
     out = A.new_empty(A.shape, dtype=dtype)
-    _nf4().dequantize_blockwise(A, absmax, code, out, blocksize)
+    _kernels("nf4").dequantize_blockwise(A, absmax, code, out, blocksize)
     return out
 
 
@@ -110,14 +96,14 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
 
 def _lora_dropout(t: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
     out = torch.empty(t.shape, dtype=torch.float32, device=t.device)
-    _lora_kernels().lora_dropout(t, out, *_formats.dropout_args(p, seed))
+    _kernels("lora").lora_dropout(t, out, *_formats.dropout_args(p, seed))
     return out
 
 
 def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     n, k = w.shape
     out = X.new_empty((X.shape[0], n if mode == _formats.LORA_FORWARD else k))
-    _lora_kernels().lora_matmul(mode, X, w, _code_4bit(w.quant_type, X.device), bias, L.contiguous(), R, scaling,
+    _kernels("lora").lora_matmul(mode, X, w, _code_4bit(w.quant_type, X.device), bias, L.contiguous(), R, scaling,
                                 *_formats.dropout_args(p, seed), out)
     return out
 
@@ -151,14 +137,14 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
     out, z = _formats.reft_forward_outputs(h, P.shape[0], n_slots)
     if rows is not None:
         out.copy_(h)  # rows no slot selects keep h; the kernel writes the selected ones
-    _reft_kernels().reft_forward(h, P, Q, b, rows, *_formats.dropout_args(dropout_p, seed), out, z)
+    _kernels("reft").reft_forward(h, P, Q, b, rows, *_formats.dropout_args(dropout_p, seed), out, z)
     return out, z
 
 
 @register_kernel("reft_backward", "triton")
 def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
     _no_float64(grad, h, P, Q, z)
-    kernels = _reft_kernels()
+    kernels = _kernels("reft")
     r, d = P.shape
     dh, dP, dQ, db = _formats.reft_backward_outputs(h, r, need_h, need_params)
     if rows is not None and need_h:
@@ -175,17 +161,17 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 
 @register_kernel("adamw_step", "triton")
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
-    _optim_kernels().adamw_step(param, grad, exp_avg, exp_avg_sq,
+    _kernels("optim").adamw_step(param, grad, exp_avg, exp_avg_sq,
                                 _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step))
 
 
 @register_kernel("lion_step", "triton")
 def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
-    _optim_kernels().lion_step(param, grad, exp_avg, _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay))
+    _kernels("optim").lion_step(param, grad, exp_avg, _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay))
 
 
 @register_kernel("adamw8bit_step", "triton")
 def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
                    weight_decay, step):
-    _optim_kernels().adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2,
+    _kernels("optim").adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2,
                                     _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step))
