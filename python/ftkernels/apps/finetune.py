@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..integrations.lora import add_lora, save_lora
 from ..integrations.loss import fused_lm_loss
@@ -222,7 +223,6 @@ def prepare(model, method: str, rank: int | None = None) -> list[torch.nn.Parame
 
 def train(model, params, examples, pad_id: int, steps: int, lr: float, batch_size: int, progress: bool = True):
     """The loop: ftkernels.optim.AdamW on ``params``; returns (losses, tokens a second)."""
-    from tqdm import tqdm
 
 
     opt = AdamW(params, lr=lr, weight_decay=0.0)

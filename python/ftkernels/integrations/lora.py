@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..nn.linear_nf4 import LinearNF4
@@ -97,7 +99,6 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
 
 def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """PEFT's adapter files for the model's LoRA layers."""
-    from safetensors.torch import save_file
 
     layers = lora_modules(model)
     config = getattr(model, "_ftk_lora_config", None)
@@ -143,8 +144,6 @@ def load_lora(model: nn.Module, in_dir: str | os.PathLike) -> list[str]:
     """Adds LoRA layers as a PEFT adapter directory describes them and loads their weights
     (safetensors only). Every key and shape is checked against the model before it changes.
     Returns the wrapped layers' names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     src = Path(in_dir)
     config = _read_config(src)

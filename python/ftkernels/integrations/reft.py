@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..nn.loreft import LoReFT, parse_positions, reft_positions
@@ -245,7 +246,6 @@ def remove_loreft(model: nn.Module) -> LoReFTInterventions:
 
 def save_loreft(model: nn.Module, out_dir: str | os.PathLike) -> None:
     """Writes the model's interventions: a JSON config and the weights as safetensors."""
-    from safetensors.torch import save_file
 
     reft = getattr(model, ATTRIBUTE, None)
     if not isinstance(reft, LoReFTInterventions):
@@ -260,7 +260,6 @@ def save_loreft(model: nn.Module, out_dir: str | os.PathLike) -> None:
 def load_loreft(model: nn.Module, in_dir: str | os.PathLike) -> LoReFTInterventions:
     """Attaches the interventions saved by :func:`save_loreft` to ``model``. Reads JSON and
     safetensors only; the config and every tensor's shape are checked against the model."""
-    from safetensors.torch import load_file
 
     src = Path(in_dir)
     try:

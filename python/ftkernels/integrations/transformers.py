@@ -21,8 +21,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
+from .._checks import need_blocksize, need_quant_type
 from ..nn.linear_nf4 import LinearNF4
 from .hf_compat import from_config, is_conv1d, no_init_weights
 
@@ -129,9 +132,7 @@ def quantize_model(
         compress_statistics = double_quant
     if skip is not None:
         skip_modules = skip
-    from tqdm.auto import tqdm
 
-    from .._checks import need_blocksize, need_quant_type
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -237,8 +238,6 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None)
 
 
 def _read_safetensors(out_dir: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = os.path.join(out_dir, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
