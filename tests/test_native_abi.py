@@ -191,9 +191,9 @@ def test_the_python_builders_fill_the_structs_by_name(mod):
     assert _native.rows_cols([2, 3, 5]) == (6, 5)
     assert _native.rows_cols([7]) == (1, 7)
     assert _native.rows_cols([]) == (1, 1)
-    d = _native.dropout(mod, 0.25, -3)
+    d = _native.dropout_params(mod, 0.25, -3)
     assert (d.enabled, d.seed, d.threshold, d.scale) == (True, -3, 1 << 22, pytest.approx(4 / 3))
-    assert not _native.dropout(mod, 0.25, None).enabled
+    assert not _native.dropout_params(mod, 0.25, None).enabled
 
 
 def test_the_two_modules_keep_their_own_classes():

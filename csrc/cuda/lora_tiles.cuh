@@ -79,7 +79,7 @@ struct MmArgs {
   bool xvec;         // X rows allow 16-byte loads
 };
 
-// ---- the family launchers (one a kernel file; lora.cu picks one) ----------------------------
+// ---- the family launchers (one per kernel file; lora.cu picks one) --------------------------
 // Each enqueues its kernel on `stream` and checks the launch; `vecw` says whether W may be read
 // as G-element words (G = 8 tiled, 16 Forward decode, 4 GradInput decode).
 

@@ -92,12 +92,12 @@ OPTIM_HYPER_FIELDS = ("lr", "beta1", "beta2", "eps", "decay", "one_minus_beta1",
                       "bias_correction2_sqrt")  # ftk::OptimHyper, _formats.optim_hyper's order
 
 
-def dropout(mod, p: float, seed: int | None):
+def dropout_params(mod, p: float, seed: int | None):
     """ftk::Dropout: disabled when seed is None."""
     return mod.Dropout(**dict(zip(DROPOUT_FIELDS, dropout_args(p, seed))))
 
 
-def optim_hyper(mod, values: tuple):
+def optim_hyper_params(mod, values: tuple):
     """ftk::OptimHyper of the 9 values of _formats.optim_hyper."""
     return mod.OptimHyper(**dict(zip(OPTIM_HYPER_FIELDS, values, strict=True)))
 
@@ -153,7 +153,7 @@ def dequantize_blockwise_params(mod, A, absmax, code, blocksize, out):
 def lora_dropout_params(mod, t, p: float, seed: int | None, out):
     """ftk::LoraDropoutParams: t (rows, cols) into out (fp32), which may be t itself."""
     return mod.LoraDropoutParams(**{"in": t.data_ptr()}, dtype=DTYPE_CODE[t.dtype], rows=t.shape[0],
-                                 cols=t.shape[1], dropout=dropout(mod, p, seed), out=out.data_ptr())
+                                 cols=t.shape[1], dropout=dropout_params(mod, p, seed), out=out.data_ptr())
 
 
 def lora_matmul_params(mod, mode: int, X, w, bias, L, R, scaling: float, p: float, seed: int | None, out):
@@ -162,7 +162,7 @@ def lora_matmul_params(mod, mode: int, X, w, bias, L, R, scaling: float, p: floa
                                 W=weight_4bit(mod, w), bias=ptr(bias),
                                 bias_dtype=DTYPE_CODE[bias.dtype] if bias is not None else 0, L=L.data_ptr(),
                                 R=R.data_ptr(), R_dtype=DTYPE_CODE[R.dtype], r=L.shape[1], scaling=scaling,
-                                dropout=dropout(mod, p, seed), out=out.data_ptr())
+                                dropout=dropout_params(mod, p, seed), out=out.data_ptr())
 
 
 # ---- fused ReFT edits (csrc/include/ftk/reft.h) --------------------------------------------
@@ -173,7 +173,8 @@ def reft_forward_params(mod, h2, P, Q, b, rows, p: float, seed: int | None, out,
     n_slots = rows.numel() if rows is not None else h2.shape[0]
     return mod.ReftForwardParams(h=h2.data_ptr(), dtype=DTYPE_CODE[h2.dtype], n_rows=h2.shape[0], d=h2.shape[1],
                                  r=P.shape[0], rows=ptr(rows), n_slots=n_slots, P=P.data_ptr(), Q=Q.data_ptr(),
-                                 b=b.data_ptr(), dropout=dropout(mod, p, seed), out=out.data_ptr(), z=z.data_ptr())
+                                 b=b.data_ptr(), dropout=dropout_params(mod, p, seed), out=out.data_ptr(),
+                                 z=z.data_ptr())
 
 
 def reft_backward_params(mod, g2, h2, P, Q, z, rows, p: float, seed: int | None, dh, dP, dQ, db, workspace=None):
@@ -181,7 +182,7 @@ def reft_backward_params(mod, g2, h2, P, Q, z, rows, p: float, seed: int | None,
     n_slots = rows.numel() if rows is not None else g2.shape[0]
     return mod.ReftBackwardParams(grad=g2.data_ptr(), h=h2.data_ptr(), dtype=DTYPE_CODE[g2.dtype],
                                   n_rows=g2.shape[0], d=g2.shape[1], r=P.shape[0], rows=ptr(rows), n_slots=n_slots,
-                                  P=P.data_ptr(), Q=Q.data_ptr(), z=z.data_ptr(), dropout=dropout(mod, p, seed),
+                                  P=P.data_ptr(), Q=Q.data_ptr(), z=z.data_ptr(), dropout=dropout_params(mod, p, seed),
                                   dh=ptr(dh), dP=ptr(dP), dQ=ptr(dQ), db=ptr(db), workspace=ptr(workspace),
                                   workspace_floats=0 if workspace is None else workspace.numel())
 
@@ -193,7 +194,7 @@ def optim_32bit_params(mod, kind: int, param, grad, state1, state2, hyper: tuple
     """ftk::Optim32bitParams; hyper is _formats.optim_hyper(...), state2 None for Lion."""
     return mod.Optim32bitParams(kind=kind, param=param.data_ptr(), param_dtype=DTYPE_CODE[param.dtype],
                                 grad=grad.data_ptr(), grad_dtype=DTYPE_CODE[grad.dtype], n=param.numel(),
-                                state1=state1.data_ptr(), state2=ptr(state2), hyper=optim_hyper(mod, hyper))
+                                state1=state1.data_ptr(), state2=ptr(state2), hyper=optim_hyper_params(mod, hyper))
 
 
 def optim_8bit_params(mod, param, grad, state1, state2, absmax1, absmax2, code1, code2, hyper: tuple):
@@ -201,4 +202,4 @@ def optim_8bit_params(mod, param, grad, state1, state2, absmax1, absmax2, code1,
     return mod.Optim8bitParams(param=param.data_ptr(), param_dtype=DTYPE_CODE[param.dtype], grad=grad.data_ptr(),
                                grad_dtype=DTYPE_CODE[grad.dtype], n=param.numel(), state1=state1.data_ptr(),
                                state2=state2.data_ptr(), absmax1=absmax1.data_ptr(), absmax2=absmax2.data_ptr(),
-                               code1=code1.data_ptr(), code2=code2.data_ptr(), hyper=optim_hyper(mod, hyper))
+                               code1=code1.data_ptr(), code2=code2.data_ptr(), hyper=optim_hyper_params(mod, hyper))
