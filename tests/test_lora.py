@@ -315,17 +315,28 @@ def test_bad_input_raises_naming_the_argument(i):
 
 def test_native_lora_functions_check_their_arguments_again():
     mod = _native._load("_ftk_cpu")
+
+    def dropout_params(mod, **kw):
+        off = mod.Dropout(enabled=False, seed=0, threshold=0, scale=1.0)
+        return mod.LoraDropoutParams(**{**{"in": 1, "dtype": 0, "rows": 2, "cols": 2, "dropout": off, "out": 1}, **kw})
+
+    def weight(mod, **kw):
+        return mod.Weight4bit(**{**dict(packed=1, rows=1, cols=8, blocksize=64, quant_type=0, absmax=1, absmax_q=0,
+                                        nested_absmax=0, nested_code=0, offset=0, nested_blocksize=256), **kw})
+
     with pytest.raises(ValueError, match="dtype"):
-        mod.lora_dropout(1, 7, 2, 2, False, 0, 0, 1.0, 1, 1)
+        mod.lora_dropout(dropout_params(mod, dtype=7), 1)
     with pytest.raises(ValueError, match="must not be null"):
-        mod.lora_dropout(0, 0, 2, 2, False, 0, 0, 1.0, 0, 1)
+        mod.lora_dropout(dropout_params(mod, **{"in": 0, "out": 0}), 1)
     with pytest.raises(ValueError, match="range"):
-        mod.dequantize_4bit_range(1, 8, 64, 0, 1, 0, 0, 0, 0, 256, 0, 1, 4, 9, 1)
+        mod.dequantize_4bit_range(mod.Dequantize4bitParams(w=weight(mod), dtype=0, out=1), 4, 9, 1)
     cuda = _native._load("_ftk_cuda")
     if cuda is not None and hasattr(cuda, "lora_matmul"):
+        off = cuda.Dropout(enabled=False, seed=0, threshold=0, scale=1.0)
         with pytest.raises(ValueError, match="r must be"):
-            cuda.lora_matmul(0, 1, 0, 4, 1, 4, 4, 64, 0, 1, 0, 0, 0, 0, 256, 0, 0, 1, 1, 0, 0, 1.0,
-                             False, 0, 0, 1.0, 1, 0)
+            cuda.lora_matmul(cuda.LoraMatmulParams(mode=0, X=1, dtype=0, M=4, W=weight(cuda, rows=4, cols=4), bias=0,
+                                                   bias_dtype=0, L=1, R=1, R_dtype=0, r=0, scaling=1.0, dropout=off,
+                                                   out=1), 0)
 
 
 @cuda_only

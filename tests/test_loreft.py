@@ -256,13 +256,22 @@ def test_bad_input_raises_naming_the_argument(i):
 
 def test_native_reft_functions_check_their_arguments_again():
     mod = _native._load("_ftk_cpu")
+
+    def forward_params(mod, **kw):
+        off = mod.Dropout(enabled=False, seed=0, threshold=0, scale=1.0)
+        return mod.ReftForwardParams(**{**dict(h=1, dtype=0, n_rows=4, d=128, r=2, rows=0, n_slots=4, P=1, Q=1, b=1,
+                                               dropout=off, out=1, z=1), **kw})
+
     # r = 0, r > 64, an unknown dtype code: ValueError from the C++ checks, never a crash.
     for r, dtype in ((0, 0), (65, 0), (2, 7)):
         with pytest.raises(ValueError, match="r must be|dtype"):
-            mod.reft_forward(1, dtype, 4, 128, r, 0, 4, 1, 1, 1, False, 0, 0, 1.0, 1, 1, 1)
+            mod.reft_forward(forward_params(mod, r=r, dtype=dtype), 1)
     with pytest.raises(ValueError, match="come together"):
-        mod.reft_backward(1, 1, 0, 4, 8, 2, 0, 4, 1, 1, 1, False, 0, 0, 1.0, 0, 1, 0, 0, 0, 0, 1)
+        off = mod.Dropout(enabled=False, seed=0, threshold=0, scale=1.0)
+        mod.reft_backward(mod.ReftBackwardParams(grad=1, h=1, dtype=0, n_rows=4, d=8, r=2, rows=0, n_slots=4, P=1, Q=1,
+                                                 z=1, dropout=off, dh=0, dP=1, dQ=0, db=0, workspace=0,
+                                                 workspace_floats=0), 1)
     cuda = _native._load("_ftk_cuda")
     if cuda is not None and hasattr(cuda, "reft_forward"):
         with pytest.raises(ValueError, match="r must be"):
-            cuda.reft_forward(1, 0, 4, 128, 0, 0, 4, 1, 1, 1, False, 0, 0, 1.0, 1, 1, 0)
+            cuda.reft_forward(forward_params(cuda, r=0), 0)

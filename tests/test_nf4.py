@@ -412,18 +412,29 @@ def test_native_module_checks_its_arguments_again(module):
     if mod is None:
         pytest.skip(f"{module} is not built")
     last = 1  # num_threads (CPU) or a stream handle (CUDA; never used: every call here is refused)
+
+    def quantize(**kw):
+        return mod.Quantize4bitParams(**{**dict(A=0, n=8, dtype=0, blocksize=64, quant_type=0, packed=0, absmax=0),
+                                         **kw})
+
+    def dequantize(dtype=0, out=0, **kw):
+        w = mod.Weight4bit(**{**dict(packed=0, rows=1, cols=8, blocksize=64, quant_type=0, absmax=0, absmax_q=0,
+                                     nested_absmax=0, nested_code=0, offset=0, nested_blocksize=256), **kw})
+        return mod.Dequantize4bitParams(w=w, dtype=dtype, out=out)
+
     with pytest.raises(ValueError, match="blocksize"):
-        mod.quantize_4bit(0, 8, 0, 48, 0, 0, 0, last)
+        mod.quantize_4bit(quantize(blocksize=48), last)
     with pytest.raises(ValueError, match="must not be null"):
-        mod.quantize_4bit(0, 8, 0, 64, 0, 0, 0, last)
+        mod.quantize_4bit(quantize(), last)
     with pytest.raises(ValueError, match="dtype"):
-        mod.dequantize_4bit(0, 8, 64, 0, 0, 0, 0, 0, 0, 256, 7, 0, last)
+        mod.dequantize_4bit(dequantize(dtype=7), last)
     with pytest.raises(ValueError, match="quant_type"):
-        mod.quantize_4bit(0, 8, 0, 64, 5, 0, 0, last)
+        mod.quantize_4bit(quantize(quant_type=5), last)
     with pytest.raises(ValueError, match="double-quantization"):
-        mod.dequantize_4bit(1, 8, 64, 0, 0, 0, 0, 0, 0, 256, 0, 1, last)
+        mod.dequantize_4bit(dequantize(packed=1, out=1), last)
     with pytest.raises(ValueError, match="unknown dtype code"):
-        mod.quantize_blockwise(0, 64, 7, 0, 256, 0, 0, last)
+        mod.quantize_blockwise(mod.QuantizeBlockwiseParams(A=0, n=64, dtype=7, code=0, blocksize=256, out=0, absmax=0),
+                               last)
     if module == "_ftk_cuda":
         assert mod.device_count() >= 0
 

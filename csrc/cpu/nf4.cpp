@@ -98,18 +98,20 @@ FTK_INLINE void quantize_4bit_range(const Quantize4bitParams& p, int64_t b0, int
 }
 
 // The fp32 absmax of block b: stored, or decoded from its 8-bit code (double quantization).
-FTK_INLINE float block_absmax(const Dequantize4bitParams& p, int64_t b) {
-  if (p.absmax) return p.absmax[b];
+FTK_INLINE float block_absmax(const Weight4bit& w, int64_t b) {
+  if (w.absmax) return w.absmax[b];
   // NOTE: two roundings, product then sum, as bitsandbytes computes them (no FMA here).
-  const float scaled = p.nested_code[p.absmax_q[b]] * p.nested_absmax[b / p.nested_blocksize];
-  return scaled + *p.offset;
+  const float scaled = w.nested_code[w.absmax_q[b]] * w.nested_absmax[b / w.nested_blocksize];
+  return scaled + *w.offset;
 }
 
 // A dequantize of elements [begin, end) of the n-element tensor of p into p.out (which holds
 // element begin at index 0): the whole tensor, or a row tile of a weight for the fused LoRA
 // matmul (lora.cpp), whose tiles start and end anywhere inside a quantization block.
 struct DequantJob {
-  Dequantize4bitParams p;
+  Weight4bit w;
+  void* out;
+  int64_t n;  // w.numel()
   int64_t begin, end;
 };
 
@@ -126,31 +128,30 @@ struct DequantBlock {
 
 template <typename OutT>
 FTK_INLINE DequantBlock<OutT> dequant_block(const DequantJob& j, int64_t b) {
-  const Dequantize4bitParams& p = j.p;
-  const int64_t start = b * p.blocksize;
-  const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
-  return {p.packed + start / 2, static_cast<OutT*>(p.out) + (start - j.begin), len};
+  const int64_t start = b * j.w.blocksize;
+  const int64_t len = j.n - start < j.w.blocksize ? j.n - start : j.w.blocksize;
+  return {j.w.packed + start / 2, static_cast<OutT*>(j.out) + (start - j.begin), len};
 }
 
 FTK_INLINE bool block_is_clipped(const DequantJob& j, int64_t b) {
-  const int64_t start = b * j.p.blocksize;
-  const int64_t block_end = start + j.p.blocksize < j.p.n ? start + j.p.blocksize : j.p.n;
+  const int64_t start = b * j.w.blocksize;
+  const int64_t block_end = start + j.w.blocksize < j.n ? start + j.w.blocksize : j.n;
   return start < j.begin || block_end > j.end;
 }
 
 // The elements of block b inside [begin, end), one nibble at a time.
 template <typename OutT>
 void dequantize_clipped(const DequantJob& j, int64_t b, const float* code) {
-  const float absmax = block_absmax(j.p, b);
+  const float absmax = block_absmax(j.w, b);
   OutT lut[16];
   for (int k = 0; k < 16; ++k) lut[k] = from_f32<OutT>(code[k] * absmax);
-  const int64_t start = b * j.p.blocksize;
+  const int64_t start = b * j.w.blocksize;
   const int64_t s = start > j.begin ? start : j.begin;
-  const int64_t block_end = start + j.p.blocksize < j.p.n ? start + j.p.blocksize : j.p.n;
+  const int64_t block_end = start + j.w.blocksize < j.n ? start + j.w.blocksize : j.n;
   const int64_t e = block_end < j.end ? block_end : j.end;
-  OutT* out = static_cast<OutT*>(j.p.out);
+  OutT* out = static_cast<OutT*>(j.out);
   for (int64_t i = s; i < e; ++i) {
-    const uint8_t byte = j.p.packed[i / 2];
+    const uint8_t byte = j.w.packed[i / 2];
     out[i - j.begin] = lut[(i & 1) ? (byte & 0xF) : (byte >> 4)];
   }
 }
@@ -171,7 +172,7 @@ template <typename OutT, QuantType Q>
 FTK_INLINE void dequantize_4bit_range(const DequantJob& job, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
   for (int64_t b = b0; b < b1; ++b) {
-    const float absmax = block_absmax(job.p, b);
+    const float absmax = block_absmax(job.w, b);
     const DequantBlock<OutT> blk = dequant_block<OutT>(job, b);
     OutT lut[16];
     for (int k = 0; k < 16; ++k) lut[k] = from_f32<OutT>(code[k] * absmax);
@@ -271,7 +272,7 @@ FTK_AVX2 void dequantize_4bit_blocks_simd(const DequantJob& job, int64_t b0, int
   const float* code = code_4bit(Q);
   const __m128i nibble = _mm_set1_epi8(0x0F);
   for (int64_t b = b0; b < b1; ++b) {
-    const float absmax = block_absmax(job.p, b);
+    const float absmax = block_absmax(job.w, b);
     const DequantBlock<OutT> blk = dequant_block<OutT>(job, b);
     __m128i planes[4];
     alignas(32) OutT lut[16];
@@ -340,7 +341,7 @@ template <typename OutT, QuantType Q>
 FTK_AVX512 void dequantize_4bit_blocks_avx512(const DequantJob& job, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
   for (int64_t b = b0; b < b1; ++b) {
-    const float absmax = block_absmax(job.p, b);
+    const float absmax = block_absmax(job.w, b);
     const DequantBlock<OutT> blk = dequant_block<OutT>(job, b);
     const __m512i table = block_table<OutT>(code, absmax);
     OutT* dst = blk.dst;
@@ -439,35 +440,36 @@ void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads) {
 }
 
 void dequantize_4bit_cpu(const Dequantize4bitParams& p, int num_threads) {
-  dequantize_4bit_range_cpu(p, 0, p.n, num_threads);
+  dequantize_4bit_range_cpu(p, 0, p.w.numel(), num_threads);
 }
 
 void dequantize_4bit_range_cpu(const Dequantize4bitParams& p, int64_t begin, int64_t end, int num_threads) {
   check(p);
-  FTK_CHECK_ARG(0 <= begin && begin <= end && end <= p.n, "the element range must lie within [0, n]");
+  const Weight4bit& w = p.w;
+  FTK_CHECK_ARG(0 <= begin && begin <= end && end <= w.numel(), "the element range must lie within [0, n]");
   if (begin == end) return;
-  const DequantJob job{p, begin, end};
-  int64_t first = begin / p.blocksize, last = ceil_div(end, p.blocksize);  // blocks [first, last)
+  const DequantJob job{w, p.out, w.numel(), begin, end};
+  int64_t first = begin / w.blocksize, last = ceil_div(end, w.blocksize);  // blocks [first, last)
   const int threads = cpu::threads_for(end - begin, num_threads);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     // A range that starts or ends inside a block (a LoRA row tile) cuts at most its first and
     // last block: those go element by element here, the whole blocks between to the kernels.
-    const float* code = code_4bit(p.quant_type);
+    const float* code = code_4bit(w.quant_type);
     if (first < last && block_is_clipped(job, first)) dequantize_clipped<T>(job, first++, code);
     if (first < last && block_is_clipped(job, last - 1)) dequantize_clipped<T>(job, --last, code);
     const int64_t nblocks = last - first;
 #if FTK_X86
     if (has_avx512bw()) {
       cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
-        if (p.quant_type == QuantType::NF4) dequantize_4bit_blocks_avx512<T, QuantType::NF4>(job, first + b0, first + b1);
+        if (w.quant_type == QuantType::NF4) dequantize_4bit_blocks_avx512<T, QuantType::NF4>(job, first + b0, first + b1);
         else dequantize_4bit_blocks_avx512<T, QuantType::FP4>(job, first + b0, first + b1);
       });
       return;
     }
 #endif
     cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
-      if (p.quant_type == QuantType::NF4) dequantize_4bit_blocks<T, QuantType::NF4>(job, first + b0, first + b1);
+      if (w.quant_type == QuantType::NF4) dequantize_4bit_blocks<T, QuantType::NF4>(job, first + b0, first + b1);
       else dequantize_4bit_blocks<T, QuantType::FP4>(job, first + b0, first + b1);
     });
   });

@@ -254,7 +254,7 @@ quantize_4bit_kernel(const T* __restrict__ A, int64_t n, int64_t nblocks,
 
 // ---- dequantize_4bit -----------------------------------------------------------------------
 
-// Dequantize4bitParams as the kernel takes it (by value, in the parameter space).
+// Dequantize4bitParams as the kernel takes it (by value, in the parameter space; n = rows * cols).
 struct Dequant4Args {
   const uint8_t* packed;
   int64_t n;
@@ -444,15 +444,16 @@ void quantize_4bit_cuda(const Quantize4bitParams& p, cudaStream_t stream) {
 
 void dequantize_4bit_cuda(const Dequantize4bitParams& p, cudaStream_t stream) {
   check(p);
-  if (p.n == 0) return;
-  check_aligned(p.packed, "A (packed)");
+  const Weight4bit& w = p.w;
+  if (w.numel() == 0) return;
+  check_aligned(w.packed, "A (packed)");
   check_aligned(p.out, "out");
-  const bool nested = p.absmax == nullptr;
-  Dequant4Args a{p.packed, p.n, log2_exact(p.blocksize), p.absmax, p.absmax_q, p.nested_absmax,
-                 p.nested_code, p.offset, nested ? log2_exact(p.nested_blocksize) : 0, p.out};
+  const bool nested = w.absmax == nullptr;
+  Dequant4Args a{w.packed, w.numel(), log2_exact(w.blocksize), w.absmax, w.absmax_q, w.nested_absmax,
+                 w.nested_code, w.offset, nested ? log2_exact(w.nested_blocksize) : 0, p.out};
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (p.quant_type == QuantType::NF4) {
+    if (w.quant_type == QuantType::NF4) {
       if (nested) launch_dequantize_4bit<T, QuantType::NF4, true>(a, stream);
       else launch_dequantize_4bit<T, QuantType::NF4, false>(a, stream);
     } else {

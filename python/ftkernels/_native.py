@@ -1,10 +1,11 @@
 """Loads the compiled modules lazily; a clear error only when one is used but absent.
 
-The modules take integer pointers, sizes and a dtype code (never torch tensors), so this file
-also holds the dtype table that mirrors ``ftk::DType`` in csrc/include/ftk/common.h, and the
-``*_args`` functions that turn checked tensors into those integers for both modules (the CPU
-and CUDA functions take the same arguments but the last: threads or a stream), as
-csrc/include/ftk/quant_args.h turns them back into parameter structs.
+The modules take parameter structs of integer pointers, sizes and enum codes (never torch
+tensors): each module binds every struct of csrc/include/ftk/*.h as a class built by keyword,
+its fields named as the C++ members (csrc/bindings_params.h). The functions below build those
+structs by name from checked tensors, for either module (each has its own classes, so the
+module comes first); the codes are ftkernels._formats' (tests/test_native_abi.py checks them
+against each module's ``constants``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def cuda():
     return mod
 
 
-# ---- arguments of the native functions -----------------------------------------------------
+# ---- the parameter structs of the native functions -----------------------------------------
+# Every function takes the module whose launcher will run the struct (cpu() or cuda()).
 
 
 def ptr(t: torch.Tensor | None) -> int:
@@ -73,85 +75,131 @@ def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def quantize_4bit_args(A, blocksize, quant_type, packed, absmax) -> tuple:
-    return (A.data_ptr(), A.numel(), DTYPE_CODE[A.dtype], blocksize, QUANT_TYPE_CODE[quant_type],
-            packed.data_ptr(), absmax.data_ptr())
+def rows_cols(shape) -> tuple[int, int]:
+    """The rows x cols view of a 4-bit tensor of this shape (ftk::Weight4bit): cols the last
+    dimension, rows the product of the others; 1 x n for a 0-d or 1-d tensor."""
+    shape = [int(s) for s in shape]
+    if not shape:
+        return 1, 1
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    return rows, shape[-1]
 
 
-def dequantize_4bit_args(A, absmax, blocksize, quant_type, nested_absmax, nested_code, offset,
-                         nested_blocksize, out) -> tuple:
-    # With double quantization absmax holds uint8 codes and goes in the absmax_q slot.
+DROPOUT_FIELDS = ("enabled", "seed", "threshold", "scale")  # ftk::Dropout, _formats.dropout_args' order
+OPTIM_HYPER_FIELDS = ("lr", "beta1", "beta2", "eps", "decay", "one_minus_beta1", "one_minus_beta2", "step_size",
+                      "bias_correction2_sqrt")  # ftk::OptimHyper, _formats.optim_hyper's order
+
+
+def dropout_params(mod, p: float, seed: int | None):
+    """ftk::Dropout: disabled when seed is None."""
+    return mod.Dropout(**dict(zip(DROPOUT_FIELDS, dropout_args(p, seed))))
+
+
+def optim_hyper_params(mod, values: tuple):
+    """ftk::OptimHyper of the 9 values of _formats.optim_hyper."""
+    return mod.OptimHyper(**dict(zip(OPTIM_HYPER_FIELDS, values, strict=True)))
+
+
+def quantize_4bit_params(mod, A, blocksize, quant_type, packed, absmax):
+    return mod.Quantize4bitParams(A=A.data_ptr(), n=A.numel(), dtype=DTYPE_CODE[A.dtype], blocksize=blocksize,
+                                  quant_type=QUANT_TYPE_CODE[quant_type], packed=packed.data_ptr(),
+                                  absmax=absmax.data_ptr())
+
+
+def _weight(mod, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize):
+    # With double quantization absmax holds the uint8 codes and goes in absmax_q.
     nested = nested_absmax is not None
-    return (A.data_ptr(), out.numel(), blocksize, QUANT_TYPE_CODE[quant_type],
-            0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
-            ptr(nested_absmax), ptr(nested_code), ptr(offset), nested_blocksize,
-            DTYPE_CODE[out.dtype], out.data_ptr())
+    rows, cols = rows_cols(shape)
+    return mod.Weight4bit(packed=packed.data_ptr(), rows=rows, cols=cols, blocksize=blocksize,
+                          quant_type=QUANT_TYPE_CODE[quant_type], absmax=0 if nested else absmax.data_ptr(),
+                          absmax_q=absmax.data_ptr() if nested else 0, nested_absmax=ptr(nested_absmax),
+                          nested_code=ptr(nested_code), offset=ptr(offset), nested_blocksize=nested_blocksize)
 
 
-def quantize_blockwise_args(A, code, blocksize, out, absmax) -> tuple:
-    return (A.data_ptr(), A.numel(), DTYPE_CODE[A.dtype], code.data_ptr(), blocksize, out.data_ptr(),
-            absmax.data_ptr())
+def weight_4bit(mod, w):
+    """ftk::Weight4bit of an _ops.Weight4bit."""
+    return _weight(mod, w.packed, w.absmax, w.blocksize, w.quant_type, w.shape, w.nested_absmax, w.nested_code,
+                   w.offset, w.nested_blocksize)
 
 
-def dequantize_blockwise_args(A, absmax, code, blocksize, out) -> tuple:
-    return (A.data_ptr(), A.numel(), absmax.data_ptr(), code.data_ptr(), blocksize, DTYPE_CODE[out.dtype],
-            out.data_ptr())
+def dequantize_4bit_params(mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
+                           nested_blocksize, out):
+    """ftk::Dequantize4bitParams: the packed tensor A of this shape into out (its dtype)."""
+    w = _weight(mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize)
+    return mod.Dequantize4bitParams(w=w, dtype=DTYPE_CODE[out.dtype], out=out.data_ptr())
 
 
-# ---- fused LoRA (csrc/include/ftk/lora.h, lora_args.h) -------------------------------------
-
-def lora_dropout_args(t, p: float, seed: int | None, out) -> tuple:
-    return (t.data_ptr(), DTYPE_CODE[t.dtype], t.shape[0], t.shape[1], *dropout_args(p, seed), out.data_ptr())
-
-
-def weight_4bit_args(w) -> tuple:
-    """ftk::Weight4bit of an _ops.Weight4bit; with double quantization absmax holds uint8 codes."""
-    nested = w.nested_absmax is not None
-    return (w.packed.data_ptr(), w.shape[0], w.shape[1], w.blocksize, QUANT_TYPE_CODE[w.quant_type],
-            0 if nested else w.absmax.data_ptr(), w.absmax.data_ptr() if nested else 0,
-            ptr(w.nested_absmax), ptr(w.nested_code), ptr(w.offset), w.nested_blocksize)
+def dequantize_weight_params(mod, w, out):
+    """ftk::Dequantize4bitParams of an _ops.Weight4bit into out (for dequantize_4bit_range, out
+    holds the range only)."""
+    return mod.Dequantize4bitParams(w=weight_4bit(mod, w), dtype=DTYPE_CODE[out.dtype], out=out.data_ptr())
 
 
-def lora_matmul_args(mode: int, X, w, bias, L, R, scaling: float, p: float, seed: int | None, out) -> tuple:
-    """ftk::LoraMatmulParams (lora.h): X (M x K or M x N), L (M x r fp32), R (B or A)."""
-    return (mode, X.data_ptr(), DTYPE_CODE[X.dtype], X.shape[0], *weight_4bit_args(w), ptr(bias),
-            DTYPE_CODE[bias.dtype] if bias is not None else 0, L.data_ptr(), R.data_ptr(), DTYPE_CODE[R.dtype],
-            L.shape[1], scaling, *dropout_args(p, seed), out.data_ptr())
+def quantize_blockwise_params(mod, A, code, blocksize, out, absmax):
+    return mod.QuantizeBlockwiseParams(A=A.data_ptr(), n=A.numel(), dtype=DTYPE_CODE[A.dtype], code=code.data_ptr(),
+                                       blocksize=blocksize, out=out.data_ptr(), absmax=absmax.data_ptr())
 
 
-def dequantize_4bit_range_args(w, begin: int, end: int, out) -> tuple:
-    """CPU dequantize_4bit_range of elements [begin, end) of weight w into out (fp32 here)."""
-    wa = weight_4bit_args(w)  # packed, rows, cols, blocksize, quant type, absmax, absmax_q, nested...
-    return (wa[0], wa[1] * wa[2], *wa[3:], DTYPE_CODE[out.dtype], out.data_ptr(), begin, end)
+def dequantize_blockwise_params(mod, A, absmax, code, blocksize, out):
+    return mod.DequantizeBlockwiseParams(A=A.data_ptr(), n=A.numel(), absmax=absmax.data_ptr(), code=code.data_ptr(),
+                                         blocksize=blocksize, dtype=DTYPE_CODE[out.dtype], out=out.data_ptr())
 
 
-# ---- fused ReFT edits (csrc/include/ftk/reft.h, reft_args.h) -------------------------------
+# ---- fused LoRA (csrc/include/ftk/lora.h) --------------------------------------------------
 
 
-def reft_forward_args(h2, P, Q, b, rows, p: float, seed: int | None, out, z) -> tuple:
+def lora_dropout_params(mod, t, p: float, seed: int | None, out):
+    """ftk::LoraDropoutParams: t (rows, cols) into out (fp32), which may be t itself."""
+    return mod.LoraDropoutParams(**{"in": t.data_ptr()}, dtype=DTYPE_CODE[t.dtype], rows=t.shape[0],
+                                 cols=t.shape[1], dropout=dropout_params(mod, p, seed), out=out.data_ptr())
+
+
+def lora_matmul_params(mod, mode: int, X, w, bias, L, R, scaling: float, p: float, seed: int | None, out):
+    """ftk::LoraMatmulParams: X (M x K or M x N), L (M x r fp32), R (B or A), w an _ops.Weight4bit."""
+    return mod.LoraMatmulParams(mode=mode, X=X.data_ptr(), dtype=DTYPE_CODE[X.dtype], M=X.shape[0],
+                                W=weight_4bit(mod, w), bias=ptr(bias),
+                                bias_dtype=DTYPE_CODE[bias.dtype] if bias is not None else 0, L=L.data_ptr(),
+                                R=R.data_ptr(), R_dtype=DTYPE_CODE[R.dtype], r=L.shape[1], scaling=scaling,
+                                dropout=dropout_params(mod, p, seed), out=out.data_ptr())
+
+
+# ---- fused ReFT edits (csrc/include/ftk/reft.h) --------------------------------------------
+
+
+def reft_forward_params(mod, h2, P, Q, b, rows, p: float, seed: int | None, out, z):
     """ftk::ReftForwardParams: h2 and out (n_rows, d), P and Q (r, d) fp32, rows int64 or None."""
     n_slots = rows.numel() if rows is not None else h2.shape[0]
-    return (h2.data_ptr(), DTYPE_CODE[h2.dtype], h2.shape[0], h2.shape[1], P.shape[0], ptr(rows), n_slots,
-            P.data_ptr(), Q.data_ptr(), b.data_ptr(), *dropout_args(p, seed), out.data_ptr(), z.data_ptr())
+    return mod.ReftForwardParams(h=h2.data_ptr(), dtype=DTYPE_CODE[h2.dtype], n_rows=h2.shape[0], d=h2.shape[1],
+                                 r=P.shape[0], rows=ptr(rows), n_slots=n_slots, P=P.data_ptr(), Q=Q.data_ptr(),
+                                 b=b.data_ptr(), dropout=dropout_params(mod, p, seed), out=out.data_ptr(),
+                                 z=z.data_ptr())
 
 
-def reft_backward_args(g2, h2, P, Q, z, rows, p: float, seed: int | None, dh, dP, dQ, db,
-                       workspace=None) -> tuple:
+def reft_backward_params(mod, g2, h2, P, Q, z, rows, p: float, seed: int | None, dh, dP, dQ, db, workspace=None):
     """ftk::ReftBackwardParams; dh / (dP, dQ, db) are None when not wanted, workspace CUDA only."""
     n_slots = rows.numel() if rows is not None else g2.shape[0]
-    return (g2.data_ptr(), h2.data_ptr(), DTYPE_CODE[g2.dtype], g2.shape[0], g2.shape[1], P.shape[0], ptr(rows),
-            n_slots, P.data_ptr(), Q.data_ptr(), z.data_ptr(), *dropout_args(p, seed), ptr(dh), ptr(dP), ptr(dQ),
-            ptr(db), ptr(workspace), 0 if workspace is None else workspace.numel())
+    return mod.ReftBackwardParams(grad=g2.data_ptr(), h=h2.data_ptr(), dtype=DTYPE_CODE[g2.dtype],
+                                  n_rows=g2.shape[0], d=g2.shape[1], r=P.shape[0], rows=ptr(rows), n_slots=n_slots,
+                                  P=P.data_ptr(), Q=Q.data_ptr(), z=z.data_ptr(), dropout=dropout_params(mod, p, seed),
+                                  dh=ptr(dh), dP=ptr(dP), dQ=ptr(dQ), db=ptr(db), workspace=ptr(workspace),
+                                  workspace_floats=0 if workspace is None else workspace.numel())
 
 
-# ---- fused optimizer steps (csrc/include/ftk/optim.h, optim_args.h) -----------------------
-
-def optim_32bit_args(kind: int, param, grad, state1, state2) -> tuple:
-    return (kind, param.data_ptr(), DTYPE_CODE[param.dtype], grad.data_ptr(), DTYPE_CODE[grad.dtype], param.numel(),
-            state1.data_ptr(), ptr(state2))
+# ---- fused optimizer steps (csrc/include/ftk/optim.h) ------------------------------------
 
 
-def optim_8bit_args(param, grad, state1, state2, absmax1, absmax2, code1, code2) -> tuple:
-    return (param.data_ptr(), DTYPE_CODE[param.dtype], grad.data_ptr(), DTYPE_CODE[grad.dtype], param.numel(),
-            state1.data_ptr(), state2.data_ptr(), absmax1.data_ptr(), absmax2.data_ptr(), code1.data_ptr(),
-            code2.data_ptr())
+def optim_32bit_params(mod, kind: int, param, grad, state1, state2, hyper: tuple):
+    """ftk::Optim32bitParams; hyper is _formats.optim_hyper(...), state2 None for Lion."""
+    return mod.Optim32bitParams(kind=kind, param=param.data_ptr(), param_dtype=DTYPE_CODE[param.dtype],
+                                grad=grad.data_ptr(), grad_dtype=DTYPE_CODE[grad.dtype], n=param.numel(),
+                                state1=state1.data_ptr(), state2=ptr(state2), hyper=optim_hyper_params(mod, hyper))
+
+
+def optim_8bit_params(mod, param, grad, state1, state2, absmax1, absmax2, code1, code2, hyper: tuple):
+    """ftk::Optim8bitParams; hyper is _formats.optim_hyper(...)."""
+    return mod.Optim8bitParams(param=param.data_ptr(), param_dtype=DTYPE_CODE[param.dtype], grad=grad.data_ptr(),
+                               grad_dtype=DTYPE_CODE[grad.dtype], n=param.numel(), state1=state1.data_ptr(),
+                               state2=state2.data_ptr(), absmax1=absmax1.data_ptr(), absmax2=absmax2.data_ptr(),
+                               code1=code1.data_ptr(), code2=code2.data_ptr(), hyper=optim_hyper_params(mod, hyper))

@@ -15,7 +15,8 @@
 
 namespace ftk {
 
-// Values cross the binding as int; python/ftkernels/_native.py holds the same table.
+// Values cross the binding as int; python/ftkernels/_formats.py holds the same table (the
+// modules export theirs, and tests/test_native_abi.py compares each pair).
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 inline bool valid_dtype(int d) { return d >= 0 && d <= 2; }

@@ -12,7 +12,7 @@
 #include <cstring>
 
 #include "ftk/common.h"
-#include "ftk/quant_cuda.h"
+#include "ftk/cuda_check.h"
 
 namespace ftk {
 

@@ -19,6 +19,11 @@
 
 namespace ftk {
 
+// The largest LoRA rank the kernels accept. The CUDA epilogue stages r through shared memory
+// in chunks of 16 (tensor-core path) or 32 (fp32 path) and costs r fp32 FMAs an output, so the
+// rank-r term stays a small part of the work (~6% at r = 16, K = 4096); QLoRA uses 8 to 64.
+constexpr int64_t kLoraMaxRank = 256;
+
 // out (M x K, fp32, row-major) = drop(in); in may be out (in place) when dtype is fp32.
 struct LoraDropoutParams {
   const void* in = nullptr;
@@ -26,21 +31,6 @@ struct LoraDropoutParams {
   int64_t rows = 0, cols = 0;
   Dropout dropout;
   float* out = nullptr;
-};
-
-// The 4-bit weight W (N x K, row-major, flattened into quantization blocks as quant.h says).
-struct Weight4bit {
-  const uint8_t* packed = nullptr;  // (N*K + 1) / 2 bytes
-  int64_t rows = 0, cols = 0;       // N, K
-  int64_t blocksize = 64;
-  QuantType quant_type = QuantType::NF4;
-  // As in Dequantize4bitParams: fp32 absmax, or the double-quantization tensors.
-  const float* absmax = nullptr;
-  const uint8_t* absmax_q = nullptr;
-  const float* nested_absmax = nullptr;
-  const float* nested_code = nullptr;
-  const float* offset = nullptr;
-  int64_t nested_blocksize = 256;
 };
 
 enum class LoraMatmulMode : int {
@@ -53,7 +43,7 @@ struct LoraMatmulParams {
   const void* X = nullptr;  // M x (K or N), row-major, dtype; out has the same dtype
   DType dtype = DType::Float32;
   int64_t M = 0;
-  Weight4bit W;
+  Weight4bit W;  // N x K (quant.h)
   const void* bias = nullptr;  // Forward only, optional: N elements of bias_dtype
   DType bias_dtype = DType::Float32;
   const float* L = nullptr;  // M x r, fp32
@@ -72,24 +62,11 @@ inline void check(const LoraDropoutParams& p) {
   FTK_CHECK_ARG(p.in != p.out || p.dtype == DType::Float32, "in place needs fp32 input");
 }
 
-inline void check(const Weight4bit& w) {
-  FTK_CHECK_ARG(w.rows >= 0 && w.cols >= 0, "the weight's shape must be >= 0");
-  FTK_CHECK_ARG(valid_blocksize_4bit(w.blocksize), "blocksize must be one of 32, 64, ..., 4096");
-  FTK_CHECK_ARG(valid_quant_type(static_cast<int>(w.quant_type)), "quant_type must be nf4 or fp4");
-  if (w.rows * w.cols == 0) return;
-  FTK_CHECK_ARG(w.packed != nullptr, "packed must not be null");
-  if (w.absmax == nullptr) {
-    FTK_CHECK_ARG(w.absmax_q && w.nested_absmax && w.nested_code && w.offset,
-                  "absmax: either fp32 absmax or all of the double-quantization tensors");
-    FTK_CHECK_ARG(valid_blocksize_8bit(w.nested_blocksize), "nested_blocksize must be one of 32, ..., 4096");
-  }
-}
-
 inline void check(const LoraMatmulParams& p) {
   check(p.W);
   FTK_CHECK_ARG(p.mode == LoraMatmulMode::Forward || p.mode == LoraMatmulMode::GradInput, "unknown mode");
   FTK_CHECK_ARG(p.M >= 0, "M must be >= 0");
-  FTK_CHECK_ARG(p.r >= 1 && p.r <= 256, "r must be in 1..256");
+  FTK_CHECK_ARG(p.r >= 1 && p.r <= kLoraMaxRank, "r must be in 1..256");
   FTK_CHECK_ARG(valid_dtype(static_cast<int>(p.dtype)), "X: dtype must be float32, float16 or bfloat16");
   FTK_CHECK_ARG(valid_dtype(static_cast<int>(p.R_dtype)), "R: dtype must be float32, float16 or bfloat16");
   FTK_CHECK_ARG(valid_dtype(static_cast<int>(p.bias_dtype)), "bias: dtype must be float32, float16 or bfloat16");

@@ -11,8 +11,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "ftk/cuda_check.h"
 #include "ftk/lora.h"
-#include "ftk/quant_cuda.h"
 
 namespace ftk {
 

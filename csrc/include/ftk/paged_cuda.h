@@ -17,7 +17,7 @@
 #include <cstddef>
 #include <utility>
 
-#include "ftk/quant_cuda.h"
+#include "ftk/cuda_check.h"
 
 namespace ftk {
 

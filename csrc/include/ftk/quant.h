@@ -30,6 +30,9 @@ inline bool valid_blocksize_4bit(int64_t bs) {
 // 8-bit blockwise takes any power of two from 32 to 4096 (the nested absmax uses 256).
 inline bool valid_blocksize_8bit(int64_t bs) { return valid_blocksize_4bit(bs); }
 
+// The blocksize of double quantization: 256 fp32 absmax share one fp32 scale (bitsandbytes').
+constexpr int64_t kNestedBlocksize = 256;
+
 struct Quantize4bitParams {
   const void* A = nullptr;   // n elements of dtype
   int64_t n = 0;
@@ -40,9 +43,13 @@ struct Quantize4bitParams {
   float* absmax = nullptr;    // ceil(n / blocksize) floats
 };
 
-struct Dequantize4bitParams {
-  const uint8_t* packed = nullptr;  // (n + 1) / 2 bytes
-  int64_t n = 0;
+// A 4-bit tensor (NF4/FP4) as the kernels read it. Any shape is viewed as rows x cols: cols its
+// last dimension, rows the product of the others (1 x n for a 0-d or 1-d tensor); the elements
+// are flattened row-major into quantization blocks as above, numel = rows * cols. The fused
+// LoRA matmul reads it as the weight W (N x K = rows x cols).
+struct Weight4bit {
+  const uint8_t* packed = nullptr;  // (numel + 1) / 2 bytes
+  int64_t rows = 0, cols = 0;
   int64_t blocksize = 64;
   QuantType quant_type = QuantType::NF4;
   // Plain: absmax (fp32, one per block). Double-quantized: absmax is null and absmax_q
@@ -53,9 +60,15 @@ struct Dequantize4bitParams {
   const float* nested_absmax = nullptr;
   const float* nested_code = nullptr;
   const float* offset = nullptr;
-  int64_t nested_blocksize = 256;
+  int64_t nested_blocksize = kNestedBlocksize;
+
+  int64_t numel() const { return rows * cols; }
+};
+
+struct Dequantize4bitParams {
+  Weight4bit w;
   DType dtype = DType::Float32;
-  void* out = nullptr;  // n elements of dtype
+  void* out = nullptr;  // w.numel() elements of dtype
 };
 
 struct QuantizeBlockwiseParams {
@@ -88,18 +101,23 @@ inline void check(const Quantize4bitParams& p) {
   if (p.n > 0) FTK_CHECK_ARG(p.A && p.packed && p.absmax, "A, packed and absmax must not be null");
 }
 
-inline void check(const Dequantize4bitParams& p) {
-  FTK_CHECK_ARG(p.n >= 0, "n must be >= 0");
-  FTK_CHECK_ARG(valid_blocksize_4bit(p.blocksize), "blocksize must be one of 32, 64, ..., 4096");
-  FTK_CHECK_ARG(valid_quant_type(static_cast<int>(p.quant_type)), "quant_type must be nf4 or fp4");
-  FTK_CHECK_ARG(valid_dtype(static_cast<int>(p.dtype)), "dtype must be float32, float16 or bfloat16");
-  if (p.n == 0) return;
-  FTK_CHECK_ARG(p.packed && p.out, "packed and out must not be null");
-  if (p.absmax == nullptr) {
-    FTK_CHECK_ARG(p.absmax_q && p.nested_absmax && p.nested_code && p.offset,
+inline void check(const Weight4bit& w) {
+  FTK_CHECK_ARG(w.rows >= 0 && w.cols >= 0, "rows and cols must be >= 0");
+  FTK_CHECK_ARG(valid_blocksize_4bit(w.blocksize), "blocksize must be one of 32, 64, ..., 4096");
+  FTK_CHECK_ARG(valid_quant_type(static_cast<int>(w.quant_type)), "quant_type must be nf4 or fp4");
+  if (w.numel() == 0) return;
+  FTK_CHECK_ARG(w.packed != nullptr, "packed must not be null");
+  if (w.absmax == nullptr) {
+    FTK_CHECK_ARG(w.absmax_q && w.nested_absmax && w.nested_code && w.offset,
                   "absmax: either fp32 absmax or all of the double-quantization tensors");
-    FTK_CHECK_ARG(valid_blocksize_8bit(p.nested_blocksize), "nested_blocksize must be one of 32, ..., 4096");
+    FTK_CHECK_ARG(valid_blocksize_8bit(w.nested_blocksize), "nested_blocksize must be one of 32, ..., 4096");
   }
+}
+
+inline void check(const Dequantize4bitParams& p) {
+  check(p.w);
+  FTK_CHECK_ARG(valid_dtype(static_cast<int>(p.dtype)), "dtype must be float32, float16 or bfloat16");
+  if (p.w.numel() > 0) FTK_CHECK_ARG(p.out != nullptr, "out must not be null");
 }
 
 inline void check(const QuantizeBlockwiseParams& p) {
@@ -195,8 +213,8 @@ CpuIsa cpu_isa_limit();  // the current limit (other kernel files honour it too)
 
 void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads);
 void dequantize_4bit_cpu(const Dequantize4bitParams& p, int num_threads);
-// Elements [begin, end) only, into p.out (holding element begin at index 0); p.n is the
-// whole tensor's size, which places the last, partial block.
+// Elements [begin, end) only, into p.out (holding element begin at index 0); p.w.numel() is
+// the whole tensor's size, which places the last, partial block.
 void dequantize_4bit_range_cpu(const Dequantize4bitParams& p, int64_t begin, int64_t end, int num_threads);
 void quantize_blockwise_cpu(const QuantizeBlockwiseParams& p, int num_threads);
 void dequantize_blockwise_cpu(const DequantizeBlockwiseParams& p, int num_threads);

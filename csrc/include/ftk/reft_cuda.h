@@ -9,7 +9,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "ftk/quant_cuda.h"
+#include "ftk/cuda_check.h"
 #include "ftk/reft.h"
 
 namespace ftk {

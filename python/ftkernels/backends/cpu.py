@@ -14,8 +14,9 @@ register_backend("cpu", lambda device_type: device_type == "cpu" and _native.cpu
 @register_kernel("quantize_4bit", "cpu")
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
     packed, absmax = _formats.quantize_4bit_outputs(A, blocksize)
-    _native.cpu().quantize_4bit(*_native.quantize_4bit_args(A, blocksize, quant_type, packed, absmax),
-                                torch.get_num_threads())
+    mod = _native.cpu()
+    mod.quantize_4bit(_native.quantize_4bit_params(mod, A, blocksize, quant_type, packed, absmax),
+                      torch.get_num_threads())
     return packed, absmax
 
 
@@ -24,25 +25,28 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
                     nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256, out=None):
     if out is None:
         out = A.new_empty(shape, dtype=dtype)
-    _native.cpu().dequantize_4bit(*_native.dequantize_4bit_args(A, absmax, blocksize, quant_type, nested_absmax,
-                                                                 nested_code, offset, nested_blocksize, out),
-                                  torch.get_num_threads())
+    mod = _native.cpu()
+    mod.dequantize_4bit(_native.dequantize_4bit_params(mod, A, absmax, blocksize, quant_type, shape, nested_absmax,
+                                                       nested_code, offset, nested_blocksize, out),
+                        torch.get_num_threads())
     return out
 
 
 @register_kernel("quantize_blockwise", "cpu")
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     out, absmax = _formats.quantize_blockwise_outputs(A, blocksize)
-    _native.cpu().quantize_blockwise(*_native.quantize_blockwise_args(A, code, blocksize, out, absmax),
-                                     torch.get_num_threads())
+    mod = _native.cpu()
+    mod.quantize_blockwise(_native.quantize_blockwise_params(mod, A, code, blocksize, out, absmax),
+                           torch.get_num_threads())
     return out, absmax
 
 
 @register_kernel("dequantize_blockwise", "cpu")
 def dequantize_blockwise(A, absmax, code, blocksize, dtype):
     out = A.new_empty(A.shape, dtype=dtype)
-    _native.cpu().dequantize_blockwise(*_native.dequantize_blockwise_args(A, absmax, code, blocksize, out),
-                                       torch.get_num_threads())
+    mod = _native.cpu()
+    mod.dequantize_blockwise(_native.dequantize_blockwise_params(mod, A, absmax, code, blocksize, out),
+                             torch.get_num_threads())
     return out
 
 
@@ -76,8 +80,9 @@ def _weight_tiles(w):
     for n0 in range(0, n, step):
         rows = min(step, n - n0)
         tile = buf[: rows * k]
-        _native.cpu().dequantize_4bit_range(*_native.dequantize_4bit_range_args(w, n0 * k, (n0 + rows) * k, tile),
-                                            torch.get_num_threads())
+        mod = _native.cpu()
+        mod.dequantize_4bit_range(_native.dequantize_weight_params(mod, w, tile), n0 * k, (n0 + rows) * k,
+                                  torch.get_num_threads())
         yield n0, tile.view(rows, k)
 
 
@@ -85,7 +90,8 @@ def _lora_dropout(t: torch.Tensor, p: float, seed, out: torch.Tensor | None = No
     """drop(t) as fp32 (lora.h); out may be t itself when t is fp32."""
     if out is None:
         out = torch.empty(t.shape, dtype=torch.float32)
-    _native.cpu().lora_dropout(*_native.lora_dropout_args(t, p, seed, out), torch.get_num_threads())
+    mod = _native.cpu()
+    mod.lora_dropout(_native.lora_dropout_params(mod, t, p, seed, out), torch.get_num_threads())
     return out
 
 
@@ -141,8 +147,9 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
     out, z = _formats.reft_forward_outputs(h, P.shape[0], rows.numel() if rows is not None else h2.shape[0])
     if rows is not None:
         out.copy_(h)  # rows no slot selects pass through; the kernel writes the selected ones
-    _native.cpu().reft_forward(*_native.reft_forward_args(h2, P, Q, b, rows, dropout_p, seed, out, z),
-                               torch.get_num_threads())
+    mod = _native.cpu()
+    mod.reft_forward(_native.reft_forward_params(mod, h2, P, Q, b, rows, dropout_p, seed, out, z),
+                     torch.get_num_threads())
     return out, z
 
 
@@ -153,9 +160,10 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
     if need_h and rows is not None:
         dh.copy_(grad)
     d = h.shape[-1]
-    _native.cpu().reft_backward(
-        *_native.reft_backward_args(grad.reshape(-1, d), h.reshape(-1, d), P, Q, z, rows, dropout_p, seed,
-                                    dh if need_h else None, *((dP, dQ, db) if need_params else (None,) * 3)),
+    mod = _native.cpu()
+    mod.reft_backward(
+        _native.reft_backward_params(mod, grad.reshape(-1, d), h.reshape(-1, d), P, Q, z, rows, dropout_p, seed,
+                                     dh if need_h else None, *((dP, dQ, db) if need_params else (None,) * 3)),
         torch.get_num_threads())
     return dh, dP, dQ, db
 
@@ -165,21 +173,24 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 
 @register_kernel("adamw_step", "cpu")
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
-    _native.cpu().optim_32bit_step(*_native.optim_32bit_args(_formats.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq),
-                                   *_formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
-                                   torch.get_num_threads())
+    mod = _native.cpu()
+    mod.optim_32bit_step(_native.optim_32bit_params(mod, _formats.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq,
+                                                    _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step)),
+                         torch.get_num_threads())
 
 
 @register_kernel("lion_step", "cpu")
 def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
-    _native.cpu().optim_32bit_step(*_native.optim_32bit_args(_formats.OPTIM_LION, param, grad, exp_avg, None),
-                                   *_formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
-                                   torch.get_num_threads())
+    mod = _native.cpu()
+    mod.optim_32bit_step(_native.optim_32bit_params(mod, _formats.OPTIM_LION, param, grad, exp_avg, None,
+                                                    _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay)),
+                         torch.get_num_threads())
 
 
 @register_kernel("adamw8bit_step", "cpu")
 def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
                    weight_decay, step):
-    _native.cpu().optim_8bit_step(*_native.optim_8bit_args(param, grad, state1, state2, absmax1, absmax2, code1, code2),
-                                  *_formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
-                                  torch.get_num_threads())
+    mod = _native.cpu()
+    mod.optim_8bit_step(_native.optim_8bit_params(mod, param, grad, state1, state2, absmax1, absmax2, code1, code2,
+                                                  _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step)),
+                        torch.get_num_threads())

@@ -25,8 +25,9 @@ def _stream(device: torch.device) -> int:
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
     packed, absmax = _formats.quantize_4bit_outputs(A, blocksize)
     with torch.cuda.device(A.device):
-        _native.cuda().quantize_4bit(*_native.quantize_4bit_args(A, blocksize, quant_type, packed, absmax),
-                                     _stream(A.device))
+        mod = _native.cuda()
+        mod.quantize_4bit(_native.quantize_4bit_params(mod, A, blocksize, quant_type, packed, absmax),
+                          _stream(A.device))
     return packed, absmax
 
 
@@ -42,9 +43,10 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
     if out is None:
         out = A.new_empty(shape, dtype=dtype)
     with torch.cuda.device(A.device):
-        _native.cuda().dequantize_4bit(*_native.dequantize_4bit_args(A, absmax, blocksize, quant_type, nested_absmax,
-                                                                      nested_code, offset, nested_blocksize, out),
-                                       _stream(A.device))
+        mod = _native.cuda()
+        mod.dequantize_4bit(_native.dequantize_4bit_params(mod, A, absmax, blocksize, quant_type, shape,
+                                                           nested_absmax, nested_code, offset, nested_blocksize, out),
+                            _stream(A.device))
     return out
 
 
@@ -52,8 +54,9 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     out, absmax = _formats.quantize_blockwise_outputs(A, blocksize)
     with torch.cuda.device(A.device):
-        _native.cuda().quantize_blockwise(*_native.quantize_blockwise_args(A, code, blocksize, out, absmax),
-                                          _stream(A.device))
+        mod = _native.cuda()
+        mod.quantize_blockwise(_native.quantize_blockwise_params(mod, A, code, blocksize, out, absmax),
+                               _stream(A.device))
     return out, absmax
 
 
@@ -61,8 +64,9 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 def dequantize_blockwise(A, absmax, code, blocksize, dtype):
     out = A.new_empty(A.shape, dtype=dtype)
     with torch.cuda.device(A.device):
-        _native.cuda().dequantize_blockwise(*_native.dequantize_blockwise_args(A, absmax, code, blocksize, out),
-                                            _stream(A.device))
+        mod = _native.cuda()
+        mod.dequantize_blockwise(_native.dequantize_blockwise_params(mod, A, absmax, code, blocksize, out),
+                                 _stream(A.device))
     return out
 
 
@@ -83,7 +87,8 @@ def _lora_dropout(t: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
     if out.numel() == 0:
         return out
     with torch.cuda.device(t.device):
-        _native.cuda().lora_dropout(*_native.lora_dropout_args(t, p, seed, out), _stream(t.device))
+        mod = _native.cuda()
+        mod.lora_dropout(_native.lora_dropout_params(mod, t, p, seed, out), _stream(t.device))
     return out
 
 
@@ -96,8 +101,9 @@ def _lora_matmul(mode: int, X, w, bias, L, R, scaling: float, p: float, seed: in
         return out
     X, L, R = X.contiguous(), L.to(torch.float32).contiguous(), R.contiguous()
     with torch.cuda.device(X.device):
-        _native.cuda().lora_matmul(*_native.lora_matmul_args(mode, X, w, bias, L, R, scaling, p, seed, out),
-                                   _stream(X.device))
+        mod = _native.cuda()
+        mod.lora_matmul(_native.lora_matmul_params(mod, mode, X, w, bias, L, R, scaling, p, seed, out),
+                        _stream(X.device))
     return out
 
 
@@ -130,8 +136,9 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
     if n_slots == 0:
         return out, z
     with torch.cuda.device(h.device):
-        _native.cuda().reft_forward(*_native.reft_forward_args(h2, P, Q, b, rows, dropout_p, seed, out.view(-1, d), z),
-                                    _stream(h.device))
+        mod = _native.cuda()
+        mod.reft_forward(_native.reft_forward_params(mod, h2, P, Q, b, rows, dropout_p, seed, out.view(-1, d), z),
+                         _stream(h.device))
     return out, z
 
 
@@ -150,10 +157,10 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
         ws = None
         if need_params:  # per-block partial sums of dP, dQ, db (the launcher never allocates)
             ws = torch.empty(mod.reft_backward_workspace(n_slots, d, r), dtype=torch.float32, device=h.device)
-        mod.reft_backward(*_native.reft_backward_args(grad.reshape(-1, d), h.reshape(-1, d), P, Q, z, rows, dropout_p,
-                                                      seed, dh.view(-1, d) if need_h else None,
-                                                      dP if need_params else None, dQ if need_params else None,
-                                                      db if need_params else None, ws),
+        mod.reft_backward(_native.reft_backward_params(mod, grad.reshape(-1, d), h.reshape(-1, d), P, Q, z, rows,
+                                                       dropout_p, seed, dh.view(-1, d) if need_h else None,
+                                                       dP if need_params else None, dQ if need_params else None,
+                                                       db if need_params else None, ws),
                           _stream(h.device))
     return dh, dP, dQ, db
 
@@ -164,23 +171,28 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 @register_kernel("adamw_step", "cuda")
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
     with torch.cuda.device(param.device):
-        _native.cuda().optim_32bit_step(
-            *_native.optim_32bit_args(_formats.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq),
-            *_formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step), _stream(param.device))
+        mod = _native.cuda()
+        mod.optim_32bit_step(
+            _native.optim_32bit_params(mod, _formats.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq,
+                                       _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step)),
+            _stream(param.device))
 
 
 @register_kernel("lion_step", "cuda")
 def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
     with torch.cuda.device(param.device):
-        _native.cuda().optim_32bit_step(*_native.optim_32bit_args(_formats.OPTIM_LION, param, grad, exp_avg, None),
-                                        *_formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
-                                        _stream(param.device))
+        mod = _native.cuda()
+        mod.optim_32bit_step(_native.optim_32bit_params(mod, _formats.OPTIM_LION, param, grad, exp_avg, None,
+                                                        _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay)),
+                             _stream(param.device))
 
 
 @register_kernel("adamw8bit_step", "cuda")
 def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
                    weight_decay, step):
     with torch.cuda.device(param.device):
-        _native.cuda().optim_8bit_step(
-            *_native.optim_8bit_args(param, grad, state1, state2, absmax1, absmax2, code1, code2),
-            *_formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step), _stream(param.device))
+        mod = _native.cuda()
+        mod.optim_8bit_step(
+            _native.optim_8bit_params(mod, param, grad, state1, state2, absmax1, absmax2, code1, code2,
+                                      _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step)),
+            _stream(param.device))
