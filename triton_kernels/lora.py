@@ -304,7 +304,7 @@ def lora_matmul(mode: int, X: torch.Tensor, w, code: torch.Tensor, bias: torch.T
 
     mode: LORA_FORWARD (X M x K, R = B (N x r), bias optional, out M x N) or LORA_GRAD_INPUT
     (X M x N, R = A (r x K), out M x K, dropout (enabled, seed, threshold, drop_scale) as
-    _formats.dropout_args gives them; Forward ignores them). w: an _ops.Weight4bit (N x K);
+    _formats.dropout_args gives them; Forward ignores them). w: an _ops.quant.Weight4bit (N x K);
     code: its 16-entry fp32 table. L: M x r fp32. out has X's dtype. config overrides the tile
     sizes of _config (tests use it to cover several tiles with small shapes)."""
     n, k = w.shape

@@ -4,7 +4,7 @@
 # Contract: csrc/include/ftk/optim.h (the math and its order of operations), computed as
 # csrc/cpu/optim.cpp computes it, operation for operation; backends/reference.py is the oracle.
 # The derived scalars (1 − lr·wd, 1 − β1, 1 − β2, lr / (1 − β1^t), √(1 − β2^t)) come from the
-# host in double (_native.optim_hyper) and reach the kernel as fp32 arguments, rounded once.
+# host in double (_formats.optim_hyper) and reach the kernel as fp32 arguments, rounded once.
 #
 # Algorithm. One memory-bound pass: every byte of param, grad and the states is read once and
 # written once; nothing is reduced across programs.
@@ -129,7 +129,7 @@ def _adamw8bit_kernel(param, grad, state1, state2, absmax1, absmax2, code1, code
 
 # ---- launchers ------------------------------------------------------------------------------
 # Torch tensors (contiguous, on one device) and the host-computed hyperparameters in; param and
-# states updated in place; nothing allocated. hyper is _native.optim_hyper's tuple, the fields
+# states updated in place; nothing allocated. hyper is _formats.optim_hyper's tuple, the fields
 # of ftk::OptimHyper in order: (lr, beta1, beta2, eps, decay, 1 − β1, 1 − β2, step_size,
 # √(1 − β2^t)). n == 0 launches nothing.
 

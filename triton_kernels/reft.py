@@ -290,7 +290,7 @@ def reft_forward(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Ten
                  enabled: bool, seed: int, threshold: int, scale: float, out: torch.Tensor, z: torch.Tensor,
                  *, config: dict | None = None) -> None:
     """ftk::ReftForwardParams (reft.h): out's selected rows = h + drop(Pᵀz), z = Q·h + b per slot.
-    (enabled, seed, threshold, scale) as _native.dropout_args gives them."""
+    (enabled, seed, threshold, scale) as _formats.dropout_args gives them."""
     n_rows, d = _flat(h)
     r = P.shape[0]
     n_slots = z.shape[0]

@@ -119,7 +119,7 @@ def _weight(mod, packed, absmax, blocksize, quant_type, shape, nested_absmax, ne
 
 
 def weight_4bit(mod, w):
-    """ftk::Weight4bit of an _ops.Weight4bit."""
+    """ftk::Weight4bit of an _ops.quant.Weight4bit."""
     return _weight(mod, w.packed, w.absmax, w.blocksize, w.quant_type, w.shape, w.nested_absmax, w.nested_code,
                    w.offset, w.nested_blocksize)
 
@@ -132,7 +132,7 @@ def dequantize_4bit_params(mod, A, absmax, blocksize, quant_type, shape, nested_
 
 
 def dequantize_weight_params(mod, w, out):
-    """ftk::Dequantize4bitParams of an _ops.Weight4bit into out (for dequantize_4bit_range, out
+    """ftk::Dequantize4bitParams of an _ops.quant.Weight4bit into out (for dequantize_4bit_range, out
     holds the range only)."""
     return mod.Dequantize4bitParams(w=weight_4bit(mod, w), dtype=DTYPE_CODE[out.dtype], out=out.data_ptr())
 
@@ -157,7 +157,7 @@ def lora_dropout_params(mod, t, p: float, seed: int | None, out):
 
 
 def lora_matmul_params(mod, mode: int, X, w, bias, L, R, scaling: float, p: float, seed: int | None, out):
-    """ftk::LoraMatmulParams: X (M x K or M x N), L (M x r fp32), R (B or A), w an _ops.Weight4bit."""
+    """ftk::LoraMatmulParams: X (M x K or M x N), L (M x r fp32), R (B or A), w an _ops.quant.Weight4bit."""
     return mod.LoraMatmulParams(mode=mode, X=X.data_ptr(), dtype=DTYPE_CODE[X.dtype], M=X.shape[0],
                                 W=weight_4bit(mod, w), bias=ptr(bias),
                                 bias_dtype=DTYPE_CODE[bias.dtype] if bias is not None else 0, L=L.data_ptr(),
