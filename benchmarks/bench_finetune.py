@@ -29,6 +29,7 @@ import time
 
 import pytest
 import torch
+
 from conftest import QUICK
 
 BATCH, SEQ, RANK_LORA, ALPHA, RANK_REFT = 4, 256, 8, 16, 4
@@ -39,8 +40,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # ftk-* run the step as `ftk finetune` does, with the head and the loss fused
 # (integrations/loss.py); ftk-*-hf-loss with Transformers' own loss, to show each part's share.
 IMPLS = ["ftk-qlora", "ftk-qlora-hf-loss", "peft-bnb-qlora", "ftk-loreft", "ftk-loreft-hf-loss", "eager-loreft"]
-COMPARE = {"ftk-qlora": {"peft-bnb": "peft-bnb-qlora"}, "ftk-qlora-hf-loss": {"peft-bnb": "peft-bnb-qlora"},
-           "ftk-loreft": {"eager": "eager-loreft"}, "ftk-loreft-hf-loss": {"eager": "eager-loreft"}}
+COMPARE = {
+    "ftk-qlora": {"peft-bnb": "peft-bnb-qlora"},
+    "ftk-qlora-hf-loss": {"peft-bnb": "peft-bnb-qlora"},
+    "ftk-loreft": {"eager": "eager-loreft"},
+    "ftk-loreft-hf-loss": {"eager": "eager-loreft"},
+}
 
 
 def _load():
@@ -57,16 +62,24 @@ def _peft_bnb(model):
 
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
-            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-            q.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, blocksize=64,
-                                         compress_statistics=True, quant_type="nf4")
+            q = bnb.nn.Linear4bit(
+                mod.in_features,
+                mod.out_features,
+                bias=mod.bias is not None,
+                compute_dtype=torch.float32,
+                quant_type="nf4",
+                compress_statistics=True,
+            )
+            q.weight = bnb.nn.Params4bit(
+                mod.weight.data, requires_grad=False, blocksize=64, compress_statistics=True, quant_type="nf4"
+            )
             q = q.to("cpu")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, q)
     model.is_loaded_in_4bit = True  # PEFT picks its bitsandbytes LoRA layer for such models
-    return peft.get_peft_model(model, peft.LoraConfig(r=RANK_LORA, lora_alpha=ALPHA, target_modules=TARGETS,
-                                                      lora_dropout=0.0))
+    return peft.get_peft_model(
+        model, peft.LoraConfig(r=RANK_LORA, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0)
+    )
 
 
 def _eager_loreft(model):
@@ -96,6 +109,7 @@ def _eager_loreft(model):
             edited = model.eager_reft[i](torch.gather(h, 1, idx))
             h = h.clone().scatter(1, idx, edited)
             return (h, *out[1:]) if isinstance(out, tuple) else h
+
         return hook
 
     model.register_forward_pre_hook(pre, with_kwargs=True)
@@ -160,13 +174,15 @@ def prepared(base_model):
     cache = {}
 
     def get(impl):
-        if impl == "peft-bnb-qlora" and (importlib.util.find_spec("peft") is None
-                                         or importlib.util.find_spec("bitsandbytes") is None):
+        if impl == "peft-bnb-qlora" and (
+            importlib.util.find_spec("peft") is None or importlib.util.find_spec("bitsandbytes") is None
+        ):
             return None
         if impl not in cache:
             cache[impl] = _setup(impl, base_model)
             _step(impl, *cache[impl], _batch(base_model.config.vocab_size))
         return cache[impl]
+
     return get
 
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, QUICK, Timer
 from torch import nn
 
 import ftkernels as ftk
+
+from conftest import HAS_CUDA, QUICK, Timer
 
 N_OUT, K_IN, RANK, ALPHA, BLOCKSIZE = 4096, 4096, 16, 32, 64
 if QUICK:  # ftk bench --quick: a small layer; the token counts (and so the test ids) stay
@@ -41,8 +42,11 @@ CASES = [
     pytest.param(("cpu", torch.float32, 512, "train"), id="cpu-fp32-512-train"),
     pytest.param(("cpu", torch.bfloat16, 512, "train"), id="cpu-bf16-512-train"),
 ] + [
-    pytest.param(("cuda", torch.bfloat16, t, what), id=f"cuda-bf16-{t}-{what}",
-                 marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"))
+    pytest.param(
+        ("cuda", torch.bfloat16, t, what),
+        id=f"cuda-bf16-{t}-{what}",
+        marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"),
+    )
     for t, what in ((4096, "train"), (16, "train"), (1, "forward"))
 ]
 IMPLS = ["ftk-cpu", "ftk-cuda", "ftk-triton", "peft-bnb", "dense"]
@@ -68,13 +72,14 @@ class _Wrap(nn.Module):
 
 def _peft_bnb(W, device, dtype):
     """PEFT's LoRA on bitsandbytes' Linear4bit (NF4, double quant), adapters in ``dtype``."""
-    base = bnb.nn.Linear4bit(K_IN, N_OUT, bias=False, compute_dtype=dtype, quant_type="nf4",
-                             compress_statistics=True)
-    base.weight = bnb.nn.Params4bit(W.to(dtype), requires_grad=False, blocksize=BLOCKSIZE,
-                                    compress_statistics=True, quant_type="nf4")
+    base = bnb.nn.Linear4bit(K_IN, N_OUT, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+    base.weight = bnb.nn.Params4bit(
+        W.to(dtype), requires_grad=False, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4"
+    )
     base = base.to(device)  # Params4bit quantizes when moved to a device
-    model = peft.get_peft_model(_Wrap(base), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"],
-                                                             lora_dropout=0.0))
+    model = peft.get_peft_model(
+        _Wrap(base), peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], lora_dropout=0.0)
+    )
     layer = model.base_model.model.proj
     assert type(layer).__module__ == "peft.tuners.lora.bnb", type(layer)
     layer.lora_A.default.to(dtype)
@@ -107,6 +112,7 @@ def _step(device, dtype, tokens, what, impl, W):
         def fn():
             with ftk.use_backend(backend):
                 return ftk.lora_linear_4bit(x, packed, qs, A, B, ALPHA / RANK)
+
     if what == "forward":
         return lambda: fn()
 
@@ -114,6 +120,7 @@ def _step(device, dtype, tokens, what, impl, W):
         y = fn()
         y.backward(dy)
         return y
+
     return train
 
 
@@ -133,7 +140,10 @@ def test_lora(benchmark, weight, case, impl):
     name += f"-{tokens}-{what}"
     benchmark.group = f"lora-{name}"
     if impl != "peft-bnb" and impl != "dense":
-        benchmark.extra_info["compare"] = {"peft-bnb": f"test_lora[{name}-peft-bnb]", "dense": f"test_lora[{name}-dense]"}
+        benchmark.extra_info["compare"] = {
+            "peft-bnb": f"test_lora[{name}-peft-bnb]",
+            "dense": f"test_lora[{name}-dense]",
+        }
     fn = _step(device, dtype, tokens, what, impl, weight)
     flops = 2 * tokens * N_OUT * K_IN * (1 if what == "forward" else 2)  # the big matmuls only
     # PEFT+bitsandbytes in bf16 on the CPU: about a minute a step where torch's bf16 CPU GEMM

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, QUICK, Timer
 from torch import nn
 
 import ftkernels as ftk
 from ftkernels.nn import LoReFT, reft_positions
+
+from conftest import HAS_CUDA, QUICK, Timer
 
 D, RANK = 4096, 4
 if QUICK:  # ftk bench --quick: narrow hidden states; batch x seq (and so the test ids) stay
@@ -35,8 +36,11 @@ if QUICK:  # ftk bench --quick: narrow hidden states; batch x seq (and so the te
 CASES = [
     pytest.param(("cpu", torch.float32, 16, 128, "f7+l7", "train"), id="cpu-fp32-16x128-f7+l7-train"),
 ] + [
-    pytest.param(("cuda", torch.bfloat16, 8, 512, None, what), id=f"cuda-bf16-8x512-all-{what}",
-                 marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"))
+    pytest.param(
+        ("cuda", torch.bfloat16, 8, 512, None, what),
+        id=f"cuda-bf16-8x512-all-{what}",
+        marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"),
+    )
     for what in ("forward", "train")
 ]
 IMPLS = ["ftk-cpu", "ftk-cuda", "ftk-triton", "eager", "copy"]
@@ -107,10 +111,13 @@ def _fn(impl, device, h, g, positions, what):
         def run(hh):
             with ftk.use_backend(backend):
                 return layer(hh, positions)
+
     if what == "forward":
+
         def forward():
             with torch.no_grad():
                 return run(h)
+
         return forward
     hh = h.detach().requires_grad_()
 
@@ -120,6 +127,7 @@ def _fn(impl, device, h, g, positions, what):
         out = run(hh)
         out.backward(g)
         return out
+
     return train
 
 

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, QUICK
 
 import ftkernels as ftk
+
+from conftest import DEVICES, QUICK
 
 SHAPE, DTYPE, BLOCKSIZE = (4096, 4096), torch.bfloat16, 64
 if QUICK:  # ftk bench --quick: a small weight (a multiple of the blocksize), same tests
@@ -88,9 +89,14 @@ def _bnb_cpu_dequantize_into(packed, qs, out):
 
     absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
     m, n = qs.shape
-    lib.cdequantize_blockwise_cpu_nf4_bf16(get_ptr(packed), get_ptr(absmax), get_ptr(out),
-                                           ctypes.c_longlong(qs.blocksize), ctypes.c_longlong(m),
-                                           ctypes.c_longlong(n))
+    lib.cdequantize_blockwise_cpu_nf4_bf16(
+        get_ptr(packed),
+        get_ptr(absmax),
+        get_ptr(out),
+        ctypes.c_longlong(qs.blocksize),
+        ctypes.c_longlong(m),
+        ctypes.c_longlong(n),
+    )
     return out
 
 
@@ -117,9 +123,11 @@ def test_quantize(timer, benchmark, weights, device, mode, impl):
     elif impl == "torchao":  # its own format: blocks of 64, absmax double-quantized in blocks of 256
         fn = lambda: to_nf4(A, BLOCKSIZE, 256)  # noqa: E731
     else:
+
         def fn():
             with ftk.use_backend(impl):
                 return ftk.quantize_4bit(A, BLOCKSIZE, True, "nf4")
+
     timer(fn, bytes_moved=QUANT_BYTES, rounds=5 if device == "cpu" else 20)
 
 
@@ -146,4 +154,5 @@ def test_dequantize(timer, benchmark, weights, device, mode, impl):
         def fn():
             with ftk.use_backend(impl):
                 return ftk.dequantize_4bit(packed, qs, out=out)
+
     timer(fn, bytes_moved=DEQUANT_BYTES)

@@ -18,9 +18,10 @@ import gc
 
 import pytest
 import torch
-from conftest import HAS_CUDA, QUICK, Timer
 
 import ftkernels.optim as ftk_optim
+
+from conftest import HAS_CUDA, QUICK, Timer
 
 try:
     import bitsandbytes as bnb
@@ -45,8 +46,10 @@ OPTIMIZERS = {
 CUDA_ONLY = {"ftk-paged-adamw8bit", "bnb-paged-adamw8bit"}  # paging is a CUDA matter
 BASELINES = {"torch-foreach", "torch-fused", "bnb-adamw", "bnb-adamw8bit", "bnb-paged-adamw8bit"}
 
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"))]
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU")),
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +68,17 @@ def params_by_device():
                 ps.append(p)
             made[device] = ps
         return made[device]
+
     return get
 
 
 def _state_bytes(opt) -> int:
-    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-               if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return sum(
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for t in st.values()
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
 
 
 @pytest.mark.parametrize("impl", list(OPTIMIZERS))

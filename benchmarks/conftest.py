@@ -19,8 +19,10 @@ HAS_CUDA = torch.cuda.is_available()
 # and the report run end to end in a minute or two; its figures are not the measurements.
 QUICK = os.environ.get("FTK_BENCH_QUICK") == "1"
 
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"))]
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU")),
+]
 
 
 # NOTE: the CPU's last-level cache is 32 MiB here, as large as the 4096x4096 bf16 weight: an
@@ -83,15 +85,29 @@ def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    records = [{"name": b.name, "group": b.group, "extra_info": b.extra_info,
-                "stats": {"median": b.stats.median, "iqr": b.stats.iqr}} for b in session.benchmarks]
-    summary = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "cuda": torch.cuda.get_device_name(0) if HAS_CUDA else None, "results": summarize(records)}
+    records = [
+        {
+            "name": b.name,
+            "group": b.group,
+            "extra_info": b.extra_info,
+            "stats": {"median": b.stats.median, "iqr": b.stats.iqr},
+        }
+        for b in session.benchmarks
+    ]
+    summary = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if HAS_CUDA else None,
+        "results": summarize(records),
+    }
     rows = list(summary["results"].items())
     terminalreporter.write_sep("-", "ftkernels: ratios measured in this run")
     for name, entry in rows:
-        extras = "  ".join(f"{k}={v:.3g}" for k, v in entry.items()
-                           if k not in ("median_ms", "GB/s", "group", "spread_ms") and isinstance(v, (int, float)))
+        extras = "  ".join(
+            f"{k}={v:.3g}"
+            for k, v in entry.items()
+            if k not in ("median_ms", "GB/s", "group", "spread_ms") and isinstance(v, (int, float))
+        )
         terminalreporter.write_line(f"{name:<60} {entry['median_ms']:9.3f} ms {entry['GB/s']:8.2f} GB/s  {extras}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "-".join(sorted({Path(b.fullname.split("::")[0]).stem for b in session.benchmarks}))

@@ -29,8 +29,11 @@ def _backend_param(backend: str, device: str):
     if backend == "triton":
         marks.append(pytest.mark.triton)
     if device == "cpu" or HAS_CUDA:
-        marks.append(pytest.mark.skipif(not backend_available(backend, device),
-                                        reason=f"backend {backend} unavailable on {device}"))
+        marks.append(
+            pytest.mark.skipif(
+                not backend_available(backend, device), reason=f"backend {backend} unavailable on {device}"
+            )
+        )
     return pytest.param((backend, device), id=f"{backend}-{device}", marks=marks)
 
 
@@ -64,8 +67,9 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "
     assert diff.numel() == 0, f"{what}: {diff.shape[0]} elements differ, first at {diff[0].tolist()}"
 
 
-def assert_within_torch_error(got: torch.Tensor, ref: torch.Tensor, own: torch.Tensor, factor: float = 2.0,
-                              what: str = "") -> None:
+def assert_within_torch_error(
+    got: torch.Tensor, ref: torch.Tensor, own: torch.Tensor, factor: float = 2.0, what: str = ""
+) -> None:
     """docs/ARCHITECTURE.md's tolerance rule: got's error against the fp64 oracle ref is at most
     factor x the error of plain torch in the same dtype (own), plus a small epsilon."""
     assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
@@ -138,8 +142,9 @@ def bnb_dequantize_4bit(A: torch.Tensor, quant_state) -> torch.Tensor:
     absmax = qs.absmax
     if qs.nested:  # as bitsandbytes does it: the 8-bit absmax decoded, then the offset added
         absmax = dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-    return _dequantize_4bit_compute(A.view(torch.uint8).reshape(-1), absmax.float(), qs.code.to(A.device),
-                                    qs.blocksize, qs.shape, qs.dtype)
+    return _dequantize_4bit_compute(
+        A.view(torch.uint8).reshape(-1), absmax.float(), qs.code.to(A.device), qs.blocksize, qs.shape, qs.dtype
+    )
 
 
 @pytest.fixture
@@ -164,9 +169,16 @@ def make_tiny_llama(tie_word_embeddings: bool = True, vocab_size: int = 128, see
     weights, float32, eval mode. Built in milliseconds; nothing is downloaded."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -180,12 +192,26 @@ def make_tiny_causal_lm(arch: str = "llama", vocab_size: int = 128, seed: int = 
         return make_tiny_llama(vocab_size=vocab_size, seed=seed)
     torch.manual_seed(seed)
     if arch == "qwen2":
-        config = transformers.Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=64)
+        config = transformers.Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         return transformers.Qwen2ForCausalLM(config).eval()
     if arch == "gpt2":
-        config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = transformers.GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=64,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         return transformers.GPT2LMHeadModel(config).eval()
     raise ValueError(f"arch must be llama, qwen2 or gpt2, got {arch!r}")

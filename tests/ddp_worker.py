@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_tiny_llama  # noqa: E402
-
 from ftkernels.integrations.lora import add_lora  # noqa: E402
 from ftkernels.integrations.reft import add_loreft  # noqa: E402
 from ftkernels.optim import AdamW  # noqa: E402
+
+from conftest import make_tiny_llama  # noqa: E402
 
 
 def main(method: str) -> None:

@@ -10,11 +10,12 @@ or fp16 adds its unit roundoff (2^-8, 2^-11) relative per rounding.
 
 from __future__ import annotations
 
-import ftkernels
 import pytest
 import torch
-from ftkernels.nn import LoRALinear4bit
 from torch import nn
+
+import ftkernels
+from ftkernels.nn import LoRALinear4bit
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 U32 = 2.0**-24
@@ -38,9 +39,19 @@ def randomize_lora(m: LoRALinear4bit, seed=1):
 def deq32(m: LoRALinear4bit) -> torch.Tensor:
     """The base weight dequantized in fp32 (code * absmax, exact): the op's W."""
     qs = m.base_layer.quant_state
-    return ftkernels.dequantize_4bit(m.base_layer.weight, ftkernels.QuantState(
-        absmax=qs.absmax, shape=qs.shape, code=qs.code, blocksize=qs.blocksize, quant_type=qs.quant_type,
-        dtype=torch.float32, offset=qs.offset, state2=qs.state2))
+    return ftkernels.dequantize_4bit(
+        m.base_layer.weight,
+        ftkernels.QuantState(
+            absmax=qs.absmax,
+            shape=qs.shape,
+            code=qs.code,
+            blocksize=qs.blocksize,
+            quant_type=qs.quant_type,
+            dtype=torch.float32,
+            offset=qs.offset,
+            state2=qs.state2,
+        ),
+    )
 
 
 def oracle(m: LoRALinear4bit, x: torch.Tensor, g: torch.Tensor | None = None):
@@ -59,8 +70,10 @@ def oracle(m: LoRALinear4bit, x: torch.Tensor, g: torch.Tensor | None = None):
         g2 = g.reshape(-1, n).double()
         m_rows = g2.shape[0]
         gB, gBa = g2 @ B, g2.abs() @ B.abs()
-        out["dx"] = ((g2 @ W + s * gB @ A).reshape(x.shape),
-                     (gamma(n + r + 4) * (g2.abs() @ W.abs() + abs(s) * gBa @ A.abs())).reshape(x.shape))
+        out["dx"] = (
+            (g2 @ W + s * gB @ A).reshape(x.shape),
+            (gamma(n + r + 4) * (g2.abs() @ W.abs() + abs(s) * gBa @ A.abs())).reshape(x.shape),
+        )
         out["dA"] = (s * gB.T @ x2, gamma(n + m_rows + 4) * abs(s) * gBa.T @ x2.abs())
         out["dB"] = (s * g2.T @ (x2 @ A.T), gamma(m_rows + k + 4) * abs(s) * g2.abs().T @ (x2.abs() @ A.abs().T))
     return out
@@ -69,8 +82,10 @@ def oracle(m: LoRALinear4bit, x: torch.Tensor, g: torch.Tensor | None = None):
 def assert_within(actual: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, what: str):
     err = (actual.double() - ref).abs()
     bad = err > bound
-    assert not bad.any(), (f"{what}: {int(bad.sum())} elements beyond the bound; worst excess "
-                           f"{(err - bound).max().item():.3g} (max err {err.max().item():.3g})")
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} elements beyond the bound; worst excess "
+        f"{(err - bound).max().item():.3g} (max err {err.max().item():.3g})"
+    )
 
 
 def run(module: nn.Module, x: torch.Tensor, g: torch.Tensor, params: dict[str, torch.Tensor]):

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 
-import ftkernels as ftk
 import torch
-from conftest import assert_within_torch_error
+
+import ftkernels as ftk
 from ftkernels import _formats
 from ftkernels.backends import reference
+
+from conftest import assert_within_torch_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -74,8 +76,9 @@ class Case:
         else:
             pos = self.positions.cpu().reshape(1 if self.h.dim() == 2 else self.h.shape[0], -1)
             seq = self.h.shape[-2]
-            rows = torch.tensor([i * seq + int(q) for i in range(pos.shape[0]) for q in pos[i] if q >= 0],
-                                dtype=torch.int64)
+            rows = torch.tensor(
+                [i * seq + int(q) for i in range(pos.shape[0]) for q in pos[i] if q >= 0], dtype=torch.int64
+            )
         rows = rows.to(h.device)
         x = h2[rows]
         if self.kind == "loreft":
@@ -85,8 +88,7 @@ class Case:
         if p > 0:
             s = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)))
             keep = reference.dropout_keep(rows, d, p, s, h.device)
-            edit = torch.where(keep, edit * _formats.dropout_scale(p), torch.zeros((), dtype=dtype,
-                                                                                      device=h.device))
+            edit = torch.where(keep, edit * _formats.dropout_scale(p), torch.zeros((), dtype=dtype, device=h.device))
         out = h2.index_add(0, rows, edit).reshape(h.shape)
         out.backward(self.grad.to(dtype))
         return (out, h.grad, A.grad, B.grad, b.grad)
@@ -96,8 +98,9 @@ def assert_close_to_oracle(case, outs, p=0.0, seed=7, what="", factor=2.0):
     """Each of outs within factor x torch's own error (same dtype, against fp64) + epsilon."""
     oracle = case.torch_run(torch.float64, p, seed)
     torch_own = case.torch_run(case.dtype, p, seed)
-    for name, got, ref, own, like in zip(("out", "dh", "dA", "dB", "db"), outs, oracle, torch_own,
-                                         (case.h, case.h, case.A, case.B, case.b)):
+    for name, got, ref, own, like in zip(
+        ("out", "dh", "dA", "dB", "db"), outs, oracle, torch_own, (case.h, case.h, case.A, case.B, case.b)
+    ):
         if got is None:
             continue
         assert got.dtype == like.dtype, (what, name, got.dtype)

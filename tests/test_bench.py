@@ -18,8 +18,15 @@ def _record(name, median_s, group="g", iqr_s=0.0, **extra_info):
 
 def test_summarize_arithmetic():
     records = [
-        _record("ftk", 0.002, iqr_s=0.0001, bytes_moved=8_000_000, flops=4_000_000_000,
-                compare={"bnb": "bnb", "dense": "dense"}, ceiling="copy"),
+        _record(
+            "ftk",
+            0.002,
+            iqr_s=0.0001,
+            bytes_moved=8_000_000,
+            flops=4_000_000_000,
+            compare={"bnb": "bnb", "dense": "dense"},
+            ceiling="copy",
+        ),
         _record("bnb", 0.006, bytes_moved=8_000_000),
         _record("dense", 0.0018, flops=4_000_000_000),
         _record("copy", 0.001, bytes_moved=16_000_000),
@@ -44,10 +51,23 @@ def test_summarize_arithmetic():
 
 
 def test_markdown_and_charts(tmp_path):
-    results = {"nf4": bench.summarize([_record("ftk-q", 0.001, bytes_moved=10**6, compare={"bnb": "bnb-q"}),
-                                       _record("bnb-q", 0.003, bytes_moved=10**6)]),
-               "optim": {}}
-    header = {"device": "cpu", "date": "2026-01-01", "torch": "2.x", "threads": 2, "command": "ftk bench", "quick": True}
+    results = {
+        "nf4": bench.summarize(
+            [
+                _record("ftk-q", 0.001, bytes_moved=10**6, compare={"bnb": "bnb-q"}),
+                _record("bnb-q", 0.003, bytes_moved=10**6),
+            ]
+        ),
+        "optim": {},
+    }
+    header = {
+        "device": "cpu",
+        "date": "2026-01-01",
+        "torch": "2.x",
+        "threads": 2,
+        "command": "ftk bench",
+        "quick": True,
+    }
     text = bench.markdown(results, {"bitsandbytes": True, "torchao": False}, header)
     assert "| **ftk-q** | 1 |" in text and "| bnb-q | 3 |" in text
     assert "- torchao: **absent**" in text and "- bitsandbytes: present" in text

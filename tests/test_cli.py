@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import make_tiny_llama
 
 pytest.importorskip("transformers")
@@ -66,12 +67,16 @@ def test_resolve_model_accepts_a_directory_or_a_gguf_file(tmp_path, tiny_model_d
     assert cli.resolve_model(str(tmp_path / "g" / "m.gguf")) == (str(tmp_path / "g"), "m.gguf")
 
 
-@pytest.mark.parametrize("setup,match", [
-    (lambda d: str(d / "missing"), "does not exist"),
-    (lambda d: (d / "w.bin").write_bytes(b"") or str(d / "w.bin"), "not a .gguf file"),
-    (lambda d: str(d), "no config.json and no .gguf file"),
-    (lambda d: [(d / n).write_bytes(b"") for n in ("a.gguf", "b.gguf")] and str(d), "several .gguf files"),
-], ids=["missing", "not-gguf", "empty-dir", "two-ggufs"])
+@pytest.mark.parametrize(
+    "setup,match",
+    [
+        (lambda d: str(d / "missing"), "does not exist"),
+        (lambda d: (d / "w.bin").write_bytes(b"") or str(d / "w.bin"), "not a .gguf file"),
+        (lambda d: str(d), "no config.json and no .gguf file"),
+        (lambda d: [(d / n).write_bytes(b"") for n in ("a.gguf", "b.gguf")] and str(d), "several .gguf files"),
+    ],
+    ids=["missing", "not-gguf", "empty-dir", "two-ggufs"],
+)
 def test_bad_model_path_is_a_usage_error(tmp_path, capsys, setup, match):
     with pytest.raises(SystemExit) as e:
         cli.main(["quantize", "--model", setup(tmp_path), "--out", str(tmp_path / "out")])
@@ -80,12 +85,16 @@ def test_bad_model_path_is_a_usage_error(tmp_path, capsys, setup, match):
     assert "--model" in err and match in err
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--blocksize", "100"], "--blocksize: invalid choice"),
-    (["--quant-type", "int4"], "--quant-type: invalid choice"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-    (["--max-new-tokens", "x"], "--max-new-tokens: invalid int value"),
-], ids=["blocksize", "quant-type", "max-new-tokens-0", "max-new-tokens-x"])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--blocksize", "100"], "--blocksize: invalid choice"),
+        (["--quant-type", "int4"], "--quant-type: invalid choice"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--max-new-tokens", "x"], "--max-new-tokens: invalid int value"),
+    ],
+    ids=["blocksize", "quant-type", "max-new-tokens-0", "max-new-tokens-x"],
+)
 def test_bad_options_are_usage_errors(tiny_model_dir, capsys, args, match):
     with pytest.raises(SystemExit) as e:
         cli.main(["quantize", "--model", str(tiny_model_dir), *args])
@@ -111,8 +120,23 @@ def test_no_command_is_a_usage_error(capsys):
 
 def test_quantize_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "q"
-    assert cli.main(["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--max-new-tokens", "3",
-                     "--blocksize", "32", "--no-double-quant"]) == 0
+    assert (
+        cli.main(
+            [
+                "quantize",
+                "--model",
+                str(tiny_model_dir),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "3",
+                "--blocksize",
+                "32",
+                "--no-double-quant",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "quantized:      14 linear layers to nf4, blocksize 32, fp32 block scales" in text
     for label in ("linear weights:", "whole model:", "reconstruction error:", "answer before:", "answer after:"):
@@ -165,23 +189,68 @@ def test_ftk_quantize_default_end_to_end(tmp_path):
 @pytest.mark.parametrize("method", ["qlora", "lora", "loreft"])
 def test_finetune_a_tiny_model_then_generate_with_the_adapter(tiny_model_dir, tmp_path, capsys, method):
     out = tmp_path / "ft"
-    assert cli.main(["finetune", "--model", str(tiny_model_dir), "--method", method, "--steps", "3",
-                     "--batch-size", "2", "--seq-len", "32", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--model",
+                str(tiny_model_dir),
+                "--method",
+                method,
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--max-new-tokens",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert f"method:   {method}" in text and "loss:" in text and text.count("before:") == 3
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == method and len(metrics["losses"]) == 3 and len(metrics["answers"]) == 3
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and f"{out}/loss.png" in text
-    assert cli.main(["generate", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
-                     "--max-new-tokens", "3"]) == 0
+    assert (
+        cli.main(
+            ["generate", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"), "--max-new-tokens", "3"]
+        )
+        == 0
+    )
 
 
-def test_finetune_without_matplotlib_finishes_and_says_why_there_is_no_plot(tiny_model_dir, tmp_path, capsys,
-                                                                            monkeypatch):
+def test_finetune_without_matplotlib_finishes_and_says_why_there_is_no_plot(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     out = tmp_path / "ft"
-    assert cli.main(["finetune", "--model", str(tiny_model_dir), "--method", "lora", "--steps", "2",
-                     "--batch-size", "2", "--seq-len", "32", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--model",
+                str(tiny_model_dir),
+                "--method",
+                "lora",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     err = captured.err
     assert "loss.png not written: matplotlib is not installed (pip install matplotlib)\n" in err
@@ -191,8 +260,11 @@ def test_finetune_without_matplotlib_finishes_and_says_why_there_is_no_plot(tiny
 
 
 def test_finetune_bad_options(tiny_model_dir, tmp_path, capsys):
-    for args, match in ((["--steps", "0"], "--steps must be at least 1"), (["--lr", "-1"], "--lr must be positive"),
-                        (["--data", str(tmp_path / "none.jsonl")], "cannot read")):
+    for args, match in (
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--data", str(tmp_path / "none.jsonl")], "cannot read"),
+    ):
         with pytest.raises(SystemExit):
             cli.main(["finetune", "--model", str(tiny_model_dir), *args])
         assert match in capsys.readouterr().err

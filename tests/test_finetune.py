@@ -9,9 +9,10 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 from ftkernels.apps import finetune as ft
+
+from conftest import make_tiny_llama
 
 pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
 
@@ -71,8 +72,11 @@ def test_each_method_trains_and_writes_its_outputs(method, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["method"] == method
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     names = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert names == (["loreft_config.json", "loreft_model.safetensors"] if method == "loreft"
-                     else ["adapter_config.json", "adapter_model.safetensors"])
+    assert names == (
+        ["loreft_config.json", "loreft_model.safetensors"]
+        if method == "loreft"
+        else ["adapter_config.json", "adapter_model.safetensors"]
+    )
 
 
 def test_bad_method():

@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_causal_lm, make_tiny_llama
 
 from ftkernels.integrations import hf_compat
 from ftkernels.integrations.hf_compat import forward_arguments, is_conv1d, past_length, real_tokens
 from ftkernels.integrations.loss import fused_lm_loss, supports_fused_lm_loss
+
+from conftest import make_tiny_causal_lm, make_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 

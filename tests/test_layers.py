@@ -97,7 +97,9 @@ def test_triton_kernels_import_only_their_common_helpers_and_the_formats():
     for path in sorted((ROOT / "triton_kernels").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.level:
-                assert (node.level, node.module) in allowed_relative, f"{path.name}: from {'.' * node.level}{node.module}"
+                assert (node.level, node.module) in allowed_relative, (
+                    f"{path.name}: from {'.' * node.level}{node.module}"
+                )
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
                 for name in names:

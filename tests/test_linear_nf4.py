@@ -9,11 +9,12 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_layer_rejects_bad_input, make_linear
 from torch import nn
 
 import ftkernels
 from ftkernels.nn import LinearNF4, dequantized_weights
+
+from conftest import assert_layer_rejects_bad_input, make_linear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -32,11 +33,22 @@ def qs_json(sd: dict, quant_type: str = "nf4") -> dict:
 
 def bnb_from_linear(lin: nn.Linear, quant_type="nf4", compress_statistics=True, blocksize=64):
     """A bitsandbytes Linear4bit quantized (by bitsandbytes, on the CPU) from ``lin``."""
-    b = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                          compute_dtype=torch.float32, compress_statistics=compress_statistics,
-                          quant_type=quant_type)
-    b.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, blocksize=blocksize,
-                                 compress_statistics=compress_statistics, quant_type=quant_type, module=b)
+    b = bnb.nn.Linear4bit(
+        lin.in_features,
+        lin.out_features,
+        bias=lin.bias is not None,
+        compute_dtype=torch.float32,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+    )
+    b.weight = bnb.nn.Params4bit(
+        lin.weight.detach().clone(),
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        module=b,
+    )
     if lin.bias is not None:
         b.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
     b = b.to("cpu")  # Params4bit quantizes when moved to a device
@@ -55,7 +67,7 @@ def bnb_forward(b: bnb.nn.Linear4bit, x: torch.Tensor) -> torch.Tensor:
 
 def bnb_from_state_dict(sd: dict, in_f: int, out_f: int) -> bnb.nn.Linear4bit:
     """What Transformers' bitsandbytes loader builds from a checkpoint's entries for one layer."""
-    stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    stats = {k[len("weight.") :]: v for k, v in sd.items() if k.startswith("weight.")}
     qt = "fp4" if "quant_state.bitsandbytes__fp4" in stats else "nf4"
     b = bnb.nn.Linear4bit(in_f, out_f, bias="bias" in sd, compute_dtype=torch.float32, quant_type=qt)
     b.weight = bnb.nn.Params4bit.from_prequantized(sd["weight"], dict(stats), device="cpu", module=b)
@@ -198,8 +210,9 @@ def test_dequantized_weights_reuses_one_copy_and_changes_nothing(monkeypatch):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_state_dict_has_bnb_keys_dtypes_and_shapes(quant_type, double, blocksize, bias):
     lin = make_linear(70, 96, bias=bias)
-    ours = LinearNF4.from_linear(lin, blocksize=blocksize, compress_statistics=double,
-                                 quant_type=quant_type).state_dict()
+    ours = LinearNF4.from_linear(
+        lin, blocksize=blocksize, compress_statistics=double, quant_type=quant_type
+    ).state_dict()
     theirs = bnb_from_linear(lin, quant_type, double, blocksize).state_dict()
     assert list(ours) == list(theirs)
     for k in ours:
@@ -306,19 +319,31 @@ def test_cuda_forward_matches_cpu():
 
 def test_extra_repr():
     r = repr(LinearNF4.from_linear(make_linear(70, 96, dtype=torch.bfloat16), compute_dtype=torch.float32))
-    for part in ("in_features=96", "out_features=70", "bias=True", "quant_type=nf4", "blocksize=64",
-                 "double_quant=True", "dtype=bfloat16", "compute_dtype=float32"):
+    for part in (
+        "in_features=96",
+        "out_features=70",
+        "bias=True",
+        "quant_type=nf4",
+        "blocksize=64",
+        "double_quant=True",
+        "dtype=bfloat16",
+        "compute_dtype=float32",
+    ):
         assert part in r
 
 
 # ---- bad input -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    ({"blocksize": 48}, ValueError, "blocksize"),
-    ({"quant_type": "int4"}, ValueError, "quant_type"),
-    ({"compute_dtype": torch.int8}, TypeError, "compute_dtype"),
-], ids=["blocksize", "quant_type", "compute_dtype"])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"blocksize": 48}, ValueError, "blocksize"),
+        ({"quant_type": "int4"}, ValueError, "quant_type"),
+        ({"compute_dtype": torch.int8}, TypeError, "compute_dtype"),
+    ],
+    ids=["blocksize", "quant_type", "compute_dtype"],
+)
 def test_from_linear_rejects_bad_settings(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         LinearNF4.from_linear(make_linear(7, 5), **kwargs)
@@ -359,24 +384,61 @@ _QS = "weight.quant_state.bitsandbytes__nf4"
 _GOOD = qs_json(_sd())
 
 
-@pytest.mark.parametrize("make,exc,match", [
-    (lambda: _replace(_sd(), "weight.absmax", torch.zeros(105)), ValueError, r"weight\.\*.*absmax must be uint8"),
-    (lambda: _replace(_sd(), "weight.absmax", torch.zeros(7, dtype=torch.uint8)), ValueError, "absmax has 7 elements"),
-    (lambda: _replace(_sd(), "weight.quant_map", torch.zeros(16)), ValueError, "quant_map"),
-    (lambda: _replace(_sd(), "weight.nested_absmax", torch.zeros(1, dtype=torch.float16)), ValueError, "nested_absmax"),
-    (lambda: _drop(_sd(), "weight.nested_quant_map"), ValueError, "nested_quant_map"),
-    (lambda: _drop(_sd(), _QS), ValueError, "quant_state.bitsandbytes__nf4"),
-    (lambda: _replace(_sd(), _QS, torch.tensor([1, 2, 255], dtype=torch.uint8)), ValueError, "JSON"),
-    (lambda: _replace(_sd(), _QS, _json_entry({**_GOOD, "shape": [96, 70]})), ValueError, r"shape \[96, 70\].*\[70, 96\]"),
-    (lambda: _replace(_sd(), _QS, _json_entry({**_GOOD, "blocksize": 100})), ValueError, "blocksize"),
-    (lambda: _replace(_sd(), _QS, _json_entry({**_GOOD, "dtype": "int8"})), ValueError, "dtype"),
-    (lambda: _replace(_sd(), "weight", torch.zeros(3360, 1, dtype=torch.float16)), ValueError, "weight must be uint8"),
-    (lambda: _replace(_sd(), "weight", torch.zeros(3359, 1, dtype=torch.uint8)), ValueError, "weight has 3359 bytes"),
-    (lambda: _replace(_sd(), "weight", torch.zeros(5, 5, dtype=torch.uint8)), ValueError, "weight has 25 bytes"),
-    (lambda: _drop(_sd(), "weight"), ValueError, "no 'weight'"),
-], ids=["absmax-dtype", "absmax-size", "quant_map", "nested_absmax-dtype", "nested_quant_map-missing",
-        "quant_state-missing", "quant_state-not-json", "shape", "blocksize", "dtype", "storage-dtype",
-        "weight-size", "weight-shape", "weight-missing"])
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda: _replace(_sd(), "weight.absmax", torch.zeros(105)), ValueError, r"weight\.\*.*absmax must be uint8"),
+        (
+            lambda: _replace(_sd(), "weight.absmax", torch.zeros(7, dtype=torch.uint8)),
+            ValueError,
+            "absmax has 7 elements",
+        ),
+        (lambda: _replace(_sd(), "weight.quant_map", torch.zeros(16)), ValueError, "quant_map"),
+        (
+            lambda: _replace(_sd(), "weight.nested_absmax", torch.zeros(1, dtype=torch.float16)),
+            ValueError,
+            "nested_absmax",
+        ),
+        (lambda: _drop(_sd(), "weight.nested_quant_map"), ValueError, "nested_quant_map"),
+        (lambda: _drop(_sd(), _QS), ValueError, "quant_state.bitsandbytes__nf4"),
+        (lambda: _replace(_sd(), _QS, torch.tensor([1, 2, 255], dtype=torch.uint8)), ValueError, "JSON"),
+        (
+            lambda: _replace(_sd(), _QS, _json_entry({**_GOOD, "shape": [96, 70]})),
+            ValueError,
+            r"shape \[96, 70\].*\[70, 96\]",
+        ),
+        (lambda: _replace(_sd(), _QS, _json_entry({**_GOOD, "blocksize": 100})), ValueError, "blocksize"),
+        (lambda: _replace(_sd(), _QS, _json_entry({**_GOOD, "dtype": "int8"})), ValueError, "dtype"),
+        (
+            lambda: _replace(_sd(), "weight", torch.zeros(3360, 1, dtype=torch.float16)),
+            ValueError,
+            "weight must be uint8",
+        ),
+        (
+            lambda: _replace(_sd(), "weight", torch.zeros(3359, 1, dtype=torch.uint8)),
+            ValueError,
+            "weight has 3359 bytes",
+        ),
+        (lambda: _replace(_sd(), "weight", torch.zeros(5, 5, dtype=torch.uint8)), ValueError, "weight has 25 bytes"),
+        (lambda: _drop(_sd(), "weight"), ValueError, "no 'weight'"),
+    ],
+    ids=[
+        "absmax-dtype",
+        "absmax-size",
+        "quant_map",
+        "nested_absmax-dtype",
+        "nested_quant_map-missing",
+        "quant_state-missing",
+        "quant_state-not-json",
+        "shape",
+        "blocksize",
+        "dtype",
+        "storage-dtype",
+        "weight-size",
+        "weight-shape",
+        "weight-missing",
+    ],
+)
 def test_load_state_dict_rejects_bad_entries(make, exc, match):
     q = LinearNF4(96, 70)
     before = q.state_dict()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
 
 from ftkernels.integrations import add_lora, add_loreft, quantize_model
 from ftkernels.integrations.loss import fused_lm_loss, linear_cross_entropy, supports_fused_lm_loss
+
+from conftest import make_tiny_llama
 
 pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
 
@@ -31,8 +32,9 @@ def _grads(loss, *ts):
 @pytest.mark.parametrize("num_items", [None, 29], ids=["mean", "num_items"])
 def test_matches_cross_entropy_fp32(chunk, num_items):
     h, w, b, labels = _case()
-    ref = F.cross_entropy(F.linear(h.double(), w.double(), b.double()), labels,
-                          reduction="sum" if num_items else "mean")
+    ref = F.cross_entropy(
+        F.linear(h.double(), w.double(), b.double()), labels, reduction="sum" if num_items else "mean"
+    )
     ref = ref / num_items if num_items else ref
     got = linear_cross_entropy(h, w, b, labels, num_items_in_batch=num_items, chunk_rows=chunk)
     assert got.dtype == torch.float32
@@ -183,12 +185,26 @@ def test_fused_loss_other_architectures(arch):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if arch == "gpt2":
-        config = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = transformers.GPT2Config(
+            vocab_size=128,
+            n_positions=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         model = transformers.GPT2LMHeadModel(config)
     else:
-        config = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2)
+        config = transformers.Qwen2Config(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         model = transformers.Qwen2ForCausalLM(config)
     add_lora(model, r=4, alpha=8)
     for name, p in model.named_parameters():

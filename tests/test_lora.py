@@ -10,11 +10,12 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_within_torch_error, cuda_only, raise_bad_call
 
 import ftkernels as ftk
 from ftkernels import _formats, _native
 from ftkernels.backends import reference
+
+from conftest import assert_within_torch_error, cuda_only, raise_bad_call
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -27,12 +28,17 @@ SMALL = [(1, 33, 7), (9, 40, 65)]  # for the interpreted Triton kernels
 class Case:
     """Inputs of one layer call, with the W the kernels see (dequantized to fp32)."""
 
-    def __init__(self, shape, dtype, r=5, blocksize=64, nested=True, quant_type="nf4", bias=True, seed=0,
-                 lead=None, device="cpu"):
+    def __init__(
+        self, shape, dtype, r=5, blocksize=64, nested=True, quant_type="nf4", bias=True, seed=0, lead=None, device="cpu"
+    ):
         m, n, k = shape
         g = torch.Generator().manual_seed(seed)
-        self.packed, self.qs = ftk.quantize_4bit(torch.randn(n, k, generator=g).to(device), blocksize=blocksize,
-                                                 compress_statistics=nested, quant_type=quant_type)
+        self.packed, self.qs = ftk.quantize_4bit(
+            torch.randn(n, k, generator=g).to(device),
+            blocksize=blocksize,
+            compress_statistics=nested,
+            quant_type=quant_type,
+        )
         self.W = ftk.dequantize_4bit(self.packed, self.qs).double()
         xshape = (*(lead or ()), m, k)
         self.x = torch.randn(xshape, generator=g).to(device, dtype)
@@ -44,12 +50,23 @@ class Case:
 
     def run(self, p=0.0, seed=7, backend=None, need=(True, True, True, True)):
         """(y, dx, dA, dB, dbias) from the public function under ``backend``."""
-        leaves = [t.detach().clone().requires_grad_(want) if t is not None else None
-                  for t, want in zip((self.x, self.A, self.B, self.bias), need)]
+        leaves = [
+            t.detach().clone().requires_grad_(want) if t is not None else None
+            for t, want in zip((self.x, self.A, self.B, self.bias), need)
+        ]
         x, A, B, bias = leaves
         with ftk.use_backend(backend) if backend else contextlib.nullcontext():
-            y = ftk.lora_linear_4bit(x, self.packed, self.qs, A, B, self.scaling, bias, dropout_p=p,
-                                     generator=torch.Generator().manual_seed(seed))
+            y = ftk.lora_linear_4bit(
+                x,
+                self.packed,
+                self.qs,
+                A,
+                B,
+                self.scaling,
+                bias,
+                dropout_p=p,
+                generator=torch.Generator().manual_seed(seed),
+            )
             if any(t is not None and t.requires_grad for t in leaves):
                 y.backward(self.dy)
         return (y, *(t.grad if t is not None else None for t in leaves))
@@ -133,8 +150,11 @@ def test_mixed_dtypes_fp32_adapters_on_a_bf16_input(backend_device):
     assert (outs[0].float() - ref[0].float()).abs().max() <= 0.05 * ref[0].float().abs().max()
 
 
-@pytest.mark.parametrize("need", [(False, True, True, False), (True, False, False, False), (False, True, False, True)],
-                         ids=["lora-only", "x-only", "A-and-bias"])
+@pytest.mark.parametrize(
+    "need",
+    [(False, True, True, False), (True, False, False, False), (False, True, False, True)],
+    ids=["lora-only", "x-only", "A-and-bias"],
+)
 def test_only_the_gradients_asked_for(backend_device, need):
     backend, device = backend_device
     case = Case((4, 33, 7), torch.float32, device=device)
@@ -158,16 +178,20 @@ def test_backends_agree_with_the_reference_backend(backend_device):
 def test_dropout_is_a_function_of_the_seed(backend_device):
     backend, device = backend_device
     case = Case((9, 33, 65), torch.float32, device=device)
-    a, b, c = case.run(0.5, seed=1, backend=backend), case.run(0.5, seed=1, backend=backend), case.run(
-        0.5, seed=2, backend=backend)
+    a, b, c = (
+        case.run(0.5, seed=1, backend=backend),
+        case.run(0.5, seed=1, backend=backend),
+        case.run(0.5, seed=2, backend=backend),
+    )
     for u, v in zip(a, b):
         assert torch.equal(u, v)  # same seed, same values and gradients, bit for bit
     assert not torch.equal(a[0], c[0])
     no_dropout = case.run(0.0, backend=backend)
     assert not torch.equal(a[0], no_dropout[0])
     with ftk.use_backend(backend):  # eval mode: no dropout whatever p is
-        y = ftk.lora_linear_4bit(case.x, case.packed, case.qs, case.A, case.B, case.scaling, case.bias,
-                                 dropout_p=0.5, training=False)
+        y = ftk.lora_linear_4bit(
+            case.x, case.packed, case.qs, case.A, case.B, case.scaling, case.bias, dropout_p=0.5, training=False
+        )
     assert torch.equal(y, no_dropout[0])
 
 
@@ -195,8 +219,11 @@ def test_dropout_mask_statistics():
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
 def test_native_dropout_kernel_is_the_reference_mask_bit_for_bit(backend_device, dtype):
     backend, device = backend_device
-    kernels = {"cpu": "ftkernels.backends.cpu", "cuda": "ftkernels.backends.cuda",
-               "triton": "ftkernels.backends.triton"}
+    kernels = {
+        "cpu": "ftkernels.backends.cpu",
+        "cuda": "ftkernels.backends.cuda",
+        "triton": "ftkernels.backends.triton",
+    }
     import importlib
 
     mod = importlib.import_module(kernels[backend])
@@ -216,8 +243,11 @@ def test_native_dropout_kernel_is_the_reference_mask_bit_for_bit(backend_device,
 
 def _op_args(case, p=0.0):
     qs = case.qs
-    nested = (qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize) if qs.nested else (
-        None, None, None, 256)
+    nested = (
+        (qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize)
+        if qs.nested
+        else (None, None, None, 256)
+    )
     seed = torch.tensor([99]) if p > 0 else None
     return (case.packed, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape), *nested), seed
 
@@ -229,12 +259,17 @@ def test_opcheck(backend, p):
     w, seed = _op_args(case, p)
     x, A, B = (t.clone().requires_grad_() for t in (case.x, case.A, case.B))
     with ftk.use_backend(backend):
-        torch.library.opcheck(torch.ops.ftk.lora_linear_4bit.default,
-                              (x, *w, A, B, 1.5, case.bias.clone().requires_grad_(), p, seed))
-        torch.library.opcheck(torch.ops.ftk.lora_linear_4bit_backward.default,
-                              (case.dy, case.x, *w, case.A, case.B, 1.5, p, seed, True, True))
-        torch.library.opcheck(torch.ops.ftk.lora_linear_4bit_backward.default,
-                              (case.dy, case.x, *w, case.A, case.B, 1.5, p, seed, False, True))
+        torch.library.opcheck(
+            torch.ops.ftk.lora_linear_4bit.default, (x, *w, A, B, 1.5, case.bias.clone().requires_grad_(), p, seed)
+        )
+        torch.library.opcheck(
+            torch.ops.ftk.lora_linear_4bit_backward.default,
+            (case.dy, case.x, *w, case.A, case.B, 1.5, p, seed, True, True),
+        )
+        torch.library.opcheck(
+            torch.ops.ftk.lora_linear_4bit_backward.default,
+            (case.dy, case.x, *w, case.A, case.B, 1.5, p, seed, False, True),
+        )
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -244,8 +279,9 @@ def test_gradcheck_fp64_on_the_reference(p):
     seed = 11
 
     def layer(x, A, B, bias):
-        return ftk.lora_linear_4bit(x, case.packed, case.qs, A, B, 0.75, bias, dropout_p=p,
-                                    generator=torch.Generator().manual_seed(seed))
+        return ftk.lora_linear_4bit(
+            x, case.packed, case.qs, A, B, 0.75, bias, dropout_p=p, generator=torch.Generator().manual_seed(seed)
+        )
 
     with ftk.use_backend("reference"):
         assert torch.autograd.gradcheck(layer, (x, A, B, bias))
@@ -297,14 +333,30 @@ def _bad_calls():
         (lambda: f(x, pk, qs, A, B, 1.0, dropout_p=1.0), ValueError, "dropout_p must be in"),
         (lambda: f(x, pk, qs, A, B, 1.0, dropout_p=-0.1), ValueError, "dropout_p must be in"),
         (lambda: f([1.0], pk, qs, A, B, 1.0), TypeError, "x must be a torch.Tensor"),
-        (lambda: torch.ops.ftk.lora_linear_4bit(x, *_op_args(case)[0], A, B, 1.0, None, 0.5, None),
-         ValueError, "seed is required"),
-        (lambda: torch.ops.ftk.lora_linear_4bit(x, *_op_args(case)[0], A, B, 1.0, None, 0.5, torch.tensor([1.5])),
-         TypeError, "seed must have dtype"),
-        (lambda: torch.ops.ftk.lora_linear_4bit(x, pk, qs.absmax, 64, "nf4", [33 * 70], None, None, None, 256,
-                                                A, B, 1.0, None, 0.0, None), ValueError, "must be 2-D"),
-        (lambda: torch.ops.ftk.lora_linear_4bit_backward(case.dy[:3], x, *_op_args(case)[0], A, B, 1.0, 0.0, None,
-                                                         True, True), ValueError, "leading dimensions must match"),
+        (
+            lambda: torch.ops.ftk.lora_linear_4bit(x, *_op_args(case)[0], A, B, 1.0, None, 0.5, None),
+            ValueError,
+            "seed is required",
+        ),
+        (
+            lambda: torch.ops.ftk.lora_linear_4bit(x, *_op_args(case)[0], A, B, 1.0, None, 0.5, torch.tensor([1.5])),
+            TypeError,
+            "seed must have dtype",
+        ),
+        (
+            lambda: torch.ops.ftk.lora_linear_4bit(
+                x, pk, qs.absmax, 64, "nf4", [33 * 70], None, None, None, 256, A, B, 1.0, None, 0.0, None
+            ),
+            ValueError,
+            "must be 2-D",
+        ),
+        (
+            lambda: torch.ops.ftk.lora_linear_4bit_backward(
+                case.dy[:3], x, *_op_args(case)[0], A, B, 1.0, 0.0, None, True, True
+            ),
+            ValueError,
+            "leading dimensions must match",
+        ),
     ]
 
 
@@ -321,8 +373,24 @@ def test_native_lora_functions_check_their_arguments_again():
         return mod.LoraDropoutParams(**{**{"in": 1, "dtype": 0, "rows": 2, "cols": 2, "dropout": off, "out": 1}, **kw})
 
     def weight(mod, **kw):
-        return mod.Weight4bit(**{**dict(packed=1, rows=1, cols=8, blocksize=64, quant_type=0, absmax=1, absmax_q=0,
-                                        nested_absmax=0, nested_code=0, offset=0, nested_blocksize=256), **kw})
+        return mod.Weight4bit(
+            **{
+                **dict(
+                    packed=1,
+                    rows=1,
+                    cols=8,
+                    blocksize=64,
+                    quant_type=0,
+                    absmax=1,
+                    absmax_q=0,
+                    nested_absmax=0,
+                    nested_code=0,
+                    offset=0,
+                    nested_blocksize=256,
+                ),
+                **kw,
+            }
+        )
 
     with pytest.raises(ValueError, match="dtype"):
         mod.lora_dropout(dropout_params(mod, dtype=7), 1)
@@ -334,9 +402,25 @@ def test_native_lora_functions_check_their_arguments_again():
     if cuda is not None and hasattr(cuda, "lora_matmul"):
         off = cuda.Dropout(enabled=False, seed=0, threshold=0, scale=1.0)
         with pytest.raises(ValueError, match="r must be"):
-            cuda.lora_matmul(cuda.LoraMatmulParams(mode=0, X=1, dtype=0, M=4, W=weight(cuda, rows=4, cols=4), bias=0,
-                                                   bias_dtype=0, L=1, R=1, R_dtype=0, r=0, scaling=1.0, dropout=off,
-                                                   out=1), 0)
+            cuda.lora_matmul(
+                cuda.LoraMatmulParams(
+                    mode=0,
+                    X=1,
+                    dtype=0,
+                    M=4,
+                    W=weight(cuda, rows=4, cols=4),
+                    bias=0,
+                    bias_dtype=0,
+                    L=1,
+                    R=1,
+                    R_dtype=0,
+                    r=0,
+                    scaling=1.0,
+                    dropout=off,
+                    out=1,
+                ),
+                0,
+            )
 
 
 @cuda_only
@@ -346,4 +430,3 @@ def test_cuda_decode_and_tiled_paths_agree():
     for m, dtype in itertools.product((1, 2, 16, 17, 300), (torch.bfloat16, torch.float16, torch.float32)):
         case = Case((m, 1000, 515), dtype, r=16, device="cuda")
         assert_close_to_oracle(case, case.run(0.1, backend="cuda"), 0.1, what=f"m={m}")
-

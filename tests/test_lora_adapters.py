@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 from ftkernels.integrations import enable_gradient_checkpointing
 from ftkernels.integrations.lora import add_lora, load_lora, lora_modules, merge_lora, save_lora
 from ftkernels.integrations.transformers import quantize_model
 from ftkernels.nn import LoRALinear4bit
 from ftkernels.nn.lora_linear import LoRALinear
+
+from conftest import make_tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -68,8 +69,9 @@ def test_peft_loads_our_adapter(tmp_path):
 
 
 def test_we_load_peft_adapters(tmp_path):
-    theirs = peft.get_peft_model(make_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=16,
-                                                                    target_modules=["q_proj", "o_proj", "up_proj"]))
+    theirs = peft.get_peft_model(
+        make_tiny_llama(), peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj", "up_proj"])
+    )
     _randomise_b(theirs.base_model.model)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
@@ -97,8 +99,9 @@ def test_merge_gives_the_same_model_as_dense_layers():
 def test_gpt2_conv1d_layers():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32,
-                                                                 n_layer=2, n_head=2)).eval()
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    ).eval()
     ids = torch.randint(0, 64, (1, 10))
     with torch.no_grad():
         before = model(ids).logits
@@ -155,16 +158,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(quantized):
 def test_qwen2_and_the_trainer(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = transformers.Qwen2ForCausalLM(config)
     quantize_model(model, double_quant=True, skip=("lm_head",), progress=False)
     assert len(add_lora(model, r=4)) == 2 * 7
     ids = torch.arange(64).reshape(8, 8) % 10 + 3
     data = [{"input_ids": row, "labels": row} for row in ids]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
-                                          learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
-                                          use_cpu=True, disable_tqdm=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

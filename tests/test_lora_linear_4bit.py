@@ -8,11 +8,14 @@ from __future__ import annotations
 import io
 import math
 
-import ftkernels
 import pytest
 import torch
-from conftest import assert_layer_rejects_bad_input, make_linear
+from torch import nn
+
+import ftkernels
 from ftkernels.nn import LinearNF4, LoRALinear4bit
+
+from conftest import assert_layer_rejects_bad_input, make_linear
 from lora_oracle import (
     assert_within,
     deq32,
@@ -22,7 +25,6 @@ from lora_oracle import (
     randomize_lora,
     run,
 )
-from torch import nn
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -52,11 +54,15 @@ def test_from_linear_quantizes_like_linear_nf4(shape, dtype, bias):
         assert m.bias is None
 
 
-@pytest.mark.parametrize("quant_type,double,blocksize", [("nf4", True, 64), ("nf4", False, 128), ("fp4", True, 64)],
-                         ids=["nf4-dq-64", "nf4-128", "fp4-dq-64"])
+@pytest.mark.parametrize(
+    "quant_type,double,blocksize",
+    [("nf4", True, 64), ("nf4", False, 128), ("fp4", True, 64)],
+    ids=["nf4-dq-64", "nf4-128", "fp4-dq-64"],
+)
 def test_from_linear_settings(quant_type, double, blocksize):
-    m = LoRALinear4bit.from_linear(make_linear(70, 96), blocksize=blocksize, compress_statistics=double,
-                                   quant_type=quant_type)
+    m = LoRALinear4bit.from_linear(
+        make_linear(70, 96), blocksize=blocksize, compress_statistics=double, quant_type=quant_type
+    )
     qs = m.base_layer.quant_state
     assert (qs.quant_type, qs.nested, qs.blocksize) == (quant_type, double, blocksize)
 
@@ -235,15 +241,22 @@ def test_dropout_gradients_flow_and_repeat_with_the_seed():
 
 # ---- state_dict ---------------------------------------------------------------------------------
 
-KEYS_DQ = ["base_layer.weight", "base_layer.bias", "base_layer.weight.absmax", "base_layer.weight.quant_map",
-           "base_layer.weight.nested_absmax", "base_layer.weight.nested_quant_map",
-           "base_layer.weight.quant_state.bitsandbytes__nf4", "lora_A.weight", "lora_B.weight"]
+KEYS_DQ = [
+    "base_layer.weight",
+    "base_layer.bias",
+    "base_layer.weight.absmax",
+    "base_layer.weight.quant_map",
+    "base_layer.weight.nested_absmax",
+    "base_layer.weight.nested_quant_map",
+    "base_layer.weight.quant_state.bitsandbytes__nf4",
+    "lora_A.weight",
+    "lora_B.weight",
+]
 
 
 @pytest.mark.parametrize("double", [True, False], ids=["dq", "plain"])
 def test_state_dict_keys_and_round_trip(double):
-    src = randomize_lora(LoRALinear4bit.from_linear(make_linear(70, 96), r=4, lora_alpha=8,
-                                                    compress_statistics=double))
+    src = randomize_lora(LoRALinear4bit.from_linear(make_linear(70, 96), r=4, lora_alpha=8, compress_statistics=double))
     sd = src.state_dict()
     expected = KEYS_DQ if double else [k for k in KEYS_DQ if "nested" not in k]
     assert list(sd) == expected
@@ -336,31 +349,58 @@ def test_torch_compile_fullgraph_smoke():
 
 def test_extra_repr():
     r = repr(LoRALinear4bit.from_linear(make_linear(70, 96), r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=True))
-    for part in ("in_features=96", "out_features=70", "r=4", "lora_alpha=8", "scaling=4", "lora_dropout=0.1",
-                 "use_rslora=True", "(base_layer): LinearNF4", "(lora_A): Linear"):
+    for part in (
+        "in_features=96",
+        "out_features=70",
+        "r=4",
+        "lora_alpha=8",
+        "scaling=4",
+        "lora_dropout=0.1",
+        "use_rslora=True",
+        "(base_layer): LinearNF4",
+        "(lora_A): Linear",
+    ):
         assert part in r
 
 
 # ---- bad input ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    ({"r": 0}, ValueError, r"r must be an int in \[1, 256\], got 0"),
-    ({"r": 257}, ValueError, "r must be"),
-    ({"r": 2.0}, ValueError, "r must be"),
-    ({"r": True}, ValueError, "r must be"),
-    ({"lora_alpha": float("nan")}, ValueError, "lora_alpha"),
-    ({"lora_alpha": float("inf")}, ValueError, "lora_alpha"),
-    ({"lora_alpha": "16"}, ValueError, "lora_alpha"),
-    ({"lora_dropout": 1.0}, ValueError, r"lora_dropout must be a number in \[0, 1\)"),
-    ({"lora_dropout": -0.1}, ValueError, "lora_dropout"),
-    ({"use_rslora": 1}, TypeError, "use_rslora"),
-    ({"lora_dtype": torch.int8}, TypeError, "lora_dtype"),
-    ({"blocksize": 48}, ValueError, "blocksize"),
-    ({"quant_type": "int4"}, ValueError, "quant_type"),
-    ({"compress_statistics": "yes"}, TypeError, "compress_statistics"),
-], ids=["r-0", "r-257", "r-float", "r-bool", "alpha-nan", "alpha-inf", "alpha-str", "dropout-1", "dropout-neg",
-        "rslora", "lora_dtype", "blocksize", "quant_type", "compress_statistics"])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"r": 0}, ValueError, r"r must be an int in \[1, 256\], got 0"),
+        ({"r": 257}, ValueError, "r must be"),
+        ({"r": 2.0}, ValueError, "r must be"),
+        ({"r": True}, ValueError, "r must be"),
+        ({"lora_alpha": float("nan")}, ValueError, "lora_alpha"),
+        ({"lora_alpha": float("inf")}, ValueError, "lora_alpha"),
+        ({"lora_alpha": "16"}, ValueError, "lora_alpha"),
+        ({"lora_dropout": 1.0}, ValueError, r"lora_dropout must be a number in \[0, 1\)"),
+        ({"lora_dropout": -0.1}, ValueError, "lora_dropout"),
+        ({"use_rslora": 1}, TypeError, "use_rslora"),
+        ({"lora_dtype": torch.int8}, TypeError, "lora_dtype"),
+        ({"blocksize": 48}, ValueError, "blocksize"),
+        ({"quant_type": "int4"}, ValueError, "quant_type"),
+        ({"compress_statistics": "yes"}, TypeError, "compress_statistics"),
+    ],
+    ids=[
+        "r-0",
+        "r-257",
+        "r-float",
+        "r-bool",
+        "alpha-nan",
+        "alpha-inf",
+        "alpha-str",
+        "dropout-1",
+        "dropout-neg",
+        "rslora",
+        "lora_dtype",
+        "blocksize",
+        "quant_type",
+        "compress_statistics",
+    ],
+)
 def test_rejects_bad_settings(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         LoRALinear4bit.from_linear(make_linear(7, 5), **kwargs)

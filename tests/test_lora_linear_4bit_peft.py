@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import warnings
 
-import ftkernels
 import pytest
 import torch
-from conftest import bnb_dequantize_4bit, make_linear
+from torch import nn
+
+import ftkernels
 from ftkernels.nn import LinearNF4, LoRALinear4bit
+
+from conftest import bnb_dequantize_4bit, make_linear
 from lora_oracle import (
     ADAPTER,
     U_BF16,
@@ -19,7 +22,6 @@ from lora_oracle import (
     our_params,
     run,
 )
-from torch import nn
 
 
 def _peft_params(layer):
@@ -47,15 +49,27 @@ def peft(bnb):
     return pytest.importorskip("peft")
 
 
-def bnb_from_linear(lin: nn.Linear, quant_type="nf4", compress_statistics=True, blocksize=64,
-                    compute_dtype=torch.float32, quantize=True):
+def bnb_from_linear(
+    lin: nn.Linear, quant_type="nf4", compress_statistics=True, blocksize=64, compute_dtype=torch.float32, quantize=True
+):
     """A bitsandbytes Linear4bit quantized (by bitsandbytes, on the CPU) from ``lin``."""
     bnb = pytest.importorskip("bitsandbytes")
-    b = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                          compute_dtype=compute_dtype, compress_statistics=compress_statistics,
-                          quant_type=quant_type)
-    b.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, blocksize=blocksize,
-                                 compress_statistics=compress_statistics, quant_type=quant_type, module=b)
+    b = bnb.nn.Linear4bit(
+        lin.in_features,
+        lin.out_features,
+        bias=lin.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+    )
+    b.weight = bnb.nn.Params4bit(
+        lin.weight.detach().clone(),
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        module=b,
+    )
     if lin.bias is not None:
         b.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
     if quantize:
@@ -84,8 +98,10 @@ def peft_on_bnb(lin: nn.Linear, r=8, lora_alpha=16, use_rslora=False, seed=123, 
     # Linear4bit in its generic lora.Linear (forward works, merge does not).
     model.is_loaded_in_4bit = True
     torch.manual_seed(seed)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                                    use_rslora=use_rslora, target_modules=["proj"]))
+    pm = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, use_rslora=use_rslora, target_modules=["proj"]),
+    )
     layer = pm.base_model.model.proj
     assert isinstance(layer, peft.tuners.lora.bnb.Linear4bit)
     return pm, layer
@@ -103,15 +119,18 @@ def ours_from_peft(layer, r, lora_alpha, use_rslora=False) -> LoRALinear4bit:
 def peft_key_to_ours(key: str, prefix: str) -> str:
     """The documented mapping: strip the module path and PEFT's adapter name."""
     assert key.startswith(prefix), key
-    return key[len(prefix):].replace(f"lora_A.{ADAPTER}.", "lora_A.").replace(f"lora_B.{ADAPTER}.", "lora_B.")
+    return key[len(prefix) :].replace(f"lora_A.{ADAPTER}.", "lora_A.").replace(f"lora_B.{ADAPTER}.", "lora_B.")
 
 
-@pytest.mark.parametrize("quant_type,double,blocksize", [("nf4", True, 64), ("nf4", False, 64), ("fp4", True, 128),
-                                                         ("nf4", True, 32)],
-                         ids=["nf4-dq-64", "nf4-64", "fp4-dq-128", "nf4-dq-32"])
+@pytest.mark.parametrize(
+    "quant_type,double,blocksize",
+    [("nf4", True, 64), ("nf4", False, 64), ("fp4", True, 128), ("nf4", True, 32)],
+    ids=["nf4-dq-64", "nf4-64", "fp4-dq-128", "nf4-dq-32"],
+)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_from_bnb_linear4bit_converts_without_requantizing(bnb, quant_type, double, blocksize, bias, monkeypatch,
-                                                           bnb_generic_dequantize):
+def test_from_bnb_linear4bit_converts_without_requantizing(
+    bnb, quant_type, double, blocksize, bias, monkeypatch, bnb_generic_dequantize
+):
     lin = make_linear(70, 96, bias=bias)
     b = bnb_from_linear(lin, quant_type, double, blocksize)
     before = {k: v.clone() for k, v in b.state_dict().items()}
@@ -210,8 +229,12 @@ def test_matches_peft_fp32(peft, shape, bias, use_rslora, bnb_generic_dequantize
     y_p, dx_p, d_p = run(pm, x, g, _peft_params(layer))
     y_o, dx_o, d_o = run(m, x, g, our_params(m))
     ref = oracle(m, x, g)
-    for name, ours, theirs in (("y", y_o, y_p), ("dx", dx_o, dx_p), ("dA", d_o["A"], d_p["A"]),
-                               ("dB", d_o["B"], d_p["B"])):
+    for name, ours, theirs in (
+        ("y", y_o, y_p),
+        ("dx", dx_o, dx_p),
+        ("dA", d_o["A"], d_p["A"]),
+        ("dB", d_o["B"], d_p["B"]),
+    ):
         value, bound = ref[name]
         assert_within(ours, value, bound, f"ours {name}")
         assert_within(theirs, value, bound, f"PEFT {name}")
@@ -275,7 +298,7 @@ def test_peft_state_dict_loads_into_ours_key_by_key(peft, bnb_generic_dequantize
     adapter = peft.get_peft_model_state_dict(pm)
     assert sorted(adapter) == [prefix + "lora_A.weight", prefix + "lora_B.weight"]
     m = LoRALinear4bit.from_linear(layer.base_layer, r=8, lora_alpha=16)
-    result = m.load_state_dict({k[len(prefix):]: v for k, v in adapter.items()}, strict=False)
+    result = m.load_state_dict({k[len(prefix) :]: v for k, v in adapter.items()}, strict=False)
     assert result.unexpected_keys == [] and all(k.startswith("base_layer.") for k in result.missing_keys)
     assert torch.equal(m(x), reference(x))
 

@@ -6,13 +6,15 @@ csrc/cpu/reft.cpp, csrc/cuda/reft.cu, triton_kernels/reft.py and _ops/reft.py.""
 
 from __future__ import annotations
 
-import ftkernels as ftk
 import pytest
 import torch
-from conftest import BACKEND_DEVICES, raise_bad_call
+
+import ftkernels as ftk
 from ftkernels import _native
 from ftkernels.backends import reference
 from ftkernels.nn import LoReFT, reft_positions
+
+from conftest import BACKEND_DEVICES, raise_bad_call
 from reft_oracle import (
     DT_ID,
     DTYPES,
@@ -56,8 +58,11 @@ def test_fp32_factors_on_a_bf16_h(backend_device):
     assert_close_to_oracle(case, case.run(backend=backend), what=backend)
 
 
-@pytest.mark.parametrize("need", [(True, False, False, False), (False, True, True, True), (False, False, False, True)],
-                         ids=["h", "params", "b"])
+@pytest.mark.parametrize(
+    "need",
+    [(True, False, False, False), (False, True, True, True), (False, False, False, True)],
+    ids=["h", "params", "b"],
+)
 def test_only_the_gradients_asked_for(backend_device, need):
     backend, device = backend_device
     case = Case(SHAPES[1], torch.float32, device=device)
@@ -142,9 +147,10 @@ def test_opcheck(backend_device, p):
         out, z = torch.ops.ftk.loreft(*_op_args(case, p))
         P, Q = case.A, case.B - case.A
         for need in ((True, True), (False, True), (True, False)):
-            torch.library.opcheck(torch.ops.ftk.reft_backward.default,
-                                  (case.grad, case.h, P, Q, z, case.positions, p,
-                                   torch.tensor([99]) if p > 0 else None, *need))
+            torch.library.opcheck(
+                torch.ops.ftk.reft_backward.default,
+                (case.grad, case.h, P, Q, z, case.positions, p, torch.tensor([99]) if p > 0 else None, *need),
+            )
 
 
 @pytest.mark.parametrize("kind", ["loreft", "direft"])
@@ -219,8 +225,11 @@ def _bad_calls():
         (lambda: f(h[0], R, W, b, pos), ValueError, "positions must be 1-D"),
         (lambda: f(h, R, W, b, pos.to("meta")), ValueError, "positions is on meta"),
         (lambda: f(h[..., :5], R[:, :5], W[:, :5], b), ValueError, r"rank must be in 1..min\(d=5"),
-        (lambda: f(torch.zeros(2, 200), torch.zeros(65, 200), torch.zeros(65, 200), torch.zeros(65)), ValueError,
-         r"rank must be in 1..min\(d=200, 64\)"),
+        (
+            lambda: f(torch.zeros(2, 200), torch.zeros(65, 200), torch.zeros(65, 200), torch.zeros(65)),
+            ValueError,
+            r"rank must be in 1..min\(d=200, 64\)",
+        ),
         (lambda: f(h, R, W[:4], b), ValueError, "W has rank 4 but"),
         (lambda: f(h, R, W[:, :95], b), ValueError, r"W must be \(rank, d=96\)"),
         (lambda: f(h, R, W, b[:3]), ValueError, r"b must have shape \[8\]"),
@@ -233,10 +242,16 @@ def _bad_calls():
         (lambda: f([1.0], R, W, b), TypeError, "h must be a torch.Tensor"),
         (lambda: ftk.direft(h, R, W, "b"), TypeError, "b must be a torch.Tensor"),
         (lambda: torch.ops.ftk.loreft(h, R, W, b, None, 0.5, None), ValueError, "seed is required"),
-        (lambda: torch.ops.ftk.reft_backward(h[:2], h, R, W - R, z, None, 0.0, None, True, True), ValueError,
-         "grad must match h"),
-        (lambda: torch.ops.ftk.reft_backward(h, h, R, W - R, z, None, 0.0, None, True, True), ValueError,
-         r"z must be \(slots=27, rank=8\)"),
+        (
+            lambda: torch.ops.ftk.reft_backward(h[:2], h, R, W - R, z, None, 0.0, None, True, True),
+            ValueError,
+            "grad must match h",
+        ),
+        (
+            lambda: torch.ops.ftk.reft_backward(h, h, R, W - R, z, None, 0.0, None, True, True),
+            ValueError,
+            r"z must be \(slots=27, rank=8\)",
+        ),
         (lambda: LoReFT(16, 17), ValueError, "rank must be at most"),
         (lambda: LoReFT(16, 0), ValueError, "rank must be a positive int"),
         (lambda: LoReFT(16, 4, dropout=1.5), ValueError, "dropout must be in"),
@@ -259,8 +274,12 @@ def test_native_reft_functions_check_their_arguments_again():
 
     def forward_params(mod, **kw):
         off = mod.Dropout(enabled=False, seed=0, threshold=0, scale=1.0)
-        return mod.ReftForwardParams(**{**dict(h=1, dtype=0, n_rows=4, d=128, r=2, rows=0, n_slots=4, P=1, Q=1, b=1,
-                                               dropout=off, out=1, z=1), **kw})
+        return mod.ReftForwardParams(
+            **{
+                **dict(h=1, dtype=0, n_rows=4, d=128, r=2, rows=0, n_slots=4, P=1, Q=1, b=1, dropout=off, out=1, z=1),
+                **kw,
+            }
+        )
 
     # r = 0, r > 64, an unknown dtype code: ValueError from the C++ checks, never a crash.
     for r, dtype in ((0, 0), (65, 0), (2, 7)):
@@ -268,9 +287,29 @@ def test_native_reft_functions_check_their_arguments_again():
             mod.reft_forward(forward_params(mod, r=r, dtype=dtype), 1)
     with pytest.raises(ValueError, match="come together"):
         off = mod.Dropout(enabled=False, seed=0, threshold=0, scale=1.0)
-        mod.reft_backward(mod.ReftBackwardParams(grad=1, h=1, dtype=0, n_rows=4, d=8, r=2, rows=0, n_slots=4, P=1, Q=1,
-                                                 z=1, dropout=off, dh=0, dP=1, dQ=0, db=0, workspace=0,
-                                                 workspace_floats=0), 1)
+        mod.reft_backward(
+            mod.ReftBackwardParams(
+                grad=1,
+                h=1,
+                dtype=0,
+                n_rows=4,
+                d=8,
+                r=2,
+                rows=0,
+                n_slots=4,
+                P=1,
+                Q=1,
+                z=1,
+                dropout=off,
+                dh=0,
+                dP=1,
+                dQ=0,
+                db=0,
+                workspace=0,
+                workspace_floats=0,
+            ),
+            1,
+        )
     cuda = _native._load("_ftk_cuda")
     if cuda is not None and hasattr(cuda, "reft_forward"):
         with pytest.raises(ValueError, match="r must be"):

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import io
 
-import ftkernels as ftk
 import pytest
 import torch
+from torch import nn
+
+import ftkernels as ftk
 from ftkernels.nn import DiReFT, LoReFT, parse_positions, reft_positions
 from ftkernels.nn.loreft import OrthonormalRows
+
 from reft_oracle import (
     Case,
     assert_close_to_oracle,
 )
-from torch import nn
 
 # ---- the modules ----------------------------------------------------------------------------
 
@@ -169,7 +171,7 @@ def test_parse_positions():
 def _expected_positions(mask_row, first, last):
     real = [i for i, m in enumerate(mask_row) if m]
     head = real[:first]
-    tail = [q for q in real[max(len(real) - last, 0):] if q not in head]
+    tail = [q for q in real[max(len(real) - last, 0) :] if q not in head]
     return head + [-1] * (first - len(head)) + [-1] * (last - len(tail)) + tail
 
 
@@ -182,11 +184,11 @@ def test_positions_with_padding_and_short_prompts(padding):
         ones, zeros = [1] * n, [0] * (seq - n)
         rows.append(ones + zeros if padding == "right" else zeros + ones)
     mask = torch.tensor(rows)
-    for spec, (f, l) in (("f2+l2", (2, 2)), ("f7+l7", (7, 7)), ("f3", (3, 0)), ("l4", (0, 4))):
+    for spec, (first, last) in (("f2+l2", (2, 2)), ("f7+l7", (7, 7)), ("f3", (3, 0)), ("l4", (0, 4))):
         got = reft_positions(mask, spec)
-        assert got.dtype == torch.int64 and got.shape == (len(lengths), f + l)
+        assert got.dtype == torch.int64 and got.shape == (len(lengths), first + last)
         for i, row in enumerate(rows):
-            assert got[i].tolist() == _expected_positions(row, f, l), (padding, spec, i)
+            assert got[i].tolist() == _expected_positions(row, first, last), (padding, spec, i)
         # every real token at most once, never a padding token
         for i, row in enumerate(rows):
             picked = [q for q in got[i].tolist() if q >= 0]

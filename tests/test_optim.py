@@ -67,8 +67,12 @@ def test_adamw8bit_step_matches_the_reference(backend_device, n, dtype):
     runs = {}
     for b in (backend, "reference"):
         p = p0.clone()
-        st = [torch.zeros(n, dtype=torch.uint8, device=device), torch.zeros(n, dtype=torch.uint8, device=device),
-              torch.zeros(blocks, device=device), torch.zeros(blocks, device=device)]
+        st = [
+            torch.zeros(n, dtype=torch.uint8, device=device),
+            torch.zeros(n, dtype=torch.uint8, device=device),
+            torch.zeros(blocks, device=device),
+            torch.zeros(blocks, device=device),
+        ]
         gen = torch.Generator().manual_seed(2)
         with ftk.use_backend(b):
             for t in range(1, 11):
@@ -76,8 +80,9 @@ def test_adamw8bit_step_matches_the_reference(backend_device, n, dtype):
                 torch.ops.ftk.adamw8bit_step(p, grad, *st, code1, code2, 1e-3, 0.9, 0.999, 1e-8, 0.01, t)
         runs[b] = (p, *st)
     got, want = runs[backend], runs["reference"]
-    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=1e-5 if dtype == torch.float32 else 2**-7,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        got[0].float(), want[0].float(), rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-6
+    )
     for name, x, y in zip(("state1", "state2"), got[1:3], want[1:3]):
         assert (x != y).float().mean().item() < 1e-3, f"{name}: codes differ"  # ties may differ in the last ulp
     torch.testing.assert_close(got[3], want[3], rtol=1e-5, atol=0)
@@ -138,8 +143,21 @@ def test_opcheck(op):
     elif op == "lion":
         args = (p, grad, torch.zeros(n), 1e-4, 0.9, 0.99, 0.01)
     else:
-        args = (p, grad, torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8), torch.zeros(2),
-                torch.zeros(2), *_codes("cpu"), 1e-3, 0.9, 0.999, 1e-8, 0.01, 3)
+        args = (
+            p,
+            grad,
+            torch.zeros(n, dtype=torch.uint8),
+            torch.zeros(n, dtype=torch.uint8),
+            torch.zeros(2),
+            torch.zeros(2),
+            *_codes("cpu"),
+            1e-3,
+            0.9,
+            0.999,
+            1e-8,
+            0.01,
+            3,
+        )
     torch.library.opcheck(getattr(torch.ops.ftk, f"{op}_step").default, args)
 
 

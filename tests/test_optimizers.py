@@ -66,6 +66,7 @@ def _lion_reference(params, lr, betas, weight_decay):
                 p.mul_(1 - lr * weight_decay)
                 p.add_((m * betas[0] + p.grad * (1 - betas[0])).sign(), alpha=-lr)
                 m.mul_(betas[1]).add_(p.grad, alpha=1 - betas[1])
+
     return step
 
 
@@ -114,8 +115,12 @@ def test_param_groups_schedulers_closures_and_params_without_grad():
     X, y = _regression()
     model = _mlp()
     frozen = nn.Parameter(torch.ones(3))
-    opt = AdamW([{"params": model[0].parameters(), "lr": 1e-2},
-                 {"params": list(model[2].parameters()) + [frozen], "lr": 1e-3, "weight_decay": 0.0}])
+    opt = AdamW(
+        [
+            {"params": model[0].parameters(), "lr": 1e-2},
+            {"params": list(model[2].parameters()) + [frozen], "lr": 1e-3, "weight_decay": 0.0},
+        ]
+    )
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
 
     def closure():
@@ -147,8 +152,9 @@ def test_mixed_dtypes(cls):
         assert all(t.dtype in (torch.float32, torch.uint8) for k, t in opt.state[p].items() if k != "step")
 
 
-@pytest.mark.parametrize("cls", [AdamW, AdamW8bit, Lion, PagedAdamW, PagedAdamW8bit, PagedLion],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [AdamW, AdamW8bit, Lion, PagedAdamW, PagedAdamW8bit, PagedLion], ids=lambda c: c.__name__
+)
 def test_state_dict_round_trip_and_resume_are_bit_identical(cls):
     X, y = _regression()
     kw = {"lr": 1e-3} if "Lion" not in cls.__name__ else {"lr": 1e-4, "weight_decay": 0.1}
@@ -184,24 +190,81 @@ def _bad_calls():
         (lambda: AdamW([p], eps=-1.0), ValueError, "Invalid epsilon"),
         (lambda: AdamW([p], weight_decay=-0.1), ValueError, "Invalid weight_decay"),
         (lambda: AdamW8bit([p], min_8bit_size=-1), ValueError, "min_8bit_size"),
-        (lambda: torch.ops.ftk.adamw_step(torch.randn(n).t(), torch.randn(n), torch.zeros(n), torch.zeros(n), 1e-3,
-                                          0.9, 0.999, 1e-8, 0.0, 0), ValueError, "step must be an int >= 1"),
-        (lambda: torch.ops.ftk.adamw_step(torch.randn(n), torch.randn(n + 1), torch.zeros(n), torch.zeros(n), 1e-3,
-                                          0.9, 0.999, 1e-8, 0.0, 1), ValueError, "grad has shape"),
-        (lambda: torch.ops.ftk.adamw_step(torch.randn(n), torch.randn(n), torch.zeros(n).half(), torch.zeros(n),
-                                          1e-3, 0.9, 0.999, 1e-8, 0.0, 1), TypeError, "exp_avg must have dtype"),
-        (lambda: torch.ops.ftk.adamw_step(torch.randn(n), torch.randn(n), torch.zeros(2 * n)[::2], torch.zeros(n),
-                                          1e-3, 0.9, 0.999, 1e-8, 0.0, 1), ValueError, "exp_avg must be contiguous"),
-        (lambda: torch.ops.ftk.lion_step(torch.randn(n).double(), torch.randn(n), torch.zeros(n), 1e-3, 0.9, 0.99,
-                                         0.0), TypeError, "param must have dtype"),
-        (lambda: torch.ops.ftk.adamw8bit_step(torch.randn(n), torch.randn(n), torch.zeros(n, dtype=torch.uint8),
-                                              torch.zeros(n, dtype=torch.uint8), torch.zeros(2), torch.zeros(1),
-                                              ftk.create_dynamic_map(), ftk.create_dynamic_map(signed=False), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1),
-         ValueError, "absmax1 has 2 elements"),
-        (lambda: torch.ops.ftk.adamw8bit_step(torch.randn(n), torch.randn(n), torch.zeros(n, dtype=torch.uint8),
-                                              torch.zeros(n, dtype=torch.uint8), torch.zeros(1), torch.zeros(1),
-                                              torch.zeros(255), torch.zeros(256), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1),
-         ValueError, "code1 has 255 elements"),
+        (
+            lambda: torch.ops.ftk.adamw_step(
+                torch.randn(n).t(), torch.randn(n), torch.zeros(n), torch.zeros(n), 1e-3, 0.9, 0.999, 1e-8, 0.0, 0
+            ),
+            ValueError,
+            "step must be an int >= 1",
+        ),
+        (
+            lambda: torch.ops.ftk.adamw_step(
+                torch.randn(n), torch.randn(n + 1), torch.zeros(n), torch.zeros(n), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1
+            ),
+            ValueError,
+            "grad has shape",
+        ),
+        (
+            lambda: torch.ops.ftk.adamw_step(
+                torch.randn(n), torch.randn(n), torch.zeros(n).half(), torch.zeros(n), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1
+            ),
+            TypeError,
+            "exp_avg must have dtype",
+        ),
+        (
+            lambda: torch.ops.ftk.adamw_step(
+                torch.randn(n), torch.randn(n), torch.zeros(2 * n)[::2], torch.zeros(n), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1
+            ),
+            ValueError,
+            "exp_avg must be contiguous",
+        ),
+        (
+            lambda: torch.ops.ftk.lion_step(
+                torch.randn(n).double(), torch.randn(n), torch.zeros(n), 1e-3, 0.9, 0.99, 0.0
+            ),
+            TypeError,
+            "param must have dtype",
+        ),
+        (
+            lambda: torch.ops.ftk.adamw8bit_step(
+                torch.randn(n),
+                torch.randn(n),
+                torch.zeros(n, dtype=torch.uint8),
+                torch.zeros(n, dtype=torch.uint8),
+                torch.zeros(2),
+                torch.zeros(1),
+                ftk.create_dynamic_map(),
+                ftk.create_dynamic_map(signed=False),
+                1e-3,
+                0.9,
+                0.999,
+                1e-8,
+                0.0,
+                1,
+            ),
+            ValueError,
+            "absmax1 has 2 elements",
+        ),
+        (
+            lambda: torch.ops.ftk.adamw8bit_step(
+                torch.randn(n),
+                torch.randn(n),
+                torch.zeros(n, dtype=torch.uint8),
+                torch.zeros(n, dtype=torch.uint8),
+                torch.zeros(1),
+                torch.zeros(1),
+                torch.zeros(255),
+                torch.zeros(256),
+                1e-3,
+                0.9,
+                0.999,
+                1e-8,
+                0.0,
+                1,
+            ),
+            ValueError,
+            "code1 has 255 elements",
+        ),
     ]
 
 

@@ -9,11 +9,18 @@ import types
 import pytest
 import torch
 
-from conftest import HAS_CUDA, cuda_only
 from ftkernels import _native
-from ftkernels.optim import (PagedBudgetError, paged_budget, paged_bytes_in_use, paged_empty, prefetch,
-                             set_paged_budget)
-from ftkernels.optim import paged
+from ftkernels.optim import (
+    PagedBudgetError,
+    paged,
+    paged_budget,
+    paged_bytes_in_use,
+    paged_empty,
+    prefetch,
+    set_paged_budget,
+)
+
+from conftest import HAS_CUDA, cuda_only
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -67,12 +74,15 @@ def fresh_ledger(monkeypatch):
 # ---- the budget arithmetic --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("free", "total", "expected"), [
-    pytest.param(70 * GiB, 80 * GiB, 62 * GiB, id="h100-10pct-margin"),
-    pytest.param(6 * GiB, 8 * GiB, 5 * GiB, id="small-gpu-1GiB-floor"),
-    pytest.param(GiB // 2, 8 * GiB, 0, id="free-below-margin"),
-    pytest.param(0, 0, 0, id="nothing"),
-])
+@pytest.mark.parametrize(
+    ("free", "total", "expected"),
+    [
+        pytest.param(70 * GiB, 80 * GiB, 62 * GiB, id="h100-10pct-margin"),
+        pytest.param(6 * GiB, 8 * GiB, 5 * GiB, id="small-gpu-1GiB-floor"),
+        pytest.param(GiB // 2, 8 * GiB, 0, id="free-below-margin"),
+        pytest.param(0, 0, 0, id="nothing"),
+    ],
+)
 def test_default_budget(free, total, expected):
     assert paged.default_budget(free, total) == expected
 
@@ -214,12 +224,15 @@ def test_set_paged_budget_rejects_negatives(fake):
         set_paged_budget(-1)
 
 
-@pytest.mark.parametrize(("shape", "dtype", "error", "match"), [
-    pytest.param("12", torch.float32, TypeError, "shape", id="str-shape"),
-    pytest.param((2, 1.5), torch.float32, TypeError, "shape must hold ints", id="float-dim"),
-    pytest.param((2, -1), torch.float32, ValueError, "negative", id="negative-dim"),
-    pytest.param((2,), "float32", TypeError, "dtype", id="str-dtype"),
-])
+@pytest.mark.parametrize(
+    ("shape", "dtype", "error", "match"),
+    [
+        pytest.param("12", torch.float32, TypeError, "shape", id="str-shape"),
+        pytest.param((2, 1.5), torch.float32, TypeError, "shape must hold ints", id="float-dim"),
+        pytest.param((2, -1), torch.float32, ValueError, "negative", id="negative-dim"),
+        pytest.param((2,), "float32", TypeError, "dtype", id="str-dtype"),
+    ],
+)
 def test_paged_empty_checks_its_arguments(shape, dtype, error, match):
     with pytest.raises(error, match=match):
         paged_empty(shape, dtype)
@@ -232,11 +245,14 @@ def test_stale_cuda_module_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error raised without a GPU")
-@pytest.mark.parametrize("call", [
-    pytest.param(lambda: paged_empty((4,)), id="paged_empty"),
-    pytest.param(lambda: prefetch(torch.zeros(4)), id="prefetch"),
-    pytest.param(lambda: paged_budget(), id="paged_budget"),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda: paged_empty((4,)), id="paged_empty"),
+        pytest.param(lambda: prefetch(torch.zeros(4)), id="prefetch"),
+        pytest.param(lambda: paged_budget(), id="paged_budget"),
+    ],
+)
 def test_without_cuda_the_functions_say_so(fresh_ledger, call):
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         call()

@@ -41,8 +41,9 @@ def test_round_trip_both_ways(pair):
     assert back == qs
     assert torch.equal(ftk.dequantize_4bit(packed, back), ftk.dequantize_4bit(packed, qs))
     ours_from_theirs = QuantState.from_dict(bqs.as_dict(packed=True), "cpu")
-    assert torch.equal(ftk.dequantize_4bit(bpacked, ours_from_theirs), ftk.dequantize_4bit(packed, qs)) \
-        or qs.nested  # bnb's CPU build may pick another 8-bit code for a few absmax
+    assert (
+        torch.equal(ftk.dequantize_4bit(bpacked, ours_from_theirs), ftk.dequantize_4bit(packed, qs)) or qs.nested
+    )  # bnb's CPU build may pick another 8-bit code for a few absmax
     theirs_from_ours = bnb_functional.QuantState.from_dict(qs.as_dict(packed=True), torch.device("cpu"))
     assert theirs_from_ours.shape == qs.shape and theirs_from_ours.dtype == qs.dtype
     assert torch.equal(theirs_from_ours.absmax, qs.absmax)
@@ -76,19 +77,31 @@ def _packed_with(qs, **changes):
         (lambda qs: _packed_with(qs, nested_dtype="float16"), "nested_dtype must be float32"),
         (lambda qs: _packed_with(qs, nested_blocksize=100), "nested_blocksize"),
         (lambda qs: _packed_with(qs, surprise=1), "unexpected entries"),
-        (lambda qs: {**qs.as_dict(packed=True), "quant_state.bitsandbytes__nf4": torch.tensor(list(b"{not json"),
-                                                                                            dtype=torch.uint8)},
-         "not UTF-8 JSON"),
-        (lambda qs: {**qs.as_dict(packed=True), "quant_state.bitsandbytes__nf4": torch.tensor(list(b"[1, 2]"),
-                                                                                            dtype=torch.uint8)},
-         "JSON object"),
+        (
+            lambda qs: {
+                **qs.as_dict(packed=True),
+                "quant_state.bitsandbytes__nf4": torch.tensor(list(b"{not json"), dtype=torch.uint8),
+            },
+            "not UTF-8 JSON",
+        ),
+        (
+            lambda qs: {
+                **qs.as_dict(packed=True),
+                "quant_state.bitsandbytes__nf4": torch.tensor(list(b"[1, 2]"), dtype=torch.uint8),
+            },
+            "JSON object",
+        ),
         (lambda qs: {**qs.as_dict(packed=True), "quant_map": torch.linspace(-1, 1, 16)}, "standard nf4 code"),
         (lambda qs: {**qs.as_dict(packed=True), "absmax": qs.absmax.float()}, "absmax must be uint8"),
         (lambda qs: {**qs.as_dict(packed=True), "nested_absmax": qs.nested_absmax[:0]}, "nested_absmax has 0"),
-        (lambda qs: {k: v for k, v in qs.as_dict(packed=True).items() if k != "nested_quant_map"},
-         "without nested_quant_map"),
-        (lambda qs: {k: v for k, v in qs.as_dict(packed=True).items() if not k.startswith("quant_state")},
-         "no .quant_state.bitsandbytes__nf4. .or __fp4. entry"),
+        (
+            lambda qs: {k: v for k, v in qs.as_dict(packed=True).items() if k != "nested_quant_map"},
+            "without nested_quant_map",
+        ),
+        (
+            lambda qs: {k: v for k, v in qs.as_dict(packed=True).items() if not k.startswith("quant_state")},
+            "no .quant_state.bitsandbytes__nf4. .or __fp4. entry",
+        ),
     ],
     ids=lambda v: "bad" if callable(v) else v.replace(" ", "-").replace(".", ""),
 )

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_causal_lm, make_tiny_llama
 
 from ftkernels.integrations import enable_gradient_checkpointing
 from ftkernels.integrations.reft import add_loreft, decoder_layers, load_loreft, remove_loreft, save_loreft
 from ftkernels.nn import reft_positions
+
+from conftest import make_tiny_causal_lm, make_tiny_llama
 
 pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
 
@@ -88,9 +89,14 @@ def test_batched_generation_with_left_padding_matches_each_prompt_alone():
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
         for i, p in enumerate(prompts):
-            alone = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                   max_new_tokens=5, do_sample=False, pad_token_id=0)
-            assert out[i, ids.shape[1]:].tolist() == alone[0, len(p):].tolist()
+            alone = model.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=5,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            assert out[i, ids.shape[1] :].tolist() == alone[0, len(p) :].tolist()
 
 
 def test_batched_generation_with_right_padding_edits_each_prompts_own_tokens():
@@ -108,8 +114,13 @@ def test_batched_generation_with_right_padding_edits_each_prompts_own_tokens():
     edited = [set(row) - {-1} for row in seen[0].tolist()]
     assert edited == [{0, 1, 5, 6}, {0, 1, 2}]
     with torch.no_grad():
-        alone = model.generate(torch.tensor([prompts[0]]), attention_mask=torch.ones(1, 7, dtype=torch.long),
-                               max_new_tokens=3, do_sample=False, pad_token_id=0)
+        alone = model.generate(
+            torch.tensor([prompts[0]]),
+            attention_mask=torch.ones(1, 7, dtype=torch.long),
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert out[0, 7:].tolist() == alone[0, 7:].tolist()
 
 
@@ -121,8 +132,13 @@ def test_only_the_prompt_is_edited_during_generation():
     original = reft._edit
     reft._edit = lambda i, out: calls.append(reft._positions is not None) or original(i, out)
     with torch.no_grad():
-        model.generate(torch.tensor([[5, 9, 13, 17]]), attention_mask=torch.ones(1, 4, dtype=torch.long),
-                       max_new_tokens=3, do_sample=False, pad_token_id=0)
+        model.generate(
+            torch.tensor([[5, 9, 13, 17]]),
+            attention_mask=torch.ones(1, 4, dtype=torch.long),
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert calls[:2] == [True, True] and not any(calls[2:])  # 2 layers edited on the prefill only
 
 
@@ -193,6 +209,7 @@ class _EditLog:
     def _edited(self, name):
         def hook(mod, args, out):  # returns None: the output stays as it is
             self.calls[-1][1][name] = (out != args[0]).any(-1)
+
         return hook
 
     def _call(self, model, args, kwargs):
@@ -217,8 +234,9 @@ def _generate(model, ids, mask, *, use_cache, sample, new=4):
     torch.manual_seed(1)
     kw = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0} if sample else {"do_sample": False}
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
-                              use_cache=use_cache, **kw)
+        return model.generate(
+            ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, use_cache=use_cache, **kw
+        )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -237,8 +255,10 @@ def test_generation_edits_the_prompt_and_never_a_generated_token(arch, case, use
     names = set(reft.interventions)
     if use_cache:  # a prefill over the prompt, then one-token steps over the cache
         assert [seq for seq, _ in log.calls] == [ids.shape[1]] + [1] * 3
-        edits = [(offset, cells) for offset, (_, cells) in zip([0, ids.shape[1], ids.shape[1] + 1, ids.shape[1] + 2],
-                                                                 log.calls)]
+        edits = [
+            (offset, cells)
+            for offset, (_, cells) in zip([0, ids.shape[1], ids.shape[1] + 1, ids.shape[1] + 2], log.calls)
+        ]
     else:  # every step re-runs the whole sequence: the same prompt cells each time
         assert [seq for seq, _ in log.calls] == [ids.shape[1] + t for t in range(4)]
         edits = [(0, cells) for _, cells in log.calls]
@@ -263,6 +283,7 @@ def _reference_greedy(model, reft, ids, mask, new=4):
             h = out[0] if isinstance(out, tuple) else out
             h = reft.interventions[f"layer{i}"](h, positions)
             return (h, *out[1:]) if isinstance(out, tuple) else h
+
         return hook
 
     layers = decoder_layers(model)

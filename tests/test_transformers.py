@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from torch import nn
+
+from conftest import make_tiny_llama
 
 pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
@@ -40,8 +41,11 @@ def test_quantize_model_replaces_every_linear_but_lm_head(tie):
     before = logits(model)
     embed = model.model.embed_tokens.weight.detach().clone()
     stats = quantize_model(model, progress=False)
-    expected = {f"model.layers.{i}.{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}"
-                for i in range(2) for p in PROJ}
+    expected = {
+        f"model.layers.{i}.{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}"
+        for i in range(2)
+        for p in PROJ
+    }
     assert set(nf4_layers(model)) == expected
     assert stats.count == 14 and stats.skipped == ["lm_head"]
     assert type(model.lm_head) is nn.Linear
@@ -60,12 +64,19 @@ def test_quantize_model_replaces_every_linear_but_lm_head(tie):
 
 def test_quantize_model_skip_modules_and_settings():
     model = make_tiny_llama()
-    stats = quantize_model(model, blocksize=128, compress_statistics=False, quant_type="fp4",
-                           skip_modules=["mlp", "lm_head"], progress=False)
+    stats = quantize_model(
+        model,
+        blocksize=128,
+        compress_statistics=False,
+        quant_type="fp4",
+        skip_modules=["mlp", "lm_head"],
+        progress=False,
+    )
     layers = nf4_layers(model)
     assert stats.count == 8 and all(".self_attn." in n for n in layers)
     assert {(m.quant_state.quant_type, m.quant_state.blocksize, m.quant_state.nested) for m in layers.values()} == {
-        ("fp4", 128, False)}
+        ("fp4", 128, False)
+    }
     assert "model.layers.0.mlp.up_proj" in stats.skipped
 
 
@@ -112,10 +123,15 @@ def test_load_quantized_reads_a_checkpoint_bitsandbytes_wrote(tmp_path, double):
     from transformers import BitsAndBytesConfig
 
     make_tiny_llama().save_pretrained(tmp_path / "plain")
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double,
-                                bnb_4bit_compute_dtype=torch.float32)
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=config,
-                                                  **dtype_kwarg(torch.float32))
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "plain", quantization_config=config, **dtype_kwarg(torch.float32)
+    )
     theirs.save_pretrained(tmp_path / "bnb")
     loaded = load_quantized(tmp_path / "bnb")
     assert len(nf4_layers(loaded)) == 14

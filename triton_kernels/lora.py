@@ -96,8 +96,20 @@ LORA_R_CHUNK = {torch.float32: 16, torch.float16: 32, torch.bfloat16: 32}
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
-def _lora_dropout_kernel(inp, out, rows, cols, seed_lo, seed_hi, threshold, scale, ENABLED: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, EXACT_BF16: tl.constexpr):
+def _lora_dropout_kernel(
+    inp,
+    out,
+    rows,
+    cols,
+    seed_lo,
+    seed_hi,
+    threshold,
+    scale,
+    ENABLED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
     rr = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rr < rows)[:, None] & (rc < cols)[None, :]
@@ -113,8 +125,9 @@ def _lora_dropout_kernel(inp, out, rows, cols, seed_lo, seed_hi, threshold, scal
 
 
 @triton.jit
-def _absmax_of(absmax, nested_absmax, nested_code, offset, b, mask, DOUBLE_QUANT: tl.constexpr,
-               NESTED_BS: tl.constexpr):
+def _absmax_of(
+    absmax, nested_absmax, nested_code, offset, b, mask, DOUBLE_QUANT: tl.constexpr, NESTED_BS: tl.constexpr
+):
     """absmax of blocks b (masked lanes: finite garbage, zeroed by the caller)."""
     if DOUBLE_QUANT:
         # NOTE: product and sum rounded separately (no FMA: the launch disables fusion), as
@@ -127,9 +140,25 @@ def _absmax_of(absmax, nested_absmax, nested_code, offset, b, mask, DOUBLE_QUANT
 
 
 @triton.jit
-def _w_tile(packed, absmax, nested_absmax, nested_code, offset, code, rows, col0, N, K, nblocks,
-            COLS: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-            EVEN_K: tl.constexpr, ALIGNED: tl.constexpr):
+def _w_tile(
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    code,
+    rows,
+    col0,
+    N,
+    K,
+    nblocks,
+    COLS: tl.constexpr,
+    BS: tl.constexpr,
+    NESTED_BS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """deq(W)[rows, col0:col0+COLS] in fp32 ([len(rows), COLS]), 0 outside N x K. COLS <= BS."""
     HALF: tl.constexpr = COLS // 2
     rmask = rows < N
@@ -141,8 +170,9 @@ def _w_tile(packed, absmax, nested_absmax, nested_code, offset, code, rows, col0
     if ALIGNED:  # K % BS == 0 and COLS | BS: the row segment is inside block b0
         amax = a0[:, None]
     else:  # the segment may cross into block b0 + 1 (COLS <= BS: never further)
-        a1 = _absmax_of(absmax, nested_absmax, nested_code, offset, b0 + 1, rmask & (b0 + 1 < nblocks),
-                        DOUBLE_QUANT, NESTED_BS)
+        a1 = _absmax_of(
+            absmax, nested_absmax, nested_code, offset, b0 + 1, rmask & (b0 + 1 < nblocks), DOUBLE_QUANT, NESTED_BS
+        )
         local = (first % BS).to(tl.int32)[:, None] + kk[None, :]
         amax = tl.where(local >= BS, a1[:, None], a0[:, None])
     if EVEN_K:  # first is even: byte j of the row segment holds columns 2j (high) and 2j+1 (low)
@@ -152,8 +182,9 @@ def _w_tile(packed, absmax, nested_absmax, nested_code, offset, code, rows, col0
         q = tl.interleave(tl.load(code + (byte >> 4)), tl.load(code + (byte & 0xF)))
     else:  # element e = first + kk: byte e >> 1, high nibble when e is even
         par = (first & 1).to(tl.int32)[:, None] + kk[None, :]
-        byte = tl.load(packed + (first >> 1)[:, None] + (par >> 1), mask=rmask[:, None] & cmask[None, :],
-                       other=0).to(tl.int32)
+        byte = tl.load(packed + (first >> 1)[:, None] + (par >> 1), mask=rmask[:, None] & cmask[None, :], other=0).to(
+            tl.int32
+        )
         q = tl.load(code + ((byte >> ((1 - (par & 1)) * 4)) & 0xF))
     return tl.where(rmask[:, None] & cmask[None, :], q * amax, 0.0)
 
@@ -177,12 +208,42 @@ def _dot(x, w, acc, EXACT_BF16: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
 def _lora_matmul_kernel(
-    X, packed, absmax, nested_absmax, nested_code, offset, code, bias, L, R, out,
-    M, N, K, r, nblocks, scaling, seed_lo, seed_hi, threshold, drop_scale,
-    FORWARD: tl.constexpr, BS: tl.constexpr, NESTED_BS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_RED: tl.constexpr, BLOCK_R: tl.constexpr,
-    LORA_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, EXACT_BF16: tl.constexpr,
+    X,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    code,
+    bias,
+    L,
+    R,
+    out,
+    M,
+    N,
+    K,
+    r,
+    nblocks,
+    scaling,
+    seed_lo,
+    seed_hi,
+    threshold,
+    drop_scale,
+    FORWARD: tl.constexpr,
+    BS: tl.constexpr,
+    NESTED_BS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_RED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
 ):
     if FORWARD:
         OUT = N
@@ -212,12 +273,14 @@ def _lora_matmul_kernel(
         rmask = rr < r
         l_tile = tl.load(L + rm64[:, None] * r + rr[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
         if FORWARD:  # B (N x r): rows ro, transposed to BLOCK_R x BLOCK_O
-            rt = tl.load(R + ro.to(tl.int64)[:, None] * r + rr[None, :], mask=omask[:, None] & rmask[None, :],
-                         other=0.0)
+            rt = tl.load(
+                R + ro.to(tl.int64)[:, None] * r + rr[None, :], mask=omask[:, None] & rmask[None, :], other=0.0
+            )
             rt = tl.trans(to_f32(rt, EXACT_BF16))
         else:  # A (r x K): columns ro
-            rt = tl.load(R + rr.to(tl.int64)[:, None] * K + ro[None, :], mask=rmask[:, None] & omask[None, :],
-                         other=0.0)
+            rt = tl.load(
+                R + rr.to(tl.int64)[:, None] * K + ro[None, :], mask=rmask[:, None] & omask[None, :], other=0.0
+            )
             rt = to_f32(rt, EXACT_BF16)
         lora = tl.dot(l_tile, rt, lora, input_precision=LORA_PRECISION)
     acc = lora * scaling
@@ -232,12 +295,46 @@ def _lora_matmul_kernel(
         rk = red0 + tl.arange(0, BLOCK_RED)
         x = tl.load(x_rows + rk[None, :], mask=mmask[:, None] & (rk < RED)[None, :], other=0.0)
         if FORWARD:  # W rows ro (output), columns red0.. (reduction): use its transpose
-            w = _w_tile(packed, absmax, nested_absmax, nested_code, offset, code, ro, red0, N, K, nblocks,
-                        BLOCK_RED, BS, NESTED_BS, DOUBLE_QUANT, EVEN_K, ALIGNED)
+            w = _w_tile(
+                packed,
+                absmax,
+                nested_absmax,
+                nested_code,
+                offset,
+                code,
+                ro,
+                red0,
+                N,
+                K,
+                nblocks,
+                BLOCK_RED,
+                BS,
+                NESTED_BS,
+                DOUBLE_QUANT,
+                EVEN_K,
+                ALIGNED,
+            )
             acc = _dot(x, tl.trans(w), acc, EXACT_BF16)
         else:  # W rows red0.. (reduction), columns of this output tile
-            w = _w_tile(packed, absmax, nested_absmax, nested_code, offset, code, rk, pid_o * BLOCK_O, N, K,
-                         nblocks, BLOCK_O, BS, NESTED_BS, DOUBLE_QUANT, EVEN_K, ALIGNED)
+            w = _w_tile(
+                packed,
+                absmax,
+                nested_absmax,
+                nested_code,
+                offset,
+                code,
+                rk,
+                pid_o * BLOCK_O,
+                N,
+                K,
+                nblocks,
+                BLOCK_O,
+                BS,
+                NESTED_BS,
+                DOUBLE_QUANT,
+                EVEN_K,
+                ALIGNED,
+            )
             acc = _dot(x, w, acc, EXACT_BF16)
 
     if FORWARD:
@@ -255,8 +352,7 @@ DROPOUT_TILE = (16, 256)  # rows x cols per program: 4096 elements, 16 per threa
 WARPS_DROPOUT = 8  # 78 registers on sm_90a; at 4 warps (32 hashes per thread) 118
 
 
-def lora_dropout(t: torch.Tensor, out: torch.Tensor, enabled: bool, seed: int, threshold: int,
-                 scale: float) -> None:
+def lora_dropout(t: torch.Tensor, out: torch.Tensor, enabled: bool, seed: int, threshold: int, scale: float) -> None:
     """out (rows x cols fp32) = drop(t), t 2-D fp32/fp16/bf16; with enabled False, t as fp32.
     (enabled, seed, threshold, scale) as _formats.dropout_args gives them (ftk::Dropout)."""
     rows, cols = t.shape
@@ -265,9 +361,21 @@ def lora_dropout(t: torch.Tensor, out: torch.Tensor, enabled: bool, seed: int, t
     lo, hi = seed_words(seed)
     grid = (triton.cdiv(rows, DROPOUT_TILE[0]), triton.cdiv(cols, DROPOUT_TILE[1]))
     with device_of(t):
-        _lora_dropout_kernel[grid](t, out, rows, cols, lo, hi, int32_bits(threshold), float(scale),
-                                   ENABLED=bool(enabled), BLOCK_R=DROPOUT_TILE[0], BLOCK_C=DROPOUT_TILE[1],
-                                   num_warps=WARPS_DROPOUT, **LAUNCH)
+        _lora_dropout_kernel[grid](
+            t,
+            out,
+            rows,
+            cols,
+            lo,
+            hi,
+            int32_bits(threshold),
+            float(scale),
+            ENABLED=bool(enabled),
+            BLOCK_R=DROPOUT_TILE[0],
+            BLOCK_C=DROPOUT_TILE[1],
+            num_warps=WARPS_DROPOUT,
+            **LAUNCH,
+        )
 
 
 def _config(mode: int, M: int, K: int, dtype: torch.dtype, blocksize: int) -> dict:
@@ -297,9 +405,23 @@ def _config(mode: int, M: int, K: int, dtype: torch.dtype, blocksize: int) -> di
     return c
 
 
-def lora_matmul(mode: int, X: torch.Tensor, w, code: torch.Tensor, bias: torch.Tensor | None, L: torch.Tensor,
-                R: torch.Tensor, scaling: float, enabled: bool, seed: int, threshold: int, drop_scale: float,
-                out: torch.Tensor, *, config: dict | None = None) -> None:
+def lora_matmul(
+    mode: int,
+    X: torch.Tensor,
+    w,
+    code: torch.Tensor,
+    bias: torch.Tensor | None,
+    L: torch.Tensor,
+    R: torch.Tensor,
+    scaling: float,
+    enabled: bool,
+    seed: int,
+    threshold: int,
+    drop_scale: float,
+    out: torch.Tensor,
+    *,
+    config: dict | None = None,
+) -> None:
     """ftk::LoraMatmulParams (lora.h) in Triton.
 
     mode: LORA_FORWARD (X M x K, R = B (N x r), bias optional, out M x N) or LORA_GRAD_INPUT
@@ -319,18 +441,44 @@ def lora_matmul(mode: int, X: torch.Tensor, w, code: torch.Tensor, bias: torch.T
     if cfg["BLOCK_RED" if mode == LORA_FORWARD else "BLOCK_O"] > w.blocksize:
         raise ValueError("the W tile's column width must be <= the blocksize (lora.py, Invariants)")
     double_quant = w.nested_absmax is not None
-    nested_absmax, nested_code, offset = (w.nested_absmax, w.nested_code, w.offset) if double_quant else (
-        w.absmax, w.absmax, w.absmax)  # the plain variant never reads these pointers
+    nested_absmax, nested_code, offset = (
+        (w.nested_absmax, w.nested_code, w.offset) if double_quant else (w.absmax, w.absmax, w.absmax)
+    )  # the plain variant never reads these pointers
     lo, hi = seed_words(seed)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(out_cols, cfg["BLOCK_O"]),)
     with device_of(X):
         _lora_matmul_kernel[grid](
-            X, w.packed, w.absmax, nested_absmax, nested_code, offset, code,
-            bias if bias is not None else L, L, R, out,
-            M, n, k, r, triton.cdiv(n * k, w.blocksize), float(scaling), lo, hi, int32_bits(threshold),
+            X,
+            w.packed,
+            w.absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            code,
+            bias if bias is not None else L,
+            L,
+            R,
+            out,
+            M,
+            n,
+            k,
+            r,
+            triton.cdiv(n * k, w.blocksize),
+            float(scaling),
+            lo,
+            hi,
+            int32_bits(threshold),
             float(drop_scale),
-            FORWARD=mode == LORA_FORWARD, BS=w.blocksize, NESTED_BS=w.nested_blocksize, DOUBLE_QUANT=double_quant,
-            HAS_BIAS=bias is not None and mode == LORA_FORWARD, DROPOUT=bool(enabled) and mode == LORA_GRAD_INPUT,
-            EVEN_K=k % 2 == 0, ALIGNED=k % w.blocksize == 0,
+            FORWARD=mode == LORA_FORWARD,
+            BS=w.blocksize,
+            NESTED_BS=w.nested_blocksize,
+            DOUBLE_QUANT=double_quant,
+            HAS_BIAS=bias is not None and mode == LORA_FORWARD,
+            DROPOUT=bool(enabled) and mode == LORA_GRAD_INPUT,
+            EVEN_K=k % 2 == 0,
+            ALIGNED=k % w.blocksize == 0,
             BLOCK_R=min(LORA_R_CHUNK[X.dtype], max(16, triton.next_power_of_2(r))),
-            LORA_PRECISION="ieee" if X.dtype == torch.float32 else "tf32", **cfg, **LAUNCH)
+            LORA_PRECISION="ieee" if X.dtype == torch.float32 else "tf32",
+            **cfg,
+            **LAUNCH,
+        )

@@ -138,8 +138,9 @@ def _load_blocks(A, n, BS: tl.constexpr, ROWS: tl.constexpr, EXACT_BF16: tl.cons
 
 
 @triton.jit
-def _quantize_4bit_kernel(A, packed, absmax, n, nbytes, BS: tl.constexpr, ROWS: tl.constexpr,
-                          NF4: tl.constexpr, EXACT_BF16: tl.constexpr):
+def _quantize_4bit_kernel(
+    A, packed, absmax, n, nbytes, BS: tl.constexpr, ROWS: tl.constexpr, NF4: tl.constexpr, EXACT_BF16: tl.constexpr
+):
     TILE: tl.constexpr = ROWS * BS
     HALF: tl.constexpr = BS // 2
     pid = tl.program_id(0).to(tl.int64)
@@ -160,9 +161,22 @@ def _quantize_4bit_kernel(A, packed, absmax, n, nbytes, BS: tl.constexpr, ROWS: 
 
 
 @triton.jit
-def _dequantize_4bit_kernel(packed, absmax, nested_absmax, nested_code, offset, code, out, n, nbytes,
-                            BS: tl.constexpr, ROWS: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                            NESTED_BS: tl.constexpr, EXACT_BF16: tl.constexpr):
+def _dequantize_4bit_kernel(
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    code,
+    out,
+    n,
+    nbytes,
+    BS: tl.constexpr,
+    ROWS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    NESTED_BS: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
     TILE: tl.constexpr = ROWS * BS
     HALF: tl.constexpr = BS // 2
     pid = tl.program_id(0).to(tl.int64)
@@ -191,8 +205,7 @@ def _dequantize_4bit_kernel(packed, absmax, nested_absmax, nested_code, offset, 
 
 
 @triton.jit
-def _quantize_8bit_kernel(A, code, out, absmax, n, BS: tl.constexpr, ROWS: tl.constexpr,
-                          EXACT_BF16: tl.constexpr):
+def _quantize_8bit_kernel(A, code, out, absmax, n, BS: tl.constexpr, ROWS: tl.constexpr, EXACT_BF16: tl.constexpr):
     TILE: tl.constexpr = ROWS * BS
     pid = tl.program_id(0).to(tl.int64)
     xn, amax, offs, rem = _load_blocks(A, n, BS, ROWS, EXACT_BF16)
@@ -203,8 +216,7 @@ def _quantize_8bit_kernel(A, code, out, absmax, n, BS: tl.constexpr, ROWS: tl.co
 
 
 @triton.jit
-def _dequantize_8bit_kernel(A, absmax, code, out, n, BS: tl.constexpr, ROWS: tl.constexpr,
-                            EXACT_BF16: tl.constexpr):
+def _dequantize_8bit_kernel(A, absmax, code, out, n, BS: tl.constexpr, ROWS: tl.constexpr, EXACT_BF16: tl.constexpr):
     TILE: tl.constexpr = ROWS * BS
     pid = tl.program_id(0).to(tl.int64)
     rem = tl.minimum(n - pid * TILE, TILE).to(tl.int32)
@@ -229,8 +241,7 @@ def _grid(n: int, blocksize: int, tile: int) -> tuple[int, tuple[int]]:
     return rows, (triton.cdiv(n, rows * blocksize),)
 
 
-def quantize_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
-                  quant_type: int) -> None:
+def quantize_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: int) -> None:
     """A (n fp32/fp16/bf16) -> packed (uint8, (n + 1) // 2), absmax (fp32, ceil(n / blocksize)).
     quant_type: _formats.QUANT_TYPE_CODE["nf4"] or ["fp4"] (ftk::QuantType)."""
     if quant_type not in QUANT_TYPE_CODE.values():
@@ -240,14 +251,31 @@ def quantize_4bit(A: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, b
         return
     rows, grid = _grid(n, blocksize, TILE_4BIT)
     with device_of(A):
-        _quantize_4bit_kernel[grid](A, packed, absmax, n, (n + 1) // 2, BS=blocksize, ROWS=rows,
-                                    NF4=quant_type == QUANT_TYPE_CODE["nf4"], num_warps=WARPS_QUANT_4BIT, **LAUNCH)
+        _quantize_4bit_kernel[grid](
+            A,
+            packed,
+            absmax,
+            n,
+            (n + 1) // 2,
+            BS=blocksize,
+            ROWS=rows,
+            NF4=quant_type == QUANT_TYPE_CODE["nf4"],
+            num_warps=WARPS_QUANT_4BIT,
+            **LAUNCH,
+        )
 
 
-def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
-                    blocksize: int, nested_absmax: torch.Tensor | None = None,
-                    nested_code: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-                    nested_blocksize: int = NESTED_BLOCKSIZE) -> None:
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    out: torch.Tensor,
+    blocksize: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
+) -> None:
     """packed (uint8, (n + 1) // 2) -> out (n elements of its dtype). code: the 16-entry fp32
     table indexed by nibble. absmax: fp32 per block; or, with nested_absmax, nested_code (256
     fp32) and offset (1 fp32) all given, one uint8 code per block (double quantization)."""
@@ -259,13 +287,28 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         nested_absmax = nested_code = offset = absmax
     rows, grid = _grid(n, blocksize, TILE_4BIT)
     with device_of(out):
-        _dequantize_4bit_kernel[grid](packed, absmax, nested_absmax, nested_code, offset, code, out, n,
-                                      (n + 1) // 2, BS=blocksize, ROWS=rows, DOUBLE_QUANT=double_quant,
-                                      NESTED_BS=nested_blocksize, num_warps=WARPS_DEQUANT_4BIT, **LAUNCH)
+        _dequantize_4bit_kernel[grid](
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            code,
+            out,
+            n,
+            (n + 1) // 2,
+            BS=blocksize,
+            ROWS=rows,
+            DOUBLE_QUANT=double_quant,
+            NESTED_BS=nested_blocksize,
+            num_warps=WARPS_DEQUANT_4BIT,
+            **LAUNCH,
+        )
 
 
-def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor,
-                       blocksize: int) -> None:
+def quantize_blockwise(
+    A: torch.Tensor, code: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, blocksize: int
+) -> None:
     """A (n fp32/fp16/bf16) -> out (uint8, n), absmax (fp32, ceil(n / blocksize)); code: 256
     fp32, sorted ascending."""
     n = A.numel()
@@ -273,17 +316,20 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, out: torch.Tensor, a
         return
     rows, grid = _grid(n, blocksize, TILE_8BIT_QUANT)
     with device_of(A):
-        _quantize_8bit_kernel[grid](A, code, out, absmax, n, BS=blocksize, ROWS=rows,
-                                    num_warps=WARPS_QUANT_8BIT, **LAUNCH)
+        _quantize_8bit_kernel[grid](
+            A, code, out, absmax, n, BS=blocksize, ROWS=rows, num_warps=WARPS_QUANT_8BIT, **LAUNCH
+        )
 
 
-def dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor,
-                         blocksize: int) -> None:
+def dequantize_blockwise(
+    A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out: torch.Tensor, blocksize: int
+) -> None:
     """A (uint8, n) -> out (n elements of its dtype): code[A] * absmax[block], cast once."""
     n = A.numel()
     if n == 0:
         return
     rows, grid = _grid(n, blocksize, TILE_8BIT_DEQUANT)
     with device_of(A):
-        _dequantize_8bit_kernel[grid](A, absmax, code, out, n, BS=blocksize, ROWS=rows,
-                                      num_warps=WARPS_DEQUANT_8BIT, **LAUNCH)
+        _dequantize_8bit_kernel[grid](
+            A, absmax, code, out, n, BS=blocksize, ROWS=rows, num_warps=WARPS_DEQUANT_8BIT, **LAUNCH
+        )

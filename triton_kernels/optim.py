@@ -47,8 +47,22 @@ WARPS_8BIT = 4
 
 
 @triton.jit
-def _adamw_kernel(param, grad, state1, state2, n, beta2, eps, decay, one_minus_beta1, one_minus_beta2,
-                  step_size, bias_correction2_sqrt, BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr):
+def _adamw_kernel(
+    param,
+    grad,
+    state1,
+    state2,
+    n,
+    beta2,
+    eps,
+    decay,
+    one_minus_beta1,
+    one_minus_beta2,
+    step_size,
+    bias_correction2_sqrt,
+    BLOCK: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
     base = tl.program_id(0).to(tl.int64) * BLOCK
     rem = tl.minimum(n - base, BLOCK).to(tl.int32)
     offs = tl.arange(0, BLOCK)
@@ -69,8 +83,20 @@ def _adamw_kernel(param, grad, state1, state2, n, beta2, eps, decay, one_minus_b
 
 
 @triton.jit
-def _lion_kernel(param, grad, state1, n, lr, beta1, beta2, decay, one_minus_beta1, one_minus_beta2,
-                 BLOCK: tl.constexpr, EXACT_BF16: tl.constexpr):
+def _lion_kernel(
+    param,
+    grad,
+    state1,
+    n,
+    lr,
+    beta1,
+    beta2,
+    decay,
+    one_minus_beta1,
+    one_minus_beta2,
+    BLOCK: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
     base = tl.program_id(0).to(tl.int64) * BLOCK
     rem = tl.minimum(n - base, BLOCK).to(tl.int32)
     offs = tl.arange(0, BLOCK)
@@ -95,9 +121,28 @@ def _requantize(x, code):
 
 
 @triton.jit
-def _adamw8bit_kernel(param, grad, state1, state2, absmax1, absmax2, code1, code2, n, beta1, beta2, eps, decay,
-                      one_minus_beta1, one_minus_beta2, step_size, bias_correction2_sqrt, BS: tl.constexpr,
-                      ROWS: tl.constexpr, EXACT_BF16: tl.constexpr):
+def _adamw8bit_kernel(
+    param,
+    grad,
+    state1,
+    state2,
+    absmax1,
+    absmax2,
+    code1,
+    code2,
+    n,
+    beta1,
+    beta2,
+    eps,
+    decay,
+    one_minus_beta1,
+    one_minus_beta2,
+    step_size,
+    bias_correction2_sqrt,
+    BS: tl.constexpr,
+    ROWS: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
     TILE: tl.constexpr = ROWS * BS
     pid = tl.program_id(0).to(tl.int64)
     base = pid * TILE
@@ -134,17 +179,32 @@ def _adamw8bit_kernel(param, grad, state1, state2, absmax1, absmax2, code1, code
 # √(1 − β2^t)). n == 0 launches nothing.
 
 
-def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-               hyper: tuple) -> None:
+def adamw_step(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, hyper: tuple
+) -> None:
     """param (n fp32/fp16/bf16), grad (n, any of those), exp_avg and exp_avg_sq (n fp32)."""
     n = param.numel()
     if n == 0:
         return
     _lr, _b1, b2, eps, decay, omb1, omb2, step_size, bc2_sqrt = hyper
     with device_of(param):
-        _adamw_kernel[(triton.cdiv(n, BLOCK_32BIT),)](param, grad, exp_avg, exp_avg_sq, n, b2, eps, decay, omb1, omb2,
-                                                      step_size, bc2_sqrt, BLOCK=BLOCK_32BIT, num_warps=WARPS_32BIT,
-                                                      **LAUNCH)
+        _adamw_kernel[(triton.cdiv(n, BLOCK_32BIT),)](
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            n,
+            b2,
+            eps,
+            decay,
+            omb1,
+            omb2,
+            step_size,
+            bc2_sqrt,
+            BLOCK=BLOCK_32BIT,
+            num_warps=WARPS_32BIT,
+            **LAUNCH,
+        )
 
 
 def lion_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, hyper: tuple) -> None:
@@ -154,13 +214,22 @@ def lion_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, hy
         return
     lr, b1, b2, _eps, decay, omb1, omb2, _step_size, _bc2 = hyper
     with device_of(param):
-        _lion_kernel[(triton.cdiv(n, BLOCK_32BIT),)](param, grad, exp_avg, n, lr, b1, b2, decay, omb1, omb2,
-                                                     BLOCK=BLOCK_32BIT, num_warps=WARPS_32BIT, **LAUNCH)
+        _lion_kernel[(triton.cdiv(n, BLOCK_32BIT),)](
+            param, grad, exp_avg, n, lr, b1, b2, decay, omb1, omb2, BLOCK=BLOCK_32BIT, num_warps=WARPS_32BIT, **LAUNCH
+        )
 
 
-def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
-                   absmax1: torch.Tensor, absmax2: torch.Tensor, code1: torch.Tensor, code2: torch.Tensor,
-                   hyper: tuple) -> None:
+def adamw8bit_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state1: torch.Tensor,
+    state2: torch.Tensor,
+    absmax1: torch.Tensor,
+    absmax2: torch.Tensor,
+    code1: torch.Tensor,
+    code2: torch.Tensor,
+    hyper: tuple,
+) -> None:
     """param (n fp32/fp16/bf16), grad (n, any of those), state1/state2 (uint8, n), absmax1/absmax2
     (fp32, ceil(n / 256)); code1 the signed, code2 the unsigned 256-entry map (fp32, sorted)."""
     n = param.numel()
@@ -169,6 +238,26 @@ def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor
     _lr, b1, b2, eps, decay, omb1, omb2, step_size, bc2_sqrt = hyper
     grid = (triton.cdiv(n, ROWS_8BIT * OPTIM_BLOCK),)
     with device_of(param):
-        _adamw8bit_kernel[grid](param, grad, state1, state2, absmax1, absmax2, code1, code2, n, b1, b2, eps, decay,
-                                omb1, omb2, step_size, bc2_sqrt, BS=OPTIM_BLOCK, ROWS=ROWS_8BIT,
-                                num_warps=WARPS_8BIT, **LAUNCH)
+        _adamw8bit_kernel[grid](
+            param,
+            grad,
+            state1,
+            state2,
+            absmax1,
+            absmax2,
+            code1,
+            code2,
+            n,
+            b1,
+            b2,
+            eps,
+            decay,
+            omb1,
+            omb2,
+            step_size,
+            bc2_sqrt,
+            BS=OPTIM_BLOCK,
+            ROWS=ROWS_8BIT,
+            num_warps=WARPS_8BIT,
+            **LAUNCH,
+        )

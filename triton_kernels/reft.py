@@ -122,8 +122,9 @@ def _column(x, kr, j: tl.constexpr):
 def _project(acc, x, M, d64, cols, cmask, kr, r, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr):
     """acc [TILE, BLOCK_R] + x · M[:, cols]ᵀ."""
     if USE_DOT:
-        m = tl.load(M + kr.to(tl.int64)[:, None] * d64 + cols[None, :], mask=(kr < r)[:, None] & cmask[None, :],
-                    other=0.0)
+        m = tl.load(
+            M + kr.to(tl.int64)[:, None] * d64 + cols[None, :], mask=(kr < r)[:, None] & cmask[None, :], other=0.0
+        )
         return tl.dot(x, tl.trans(m), acc, input_precision="ieee")
     else:
         for j in tl.static_range(BLOCK_R):
@@ -136,8 +137,9 @@ def _project(acc, x, M, d64, cols, cmask, kr, r, BLOCK_R: tl.constexpr, USE_DOT:
 def _expand(acc, c, M, d64, cols, cmask, kr, r, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr):
     """acc [TILE, BLOCK_D] + c [TILE, BLOCK_R] · M[:, cols]."""
     if USE_DOT:
-        m = tl.load(M + kr.to(tl.int64)[:, None] * d64 + cols[None, :], mask=(kr < r)[:, None] & cmask[None, :],
-                    other=0.0)
+        m = tl.load(
+            M + kr.to(tl.int64)[:, None] * d64 + cols[None, :], mask=(kr < r)[:, None] & cmask[None, :], other=0.0
+        )
         return tl.dot(c, m, acc, input_precision="ieee")
     else:
         for j in tl.static_range(BLOCK_R):
@@ -162,14 +164,36 @@ def _accumulate_outer(ws, c, x, d64, cols, cmask, kr, r, first, BLOCK_R: tl.cons
         _accumulate(ptrs, (kr < r)[:, None] & cmask[None, :], tl.dot(tl.trans(c), x, input_precision="ieee"), first)
     else:
         for j in tl.static_range(BLOCK_R):
-            _accumulate(ws + j * d64 + cols, cmask & (cols * 0 + j < r),
-                        tl.sum(_column(c, kr, j)[:, None] * x, axis=0), first)
+            _accumulate(
+                ws + j * d64 + cols, cmask & (cols * 0 + j < r), tl.sum(_column(c, kr, j)[:, None] * x, axis=0), first
+            )
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
-def _reft_forward_kernel(H, P, Q, B, ROWS, OUT, Z, n_rows, d, r, n_slots, seed_lo, seed_hi, threshold, drop_scale,
-                         HAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr, TILE: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr, EXACT_BF16: tl.constexpr):
+def _reft_forward_kernel(
+    H,
+    P,
+    Q,
+    B,
+    ROWS,
+    OUT,
+    Z,
+    n_rows,
+    d,
+    r,
+    n_slots,
+    seed_lo,
+    seed_hi,
+    threshold,
+    drop_scale,
+    HAS_ROWS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
     slots, smask, row, valid = _slot_rows(ROWS, tl.program_id(0), n_slots, n_rows, HAS_ROWS, TILE)
     kr = tl.arange(0, BLOCK_R)
     rmask = kr < r
@@ -199,16 +223,39 @@ def _reft_forward_kernel(H, P, Q, B, ROWS, OUT, Z, n_rows, d, r, n_slots, seed_l
         if DROPOUT:
             keep = dropout_keep(key, row, cols, threshold)
             edit = tl.where(keep, edit * drop_scale, 0.0)  # fp32 product, as the reference
-        tl.store(OUT + row[:, None] * d + cols[None, :], from_f32(h + edit, OUT.dtype.element_ty, EXACT_BF16),
-                 mask=m)
+        tl.store(OUT + row[:, None] * d + cols[None, :], from_f32(h + edit, OUT.dtype.element_ty, EXACT_BF16), mask=m)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
-def _reft_backward_kernel(G, H, P, Q, Z, ROWS, DH, WS, n_rows, d, r, n_slots, n_tiles, ws_stride, seed_lo, seed_hi,
-                          threshold, drop_scale, HAS_ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                          NEED_H: tl.constexpr, NEED_PARAMS: tl.constexpr, TILE: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, USE_DOT: tl.constexpr,
-                          EXACT_BF16: tl.constexpr):
+def _reft_backward_kernel(
+    G,
+    H,
+    P,
+    Q,
+    Z,
+    ROWS,
+    DH,
+    WS,
+    n_rows,
+    d,
+    r,
+    n_slots,
+    n_tiles,
+    ws_stride,
+    seed_lo,
+    seed_hi,
+    threshold,
+    drop_scale,
+    HAS_ROWS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    NEED_H: tl.constexpr,
+    NEED_PARAMS: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
     pid = tl.program_id(0)
     kr = tl.arange(0, BLOCK_R)
     rmask = kr < r
@@ -225,8 +272,7 @@ def _reft_backward_kernel(G, H, P, Q, Z, ROWS, DH, WS, n_rows, d, r, n_slots, n_
         for d0 in range(0, d, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < d
-            g = to_f32(tl.load(g_rows + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0),
-                        EXACT_BF16)
+            g = to_f32(tl.load(g_rows + cols[None, :], mask=valid[:, None] & cmask[None, :], other=0.0), EXACT_BF16)
             if DROPOUT:
                 g = tl.where(dropout_keep(key, row, cols, threshold), g * drop_scale, 0.0)
             s = _project(s, g, P, d64, cols, cmask, kr, r, BLOCK_R, USE_DOT)
@@ -242,17 +288,17 @@ def _reft_backward_kernel(G, H, P, Q, Z, ROWS, DH, WS, n_rows, d, r, n_slots, n_
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < d
             m = valid[:, None] & cmask[None, :]
-            g = to_f32(tl.load(g_rows + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first"),
-                        EXACT_BF16)
+            g = to_f32(tl.load(g_rows + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first"), EXACT_BF16)
             if NEED_H:
                 dh = _expand(g, s, Q, d64, cols, cmask, kr, r, BLOCK_R, USE_DOT)
-                tl.store(DH + row[:, None] * d + cols[None, :], from_f32(dh, DH.dtype.element_ty, EXACT_BF16),
-                         mask=m)
+                tl.store(DH + row[:, None] * d + cols[None, :], from_f32(dh, DH.dtype.element_ty, EXACT_BF16), mask=m)
             if NEED_PARAMS:
                 if DROPOUT:
                     g = tl.where(dropout_keep(key, row, cols, threshold), g * drop_scale, 0.0)
-                h = to_f32(tl.load(H + row[:, None] * d + cols[None, :], mask=m, other=0.0,
-                                    eviction_policy="evict_first"), EXACT_BF16)
+                h = to_f32(
+                    tl.load(H + row[:, None] * d + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first"),
+                    EXACT_BF16,
+                )
                 _accumulate_outer(ws, z, g, d64, cols, cmask, kr, r, first, BLOCK_R, USE_DOT)
                 _accumulate_outer(ws + r * d64, s, h, d64, cols, cmask, kr, r, first, BLOCK_R, USE_DOT)
 
@@ -276,7 +322,7 @@ def _reft_reduce_kernel(WS, DP, DQ, DB, n_programs, ws_stride, rd, width, BLOCK:
 # The caller fills the rows no slot selects (out with h, dh with grad) when rows is given.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -286,9 +332,21 @@ def _flat(t: torch.Tensor) -> tuple[int, int]:
     return t.numel() // d, d
 
 
-def reft_forward(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor, rows: torch.Tensor | None,
-                 enabled: bool, seed: int, threshold: int, scale: float, out: torch.Tensor, z: torch.Tensor,
-                 *, config: dict | None = None) -> None:
+def reft_forward(
+    h: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    b: torch.Tensor,
+    rows: torch.Tensor | None,
+    enabled: bool,
+    seed: int,
+    threshold: int,
+    scale: float,
+    out: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    config: dict | None = None,
+) -> None:
     """ftk::ReftForwardParams (reft.h): out's selected rows = h + drop(Pᵀz), z = Q·h + b per slot.
     (enabled, seed, threshold, scale) as _formats.dropout_args gives them."""
     n_rows, d = _flat(h)
@@ -303,9 +361,28 @@ def reft_forward(h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, b: torch.Ten
     lo, hi = seed_words(seed)
     grid = (triton.cdiv(n_slots, cfg["TILE"]),)
     with device_of(h):
-        _reft_forward_kernel[grid](h, P, Q, b, rows if rows is not None else z, out, z, n_rows, d, r, n_slots,
-                                   lo, hi, int32_bits(threshold), float(scale), HAS_ROWS=rows is not None,
-                                   DROPOUT=bool(enabled), EXACT_BF16=INTERPRETED, enable_fp_fusion=True, **cfg)
+        _reft_forward_kernel[grid](
+            h,
+            P,
+            Q,
+            b,
+            rows if rows is not None else z,
+            out,
+            z,
+            n_rows,
+            d,
+            r,
+            n_slots,
+            lo,
+            hi,
+            int32_bits(threshold),
+            float(scale),
+            HAS_ROWS=rows is not None,
+            DROPOUT=bool(enabled),
+            EXACT_BF16=INTERPRETED,
+            enable_fp_fusion=True,
+            **cfg,
+        )
 
 
 def backward_programs(n_slots: int, r: int, d: int, device: torch.device, *, config: dict | None = None) -> int:
@@ -325,8 +402,9 @@ def backward_programs(n_slots: int, r: int, d: int, device: torch.device, *, con
     return max(1, min(tiles, cap))
 
 
-def backward_workspace_shape(n_slots: int, r: int, d: int, device: torch.device, need_params: bool, *,
-                             config: dict | None = None) -> tuple[int, int]:
+def backward_workspace_shape(
+    n_slots: int, r: int, d: int, device: torch.device, need_params: bool, *, config: dict | None = None
+) -> tuple[int, int]:
     """The fp32 workspace reft_backward needs: (n_programs, 2·r·d + r rounded up to 16), or
     (0, 0) without parameter gradients."""
     if not need_params or n_slots == 0:
@@ -334,10 +412,25 @@ def backward_workspace_shape(n_slots: int, r: int, d: int, device: torch.device,
     return (backward_programs(n_slots, r, d, device, config=config), _ws_stride(r, d))
 
 
-def reft_backward(grad: torch.Tensor, h: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, z: torch.Tensor,
-                  rows: torch.Tensor | None, enabled: bool, seed: int, threshold: int, scale: float,
-                  dh: torch.Tensor | None, dP: torch.Tensor | None, dQ: torch.Tensor | None, db: torch.Tensor | None,
-                  workspace: torch.Tensor | None, *, config: dict | None = None) -> None:
+def reft_backward(
+    grad: torch.Tensor,
+    h: torch.Tensor,
+    P: torch.Tensor,
+    Q: torch.Tensor,
+    z: torch.Tensor,
+    rows: torch.Tensor | None,
+    enabled: bool,
+    seed: int,
+    threshold: int,
+    scale: float,
+    dh: torch.Tensor | None,
+    dP: torch.Tensor | None,
+    dQ: torch.Tensor | None,
+    db: torch.Tensor | None,
+    workspace: torch.Tensor | None,
+    *,
+    config: dict | None = None,
+) -> None:
     """ftk::ReftBackwardParams (reft.h). dh None: not wanted; dP, dQ, db None together: not
     wanted, else workspace is an fp32 tensor of backward_workspace_shape. With no slots, the
     parameter gradients are zeroed here (nothing else to launch)."""
@@ -358,17 +451,40 @@ def reft_backward(grad: torch.Tensor, h: torch.Tensor, P: torch.Tensor, Q: torch
     cfg.pop("PROGRAMS", None)
     ws_stride = _ws_stride(r, d)
     if need_params and tuple(workspace.shape) != (n_programs, ws_stride):
-        raise ValueError(f"workspace must be {(n_programs, ws_stride)} (backward_workspace_shape), "
-                         f"got {tuple(workspace.shape)}")
+        raise ValueError(
+            f"workspace must be {(n_programs, ws_stride)} (backward_workspace_shape), got {tuple(workspace.shape)}"
+        )
     lo, hi = seed_words(seed)
     n_tiles = triton.cdiv(n_slots, cfg["TILE"])
     with device_of(h):
         _reft_backward_kernel[(n_programs,)](
-            grad, h, P, Q, z, rows if rows is not None else z, dh if need_h else grad,
-            workspace if need_params else z, n_rows, d, r, n_slots, n_tiles, ws_stride, lo, hi,
-            int32_bits(threshold), float(scale), HAS_ROWS=rows is not None, DROPOUT=bool(enabled),
-            NEED_H=need_h, NEED_PARAMS=need_params, EXACT_BF16=INTERPRETED, enable_fp_fusion=True,
-            **cfg)
+            grad,
+            h,
+            P,
+            Q,
+            z,
+            rows if rows is not None else z,
+            dh if need_h else grad,
+            workspace if need_params else z,
+            n_rows,
+            d,
+            r,
+            n_slots,
+            n_tiles,
+            ws_stride,
+            lo,
+            hi,
+            int32_bits(threshold),
+            float(scale),
+            HAS_ROWS=rows is not None,
+            DROPOUT=bool(enabled),
+            NEED_H=need_h,
+            NEED_PARAMS=need_params,
+            EXACT_BF16=INTERPRETED,
+            enable_fp_fusion=True,
+            **cfg,
+        )
         if need_params:
             _reft_reduce_kernel[(triton.cdiv(2 * r * d + r, REDUCE_BLOCK),)](
-                workspace, dP, dQ, db, n_programs, ws_stride, r * d, 2 * r * d + r, BLOCK=REDUCE_BLOCK, num_warps=4)
+                workspace, dP, dQ, db, n_programs, ws_stride, r * d, 2 * r * d + r, BLOCK=REDUCE_BLOCK, num_warps=4
+            )

@@ -4,10 +4,12 @@ NF4/FP4 4-bit weights with double-quantized constants (byte-compatible with bits
 each op in CUDA C++, Triton, C++ CPU and pure torch behind one torch.library registry.
 """
 
-from . import _ops  # noqa: F401  (defines torch.ops.ftk.*)
-from . import backends  # noqa: F401  (registers the kernels)
-from . import nn  # noqa: F401  (ftkernels.nn.LinearNF4)
-from . import optim  # noqa: F401  (ftkernels.optim.PagedAdamW8bit)
+from . import (
+    _ops,  # noqa: F401  (defines torch.ops.ftk.*)
+    backends,  # noqa: F401  (registers the kernels)
+    nn,  # noqa: F401  (ftkernels.nn.LinearNF4)
+    optim,  # noqa: F401  (ftkernels.optim.PagedAdamW8bit)
+)
 from ._registry import get_backend, set_backend, use_backend
 from .functional import (
     create_dynamic_map,

@@ -85,5 +85,3 @@ def dropout_seed(dropout_p, seed) -> int | None:
     if seed.numel() != 1 or seed.device.type != "cpu":
         raise ValueError(f"seed must be one int64 on the CPU, got {seed.numel()} on {seed.device}")
     return int(seed.item())
-
-

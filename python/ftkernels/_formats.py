@@ -60,7 +60,7 @@ def code_4bit(quant_type: str, device) -> torch.Tensor:
 # ---- 8-bit codes (quant.h) ---------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dynamic_map(signed: bool = True) -> torch.Tensor:
     """bitsandbytes' 8-bit dynamic map on the CPU (cached: copy before handing it out).
 

@@ -49,8 +49,7 @@ def cpu():
     mod = _load("_ftk_cpu")
     if mod is None:
         raise RuntimeError(
-            "ftkernels' CPU module is not built; reinstall from source "
-            f"(pip install .): {_errors.get('_ftk_cpu')}"
+            f"ftkernels' CPU module is not built; reinstall from source (pip install .): {_errors.get('_ftk_cpu')}"
         )
     return mod
 
@@ -88,8 +87,17 @@ def rows_cols(shape) -> tuple[int, int]:
 
 
 DROPOUT_FIELDS = ("enabled", "seed", "threshold", "scale")  # ftk::Dropout, _formats.dropout_args' order
-OPTIM_HYPER_FIELDS = ("lr", "beta1", "beta2", "eps", "decay", "one_minus_beta1", "one_minus_beta2", "step_size",
-                      "bias_correction2_sqrt")  # ftk::OptimHyper, _formats.optim_hyper's order
+OPTIM_HYPER_FIELDS = (
+    "lr",
+    "beta1",
+    "beta2",
+    "eps",
+    "decay",
+    "one_minus_beta1",
+    "one_minus_beta2",
+    "step_size",
+    "bias_correction2_sqrt",
+)  # ftk::OptimHyper, _formats.optim_hyper's order
 
 
 def dropout_params(mod, p: float, seed: int | None):
@@ -103,29 +111,55 @@ def optim_hyper_params(mod, values: tuple):
 
 
 def quantize_4bit_params(mod, A, blocksize, quant_type, packed, absmax):
-    return mod.Quantize4bitParams(A=A.data_ptr(), n=A.numel(), dtype=DTYPE_CODE[A.dtype], blocksize=blocksize,
-                                  quant_type=QUANT_TYPE_CODE[quant_type], packed=packed.data_ptr(),
-                                  absmax=absmax.data_ptr())
+    return mod.Quantize4bitParams(
+        A=A.data_ptr(),
+        n=A.numel(),
+        dtype=DTYPE_CODE[A.dtype],
+        blocksize=blocksize,
+        quant_type=QUANT_TYPE_CODE[quant_type],
+        packed=packed.data_ptr(),
+        absmax=absmax.data_ptr(),
+    )
 
 
 def _weight(mod, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize):
     # With double quantization absmax holds the uint8 codes and goes in absmax_q.
     nested = nested_absmax is not None
     rows, cols = rows_cols(shape)
-    return mod.Weight4bit(packed=packed.data_ptr(), rows=rows, cols=cols, blocksize=blocksize,
-                          quant_type=QUANT_TYPE_CODE[quant_type], absmax=0 if nested else absmax.data_ptr(),
-                          absmax_q=absmax.data_ptr() if nested else 0, nested_absmax=ptr(nested_absmax),
-                          nested_code=ptr(nested_code), offset=ptr(offset), nested_blocksize=nested_blocksize)
+    return mod.Weight4bit(
+        packed=packed.data_ptr(),
+        rows=rows,
+        cols=cols,
+        blocksize=blocksize,
+        quant_type=QUANT_TYPE_CODE[quant_type],
+        absmax=0 if nested else absmax.data_ptr(),
+        absmax_q=absmax.data_ptr() if nested else 0,
+        nested_absmax=ptr(nested_absmax),
+        nested_code=ptr(nested_code),
+        offset=ptr(offset),
+        nested_blocksize=nested_blocksize,
+    )
 
 
 def weight_4bit(mod, w):
     """ftk::Weight4bit of an _ops.quant.Weight4bit."""
-    return _weight(mod, w.packed, w.absmax, w.blocksize, w.quant_type, w.shape, w.nested_absmax, w.nested_code,
-                   w.offset, w.nested_blocksize)
+    return _weight(
+        mod,
+        w.packed,
+        w.absmax,
+        w.blocksize,
+        w.quant_type,
+        w.shape,
+        w.nested_absmax,
+        w.nested_code,
+        w.offset,
+        w.nested_blocksize,
+    )
 
 
-def dequantize_4bit_params(mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
-                           nested_blocksize, out):
+def dequantize_4bit_params(
+    mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize, out
+):
     """ftk::Dequantize4bitParams: the packed tensor A of this shape into out (its dtype)."""
     w = _weight(mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize)
     return mod.Dequantize4bitParams(w=w, dtype=DTYPE_CODE[out.dtype], out=out.data_ptr())
@@ -138,13 +172,27 @@ def dequantize_weight_params(mod, w, out):
 
 
 def quantize_blockwise_params(mod, A, code, blocksize, out, absmax):
-    return mod.QuantizeBlockwiseParams(A=A.data_ptr(), n=A.numel(), dtype=DTYPE_CODE[A.dtype], code=code.data_ptr(),
-                                       blocksize=blocksize, out=out.data_ptr(), absmax=absmax.data_ptr())
+    return mod.QuantizeBlockwiseParams(
+        A=A.data_ptr(),
+        n=A.numel(),
+        dtype=DTYPE_CODE[A.dtype],
+        code=code.data_ptr(),
+        blocksize=blocksize,
+        out=out.data_ptr(),
+        absmax=absmax.data_ptr(),
+    )
 
 
 def dequantize_blockwise_params(mod, A, absmax, code, blocksize, out):
-    return mod.DequantizeBlockwiseParams(A=A.data_ptr(), n=A.numel(), absmax=absmax.data_ptr(), code=code.data_ptr(),
-                                         blocksize=blocksize, dtype=DTYPE_CODE[out.dtype], out=out.data_ptr())
+    return mod.DequantizeBlockwiseParams(
+        A=A.data_ptr(),
+        n=A.numel(),
+        absmax=absmax.data_ptr(),
+        code=code.data_ptr(),
+        blocksize=blocksize,
+        dtype=DTYPE_CODE[out.dtype],
+        out=out.data_ptr(),
+    )
 
 
 # ---- fused LoRA (csrc/include/ftk/lora.h) --------------------------------------------------
@@ -152,17 +200,34 @@ def dequantize_blockwise_params(mod, A, absmax, code, blocksize, out):
 
 def lora_dropout_params(mod, t, p: float, seed: int | None, out):
     """ftk::LoraDropoutParams: t (rows, cols) into out (fp32), which may be t itself."""
-    return mod.LoraDropoutParams(**{"in": t.data_ptr()}, dtype=DTYPE_CODE[t.dtype], rows=t.shape[0],
-                                 cols=t.shape[1], dropout=dropout_params(mod, p, seed), out=out.data_ptr())
+    return mod.LoraDropoutParams(
+        **{"in": t.data_ptr()},
+        dtype=DTYPE_CODE[t.dtype],
+        rows=t.shape[0],
+        cols=t.shape[1],
+        dropout=dropout_params(mod, p, seed),
+        out=out.data_ptr(),
+    )
 
 
 def lora_matmul_params(mod, mode: int, X, w, bias, L, R, scaling: float, p: float, seed: int | None, out):
     """ftk::LoraMatmulParams: X (M x K or M x N), L (M x r fp32), R (B or A), w an _ops.quant.Weight4bit."""
-    return mod.LoraMatmulParams(mode=mode, X=X.data_ptr(), dtype=DTYPE_CODE[X.dtype], M=X.shape[0],
-                                W=weight_4bit(mod, w), bias=ptr(bias),
-                                bias_dtype=DTYPE_CODE[bias.dtype] if bias is not None else 0, L=L.data_ptr(),
-                                R=R.data_ptr(), R_dtype=DTYPE_CODE[R.dtype], r=L.shape[1], scaling=scaling,
-                                dropout=dropout_params(mod, p, seed), out=out.data_ptr())
+    return mod.LoraMatmulParams(
+        mode=mode,
+        X=X.data_ptr(),
+        dtype=DTYPE_CODE[X.dtype],
+        M=X.shape[0],
+        W=weight_4bit(mod, w),
+        bias=ptr(bias),
+        bias_dtype=DTYPE_CODE[bias.dtype] if bias is not None else 0,
+        L=L.data_ptr(),
+        R=R.data_ptr(),
+        R_dtype=DTYPE_CODE[R.dtype],
+        r=L.shape[1],
+        scaling=scaling,
+        dropout=dropout_params(mod, p, seed),
+        out=out.data_ptr(),
+    )
 
 
 # ---- fused ReFT edits (csrc/include/ftk/reft.h) --------------------------------------------
@@ -171,20 +236,46 @@ def lora_matmul_params(mod, mode: int, X, w, bias, L, R, scaling: float, p: floa
 def reft_forward_params(mod, h2, P, Q, b, rows, p: float, seed: int | None, out, z):
     """ftk::ReftForwardParams: h2 and out (n_rows, d), P and Q (r, d) fp32, rows int64 or None."""
     n_slots = rows.numel() if rows is not None else h2.shape[0]
-    return mod.ReftForwardParams(h=h2.data_ptr(), dtype=DTYPE_CODE[h2.dtype], n_rows=h2.shape[0], d=h2.shape[1],
-                                 r=P.shape[0], rows=ptr(rows), n_slots=n_slots, P=P.data_ptr(), Q=Q.data_ptr(),
-                                 b=b.data_ptr(), dropout=dropout_params(mod, p, seed), out=out.data_ptr(),
-                                 z=z.data_ptr())
+    return mod.ReftForwardParams(
+        h=h2.data_ptr(),
+        dtype=DTYPE_CODE[h2.dtype],
+        n_rows=h2.shape[0],
+        d=h2.shape[1],
+        r=P.shape[0],
+        rows=ptr(rows),
+        n_slots=n_slots,
+        P=P.data_ptr(),
+        Q=Q.data_ptr(),
+        b=b.data_ptr(),
+        dropout=dropout_params(mod, p, seed),
+        out=out.data_ptr(),
+        z=z.data_ptr(),
+    )
 
 
 def reft_backward_params(mod, g2, h2, P, Q, z, rows, p: float, seed: int | None, dh, dP, dQ, db, workspace=None):
     """ftk::ReftBackwardParams; dh / (dP, dQ, db) are None when not wanted, workspace CUDA only."""
     n_slots = rows.numel() if rows is not None else g2.shape[0]
-    return mod.ReftBackwardParams(grad=g2.data_ptr(), h=h2.data_ptr(), dtype=DTYPE_CODE[g2.dtype],
-                                  n_rows=g2.shape[0], d=g2.shape[1], r=P.shape[0], rows=ptr(rows), n_slots=n_slots,
-                                  P=P.data_ptr(), Q=Q.data_ptr(), z=z.data_ptr(), dropout=dropout_params(mod, p, seed),
-                                  dh=ptr(dh), dP=ptr(dP), dQ=ptr(dQ), db=ptr(db), workspace=ptr(workspace),
-                                  workspace_floats=0 if workspace is None else workspace.numel())
+    return mod.ReftBackwardParams(
+        grad=g2.data_ptr(),
+        h=h2.data_ptr(),
+        dtype=DTYPE_CODE[g2.dtype],
+        n_rows=g2.shape[0],
+        d=g2.shape[1],
+        r=P.shape[0],
+        rows=ptr(rows),
+        n_slots=n_slots,
+        P=P.data_ptr(),
+        Q=Q.data_ptr(),
+        z=z.data_ptr(),
+        dropout=dropout_params(mod, p, seed),
+        dh=ptr(dh),
+        dP=ptr(dP),
+        dQ=ptr(dQ),
+        db=ptr(db),
+        workspace=ptr(workspace),
+        workspace_floats=0 if workspace is None else workspace.numel(),
+    )
 
 
 # ---- fused optimizer steps (csrc/include/ftk/optim.h) ------------------------------------
@@ -192,14 +283,32 @@ def reft_backward_params(mod, g2, h2, P, Q, z, rows, p: float, seed: int | None,
 
 def optim_32bit_params(mod, kind: int, param, grad, state1, state2, hyper: tuple):
     """ftk::Optim32bitParams; hyper is _formats.optim_hyper(...), state2 None for Lion."""
-    return mod.Optim32bitParams(kind=kind, param=param.data_ptr(), param_dtype=DTYPE_CODE[param.dtype],
-                                grad=grad.data_ptr(), grad_dtype=DTYPE_CODE[grad.dtype], n=param.numel(),
-                                state1=state1.data_ptr(), state2=ptr(state2), hyper=optim_hyper_params(mod, hyper))
+    return mod.Optim32bitParams(
+        kind=kind,
+        param=param.data_ptr(),
+        param_dtype=DTYPE_CODE[param.dtype],
+        grad=grad.data_ptr(),
+        grad_dtype=DTYPE_CODE[grad.dtype],
+        n=param.numel(),
+        state1=state1.data_ptr(),
+        state2=ptr(state2),
+        hyper=optim_hyper_params(mod, hyper),
+    )
 
 
 def optim_8bit_params(mod, param, grad, state1, state2, absmax1, absmax2, code1, code2, hyper: tuple):
     """ftk::Optim8bitParams; hyper is _formats.optim_hyper(...)."""
-    return mod.Optim8bitParams(param=param.data_ptr(), param_dtype=DTYPE_CODE[param.dtype], grad=grad.data_ptr(),
-                               grad_dtype=DTYPE_CODE[grad.dtype], n=param.numel(), state1=state1.data_ptr(),
-                               state2=state2.data_ptr(), absmax1=absmax1.data_ptr(), absmax2=absmax2.data_ptr(),
-                               code1=code1.data_ptr(), code2=code2.data_ptr(), hyper=optim_hyper_params(mod, hyper))
+    return mod.Optim8bitParams(
+        param=param.data_ptr(),
+        param_dtype=DTYPE_CODE[param.dtype],
+        grad=grad.data_ptr(),
+        grad_dtype=DTYPE_CODE[grad.dtype],
+        n=param.numel(),
+        state1=state1.data_ptr(),
+        state2=state2.data_ptr(),
+        absmax1=absmax1.data_ptr(),
+        absmax2=absmax2.data_ptr(),
+        code1=code1.data_ptr(),
+        code2=code2.data_ptr(),
+        hyper=optim_hyper_params(mod, hyper),
+    )

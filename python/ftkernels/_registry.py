@@ -150,9 +150,6 @@ def define(name: str, schema: str, fake: Callable, check: Callable, kernel: str 
         LIB.impl(name, impl, key)
 
 
-
-
-
 def arguments(op: str) -> type:
     """A NamedTuple class of ``ftk::op``'s schema arguments, in schema order: autograd unpacks
     ``inputs`` and ``needs_input_grad`` with it and builds its gradient tuple by name, so a new

@@ -47,12 +47,21 @@ def quantize_4bit(
     packed, absmax = torch.ops.ftk.quantize_4bit(A, blocksize, quant_type)
     code = get_4bit_type(quant_type, A.device)
     if not compress_statistics:
-        return packed, QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize,
-                                  quant_type=quant_type, dtype=A.dtype)
+        return packed, QuantState(
+            absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype
+        )
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
     qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
-    return packed, QuantState(absmax=qabsmax, shape=A.shape, code=code, blocksize=blocksize,
-                              quant_type=quant_type, dtype=A.dtype, offset=offset, state2=state2)
+    return packed, QuantState(
+        absmax=qabsmax,
+        shape=A.shape,
+        code=code,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        dtype=A.dtype,
+        offset=offset,
+        state2=state2,
+    )
 
 
 def dequantize_4bit(
@@ -72,8 +81,9 @@ def dequantize_4bit(
     if quant_state is None:
         if absmax is None or out is None:
             raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
-        quant_state = QuantState(absmax=absmax, shape=out.shape, dtype=out.dtype,
-                                 blocksize=blocksize, quant_type=quant_type)
+        quant_state = QuantState(
+            absmax=absmax, shape=out.shape, dtype=out.dtype, blocksize=blocksize, quant_type=quant_type
+        )
     elif not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
     qs = quant_state
@@ -167,10 +177,26 @@ def lora_linear_4bit(
     if qs.shape is None or len(qs.shape) != 2:
         raise ValueError(f"quant_state must describe a 2-D weight, got shape {qs.shape}")
     p, seed = _dropout_seed(dropout_p, training, generator)
-    nested = (qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize) if qs.nested else (
-        None, None, None, 256)
-    return torch.ops.ftk.lora_linear_4bit(x, packed, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape),
-                                          *nested, lora_A, lora_B, scaling, bias, p, seed)
+    nested = (
+        (qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize)
+        if qs.nested
+        else (None, None, None, 256)
+    )
+    return torch.ops.ftk.lora_linear_4bit(
+        x,
+        packed,
+        qs.absmax,
+        qs.blocksize,
+        qs.quant_type,
+        list(qs.shape),
+        *nested,
+        lora_A,
+        lora_B,
+        scaling,
+        bias,
+        p,
+        seed,
+    )
 
 
 def loreft(

@@ -18,8 +18,17 @@ from ._formats import BLOCKSIZES_4BIT, BLOCKSIZES_8BIT, QUANT_TYPES, code_4bit
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _KEYS = {
-    "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_type", "blocksize",
-    "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset",
+    "absmax",
+    "quant_map",
+    "nested_absmax",
+    "nested_quant_map",
+    "quant_type",
+    "blocksize",
+    "dtype",
+    "shape",
+    "nested_blocksize",
+    "nested_dtype",
+    "nested_offset",
 }
 
 
@@ -51,8 +60,9 @@ class QuantState:
     ``state2`` (nested absmax, 256-entry ``code``, ``blocksize``) and ``offset`` decode.
     """
 
-    def __init__(self, absmax, shape=None, code=None, blocksize=None, quant_type=None,
-                 dtype=None, offset=None, state2=None):
+    def __init__(
+        self, absmax, shape=None, code=None, blocksize=None, quant_type=None, dtype=None, offset=None, state2=None
+    ):
         self.absmax = absmax
         self.shape = torch.Size(shape) if shape is not None else None
         self.code = code
@@ -80,8 +90,10 @@ class QuantState:
 
     def __repr__(self) -> str:
         extra = f", nested_blocksize={self.nested_blocksize}" if self.nested else ""
-        return (f"QuantState(quant_type={self.quant_type!r}, shape={tuple(self.shape or ())}, "
-                f"dtype={self.dtype}, blocksize={self.blocksize}{extra})")
+        return (
+            f"QuantState(quant_type={self.quant_type!r}, shape={tuple(self.shape or ())}, "
+            f"dtype={self.dtype}, blocksize={self.blocksize}{extra})"
+        )
 
     # ---- serialisation -------------------------------------------------------------------
 
@@ -96,19 +108,22 @@ class QuantState:
             "shape": tuple(self.shape) if self.shape is not None else None,
         }
         if self.nested:
-            d.update({
-                "nested_absmax": self.state2.absmax,
-                "nested_blocksize": self.state2.blocksize,
-                # a copy, so safetensors does not see one storage under two keys
-                "nested_quant_map": self.state2.code.clone(),
-                "nested_dtype": dtype_name(self.state2.dtype),
-                "nested_offset": float(self.offset.item()),
-            })
+            d.update(
+                {
+                    "nested_absmax": self.state2.absmax,
+                    "nested_blocksize": self.state2.blocksize,
+                    # a copy, so safetensors does not see one storage under two keys
+                    "nested_quant_map": self.state2.code.clone(),
+                    "nested_dtype": dtype_name(self.state2.dtype),
+                    "nested_offset": float(self.offset.item()),
+                }
+            )
         if not packed:
             return d
         out = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
         out[f"quant_state.bitsandbytes__{self.quant_type}"] = pack_dict_to_tensor(
-            {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)})
+            {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
+        )
         return out
 
     @classmethod
@@ -143,11 +158,11 @@ class QuantState:
         blocksize = _int_in("blocksize", d["blocksize"], BLOCKSIZES_4BIT)
         dtype = _dtype("dtype", d["dtype"])
         shape = d["shape"]
-        if (not isinstance(shape, (list, tuple))
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
             raise ValueError(f"quant_state: shape must be a list of non-negative ints, got {shape!r}")
         nblocks = -(-math.prod(shape) // blocksize)
-
 
         code = _tensor("quant_map", d["quant_map"], torch.float32, 16)
         if not torch.equal(code, code_4bit(quant_type, "cpu").to(code.device)):
@@ -172,8 +187,16 @@ class QuantState:
         else:
             absmax = _tensor("absmax", absmax, torch.float32, nblocks)
             state2 = offset = None
-        return cls(absmax=absmax.to(device), shape=shape, code=code.to(device), blocksize=blocksize,
-                   quant_type=quant_type, dtype=dtype, offset=offset, state2=state2)
+        return cls(
+            absmax=absmax.to(device),
+            shape=shape,
+            code=code.to(device),
+            blocksize=blocksize,
+            quant_type=quant_type,
+            dtype=dtype,
+            offset=offset,
+            state2=state2,
+        )
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -183,8 +206,9 @@ class QuantState:
             raise TypeError(f"{name} must be a uint8 tensor of packed 4-bit values")
         n = math.prod(self.shape)
         if packed.numel() != (n + 1) // 2:
-            raise ValueError(f"{name} has {packed.numel()} bytes but quant_state shape "
-                             f"{tuple(self.shape)} needs {(n + 1) // 2}")
+            raise ValueError(
+                f"{name} has {packed.numel()} bytes but quant_state shape {tuple(self.shape)} needs {(n + 1) // 2}"
+            )
 
     def to(self, device) -> QuantState:
         """Move to ``device`` in place (as bitsandbytes does) and return self."""
@@ -199,15 +223,22 @@ class QuantState:
     def __eq__(self, other) -> bool:
         if not isinstance(other, QuantState):
             return NotImplemented
-        same = (self.shape == other.shape and self.dtype == other.dtype
-                and self.blocksize == other.blocksize and self.quant_type == other.quant_type
-                and self.nested == other.nested and torch.equal(self.absmax.cpu(), other.absmax.cpu())
-                and torch.equal(self.code.cpu(), other.code.cpu()))
+        same = (
+            self.shape == other.shape
+            and self.dtype == other.dtype
+            and self.blocksize == other.blocksize
+            and self.quant_type == other.quant_type
+            and self.nested == other.nested
+            and torch.equal(self.absmax.cpu(), other.absmax.cpu())
+            and torch.equal(self.code.cpu(), other.code.cpu())
+        )
         if same and self.nested:  # the nested state is compared by what decoding uses
-            same = (torch.equal(self.offset.cpu(), other.offset.cpu())
-                    and self.nested_blocksize == other.nested_blocksize
-                    and torch.equal(self.nested_absmax.cpu(), other.nested_absmax.cpu())
-                    and torch.equal(self.nested_code.cpu(), other.nested_code.cpu()))
+            same = (
+                torch.equal(self.offset.cpu(), other.offset.cpu())
+                and self.nested_blocksize == other.nested_blocksize
+                and torch.equal(self.nested_absmax.cpu(), other.nested_absmax.cpu())
+                and torch.equal(self.nested_code.cpu(), other.nested_code.cpu())
+            )
         return same
 
     __hash__ = None  # mutable, compared by value

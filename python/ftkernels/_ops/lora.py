@@ -16,6 +16,7 @@ from .._formats import GRAD_DTYPES, LORA_MAX_RANK, lora_linear_4bit_backward_out
 from .._registry import LIB, arguments, define, gradients
 from .quant import Weight4bit, check_weight_4bit
 
+
 def _check_lora_factors(x, w: Weight4bit, lora_A, lora_B, x_name: str = "x", x_dim: int = 1):
     """Shapes, dtypes and devices of x (last dim = W's dim x_dim), A (r x K) and B (N x r)."""
     n, k = w.shape
@@ -25,21 +26,40 @@ def _check_lora_factors(x, w: Weight4bit, lora_A, lora_B, x_name: str = "x", x_d
         need_device(name, t, w.packed.device)
     want = (n, k)[x_dim]
     if x.dim() == 0 or x.shape[-1] != want:
-        raise ValueError(f"{x_name} has shape {list(x.shape)}; its last dimension must be {want} "
-                         f"(the 4-bit weight is {n} x {k})")
+        raise ValueError(
+            f"{x_name} has shape {list(x.shape)}; its last dimension must be {want} (the 4-bit weight is {n} x {k})"
+        )
     if lora_A.dim() != 2 or lora_A.shape[1] != k or not 1 <= lora_A.shape[0] <= LORA_MAX_RANK:
-        raise ValueError(f"lora_A must be (r, in_features={k}) with 1 <= r <= {LORA_MAX_RANK}, "
-                         f"got {list(lora_A.shape)}")
+        raise ValueError(
+            f"lora_A must be (r, in_features={k}) with 1 <= r <= {LORA_MAX_RANK}, got {list(lora_A.shape)}"
+        )
     r = lora_A.shape[0]
     if lora_B.dim() != 2 or list(lora_B.shape) != [n, r]:
         raise ValueError(f"lora_B must be (out_features={n}, r={r}) to match lora_A, got {list(lora_B.shape)}")
     return dense(x), dense(lora_A), dense(lora_B)
 
 
-def _check_lora_linear_4bit(x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code,
-                            offset, nested_blocksize, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    w = check_weight_4bit(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
-                           nested_blocksize)
+def _check_lora_linear_4bit(
+    x,
+    packed,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    nested_absmax,
+    nested_code,
+    offset,
+    nested_blocksize,
+    lora_A,
+    lora_B,
+    scaling,
+    bias,
+    dropout_p,
+    seed,
+):
+    w = check_weight_4bit(
+        packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize
+    )
     x, lora_A, lora_B = _check_lora_factors(x, w, lora_A, lora_B)
     if bias is not None:
         need_tensor("bias", bias)
@@ -48,39 +68,102 @@ def _check_lora_linear_4bit(x, packed, absmax, blocksize, quant_type, shape, nes
         if list(bias.shape) != [w.shape[0]]:
             raise ValueError(f"bias must have shape [{w.shape[0]}] (out_features), got {list(bias.shape)}")
         bias = dense(bias)
-    return (x, w, lora_A, lora_B, need_float("scaling", scaling), bias, float(dropout_p),
-            dropout_seed(dropout_p, seed))
+    return (x, w, lora_A, lora_B, need_float("scaling", scaling), bias, float(dropout_p), dropout_seed(dropout_p, seed))
 
 
-def _check_lora_linear_4bit_backward(grad_out, x, packed, absmax, blocksize, quant_type, shape, nested_absmax,
-                                     nested_code, offset, nested_blocksize, lora_A, lora_B, scaling, dropout_p,
-                                     seed, need_x, need_lora):
-    w = check_weight_4bit(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
-                           nested_blocksize)
+def _check_lora_linear_4bit_backward(
+    grad_out,
+    x,
+    packed,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    nested_absmax,
+    nested_code,
+    offset,
+    nested_blocksize,
+    lora_A,
+    lora_B,
+    scaling,
+    dropout_p,
+    seed,
+    need_x,
+    need_lora,
+):
+    w = check_weight_4bit(
+        packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize
+    )
     x, lora_A, lora_B = _check_lora_factors(x, w, lora_A, lora_B)
     grad_out, _, _ = _check_lora_factors(grad_out, w, lora_A, lora_B, "grad_out", 0)
     if grad_out.shape[:-1] != x.shape[:-1]:
-        raise ValueError(f"grad_out has shape {list(grad_out.shape)} but x has {list(x.shape)}; "
-                         "their leading dimensions must match")
-    return (grad_out, x, w, lora_A, lora_B, need_float("scaling", scaling), float(dropout_p),
-            dropout_seed(dropout_p, seed), bool(need_x), bool(need_lora))
+        raise ValueError(
+            f"grad_out has shape {list(grad_out.shape)} but x has {list(x.shape)}; their leading dimensions must match"
+        )
+    return (
+        grad_out,
+        x,
+        w,
+        lora_A,
+        lora_B,
+        need_float("scaling", scaling),
+        float(dropout_p),
+        dropout_seed(dropout_p, seed),
+        bool(need_x),
+        bool(need_lora),
+    )
 
 
-def _fake_lora_linear_4bit(x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
-                           nested_blocksize, lora_A, lora_B, scaling, bias, dropout_p, seed):
+def _fake_lora_linear_4bit(
+    x,
+    packed,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    nested_absmax,
+    nested_code,
+    offset,
+    nested_blocksize,
+    lora_A,
+    lora_B,
+    scaling,
+    bias,
+    dropout_p,
+    seed,
+):
     fake_same_device(packed, x=x, absmax=absmax, lora_A=lora_A, lora_B=lora_B, bias=bias)
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
-def _fake_lora_linear_4bit_backward(grad_out, x, packed, absmax, blocksize, quant_type, shape, nested_absmax,
-                                    nested_code, offset, nested_blocksize, lora_A, lora_B, scaling, dropout_p,
-                                    seed, need_x, need_lora):
+def _fake_lora_linear_4bit_backward(
+    grad_out,
+    x,
+    packed,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    nested_absmax,
+    nested_code,
+    offset,
+    nested_blocksize,
+    lora_A,
+    lora_B,
+    scaling,
+    dropout_p,
+    seed,
+    need_x,
+    need_lora,
+):
     fake_same_device(packed, grad_out=grad_out, x=x, absmax=absmax, lora_A=lora_A, lora_B=lora_B)
     return lora_linear_4bit_backward_outputs(x, lora_A, lora_B, need_x, need_lora)
 
 
-_WEIGHT_4BIT_SCHEMA = ("Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
-                       "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize")
+_WEIGHT_4BIT_SCHEMA = (
+    "Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+    "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize"
+)
 define(
     "lora_linear_4bit",
     f"(Tensor x, {_WEIGHT_4BIT_SCHEMA}, Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, "
@@ -99,8 +182,7 @@ define(
 
 def _lora_setup_context(ctx, inputs, output):
     a = arguments("lora_linear_4bit")(*inputs)
-    ctx.save_for_backward(a.x, a.packed, a.absmax, a.nested_absmax, a.nested_code, a.offset, a.lora_A, a.lora_B,
-                          a.seed)
+    ctx.save_for_backward(a.x, a.packed, a.absmax, a.nested_absmax, a.nested_code, a.offset, a.lora_A, a.lora_B, a.seed)
     ctx.consts = (a.blocksize, a.quant_type, a.shape, a.nested_blocksize, a.scaling, a.dropout_p)
     ctx.bias_dtype = a.bias.dtype if a.bias is not None else None
 
@@ -113,14 +195,35 @@ def _lora_backward(ctx, grad):
     dx = dA = dB = dbias = None
     if need.x or need_lora:
         dx, dA, dB = torch.ops.ftk.lora_linear_4bit_backward(
-            grad, x, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
-            nested_blocksize, lora_A, lora_B, scaling, dropout_p, seed, need.x, need_lora)
+            grad,
+            x,
+            packed,
+            absmax,
+            blocksize,
+            quant_type,
+            shape,
+            nested_absmax,
+            nested_code,
+            offset,
+            nested_blocksize,
+            lora_A,
+            lora_B,
+            scaling,
+            dropout_p,
+            seed,
+            need.x,
+            need_lora,
+        )
     if need.bias:
         acc = torch.float64 if ctx.bias_dtype == torch.float64 else torch.float32
         dbias = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=acc).to(ctx.bias_dtype)
-    return gradients("lora_linear_4bit", x=dx if need.x else None, lora_A=dA if need.lora_A else None,
-                     lora_B=dB if need.lora_B else None, bias=dbias)
+    return gradients(
+        "lora_linear_4bit",
+        x=dx if need.x else None,
+        lora_A=dA if need.lora_A else None,
+        lora_B=dB if need.lora_B else None,
+        bias=dbias,
+    )
 
 
-torch.library.register_autograd("ftk::lora_linear_4bit", _lora_backward, setup_context=_lora_setup_context,
-                                lib=LIB)
+torch.library.register_autograd("ftk::lora_linear_4bit", _lora_backward, setup_context=_lora_setup_context, lib=LIB)

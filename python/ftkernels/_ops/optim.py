@@ -28,8 +28,13 @@ def need_inplace(name: str, t, like: torch.Tensor, dtypes) -> None:
 
 
 def _check_hyper(lr, beta1, beta2, eps, weight_decay, step=None) -> None:
-    for name, v, lo, hi in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0),
-                            ("eps", eps, 0.0, math.inf), ("weight_decay", weight_decay, 0.0, math.inf)):
+    for name, v, lo, hi in (
+        ("lr", lr, 0.0, math.inf),
+        ("beta1", beta1, 0.0, 1.0),
+        ("beta2", beta2, 0.0, 1.0),
+        ("eps", eps, 0.0, math.inf),
+        ("weight_decay", weight_decay, 0.0, math.inf),
+    ):
         v = need_float(name, v)
         if not (lo <= v < hi):
             raise ValueError(f"{name} must be in [{lo}, {hi}), got {v!r}")
@@ -67,8 +72,9 @@ def _check_lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
     return param, grad, exp_avg, lr, beta1, beta2, weight_decay
 
 
-def _check_adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
-                          weight_decay, step):
+def _check_adamw8bit_step(
+    param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps, weight_decay, step
+):
     grad = _check_param_grad(param, grad)
     need_inplace("state1", state1, param, (torch.uint8,))
     need_inplace("state2", state2, param, (torch.uint8,))
@@ -86,8 +92,22 @@ def _check_adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, 
         need_device(name, t, param.device)
         need_numel(name, t, 256, "an 8-bit code")
     _check_hyper(lr, beta1, beta2, eps, weight_decay, step)
-    return (param, grad, state1, state2, absmax1, absmax2, dense(code1), dense(code2), lr, beta1, beta2, eps,
-            weight_decay, step)
+    return (
+        param,
+        grad,
+        state1,
+        state2,
+        absmax1,
+        absmax2,
+        dense(code1),
+        dense(code2),
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
+    )
 
 
 def _fake_adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
@@ -98,10 +118,12 @@ def _fake_lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
     fake_same_device(param, grad=grad, exp_avg=exp_avg)
 
 
-def _fake_adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
-                         weight_decay, step):
-    fake_same_device(param, grad=grad, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2,
-                      code1=code1, code2=code2)
+def _fake_adamw8bit_step(
+    param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps, weight_decay, step
+):
+    fake_same_device(
+        param, grad=grad, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2, code1=code1, code2=code2
+    )
 
 
 define(
@@ -113,8 +135,7 @@ define(
 )
 define(
     "lion_step",
-    "(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, float lr, float beta1, float beta2, float weight_decay) "
-    "-> ()",
+    "(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, float lr, float beta1, float beta2, float weight_decay) -> ()",
     _fake_lion_step,
     _check_lion_step,
 )
@@ -125,4 +146,3 @@ define(
     _fake_adamw8bit_step,
     _check_adamw8bit_step,
 )
-

@@ -28,6 +28,7 @@ from .._checks import (
 from .._formats import BLOCKSIZES_8BIT, FLOAT_DTYPES, quantize_4bit_outputs, quantize_blockwise_outputs
 from .._registry import define
 
+
 def _check_quantize_4bit(A, blocksize, quant_type):
     need_tensor("A", A)
     need_dtype("A", A, FLOAT_DTYPES)
@@ -37,8 +38,16 @@ def _check_quantize_4bit(A, blocksize, quant_type):
 
 
 def _check_dequantize_4bit(
-    A, absmax, blocksize, quant_type, shape, dtype,
-    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256,
+    A,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    dtype,
+    nested_absmax=None,
+    nested_code=None,
+    offset=None,
+    nested_blocksize=256,
 ):
     need_tensor("A", A)
     need_tensor("absmax", absmax)
@@ -66,18 +75,35 @@ def _check_dequantize_4bit(
             need_dtype(name, t, (torch.float32,))
             need_device(name, t, A.device)
         need_blocksize(nested_blocksize, BLOCKSIZES_8BIT, "nested_blocksize")
-        need_numel("nested_absmax", nested_absmax, -(-nblocks // nested_blocksize),
-                    f"{nblocks} absmax codes at nested_blocksize {nested_blocksize}")
+        need_numel(
+            "nested_absmax",
+            nested_absmax,
+            -(-nblocks // nested_blocksize),
+            f"{nblocks} absmax codes at nested_blocksize {nested_blocksize}",
+        )
         need_numel("nested_code", nested_code, 256, "an 8-bit code")
         need_numel("offset", offset, 1, "double quantization")
         nested = tuple(dense(t) for t in nested)
     return (dense(A), dense(absmax), blocksize, quant_type, shape, dtype, *nested, nested_blocksize)
 
 
-def _check_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None,
-                               nested_code=None, offset=None, nested_blocksize=256, *, out):
-    checked = _check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                                     nested_absmax, nested_code, offset, nested_blocksize)
+def _check_dequantize_4bit_out(
+    A,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    dtype,
+    nested_absmax=None,
+    nested_code=None,
+    offset=None,
+    nested_blocksize=256,
+    *,
+    out,
+):
+    checked = _check_dequantize_4bit(
+        A, absmax, blocksize, quant_type, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
+    )
     need_tensor("out", out)
     if list(out.shape) != checked[4] or out.dtype != dtype:
         raise ValueError(f"out must have shape {checked[4]} and dtype {dtype}; got {list(out.shape)} {out.dtype}")
@@ -118,14 +144,36 @@ def _fake_quantize_4bit(A, blocksize, quant_type):
     return quantize_4bit_outputs(A, blocksize)
 
 
-def _fake_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                          nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+def _fake_dequantize_4bit(
+    A,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    dtype,
+    nested_absmax=None,
+    nested_code=None,
+    offset=None,
+    nested_blocksize=256,
+):
     fake_same_device(A, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset)
     return A.new_empty(shape, dtype=dtype)
 
 
-def _fake_dequantize_4bit_out(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None,
-                              nested_code=None, offset=None, nested_blocksize=256, *, out):
+def _fake_dequantize_4bit_out(
+    A,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    dtype,
+    nested_absmax=None,
+    nested_code=None,
+    offset=None,
+    nested_blocksize=256,
+    *,
+    out,
+):
     fake_same_device(A, absmax=absmax, out=out)
 
 
@@ -192,19 +240,37 @@ class Weight4bit(NamedTuple):
     nested_blocksize: int
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.ops.ftk.dequantize_4bit(self.packed, self.absmax, self.blocksize, self.quant_type,
-                                             self.shape, dtype, self.nested_absmax, self.nested_code,
-                                             self.offset, self.nested_blocksize)
+        return torch.ops.ftk.dequantize_4bit(
+            self.packed,
+            self.absmax,
+            self.blocksize,
+            self.quant_type,
+            self.shape,
+            dtype,
+            self.nested_absmax,
+            self.nested_code,
+            self.offset,
+            self.nested_blocksize,
+        )
 
 
-def check_weight_4bit(packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset,
-                       nested_blocksize) -> Weight4bit:
+def check_weight_4bit(
+    packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize
+) -> Weight4bit:
     if len(shape) != 2:
         raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {list(shape)}")
     if any(int(s) == 0 for s in shape):
         raise ValueError(f"the 4-bit weight must have non-zero dimensions, got shape {list(shape)}")
-    checked = _check_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, torch.float32,
-                                     nested_absmax, nested_code, offset, nested_blocksize)
+    checked = _check_dequantize_4bit(
+        packed,
+        absmax,
+        blocksize,
+        quant_type,
+        shape,
+        torch.float32,
+        nested_absmax,
+        nested_code,
+        offset,
+        nested_blocksize,
+    )
     return Weight4bit(*checked[:5], *checked[6:])
-
-

@@ -74,8 +74,9 @@ def reft_rows(positions, h: torch.Tensor) -> torch.Tensor | None:
     need_device("positions", positions, h.device)
     if h.dim() == 3:
         if positions.dim() != 2 or positions.shape[0] != h.shape[0]:
-            raise ValueError(f"positions must be (batch={h.shape[0]}, k) for h of shape {list(h.shape)}, "
-                             f"got {list(positions.shape)}")
+            raise ValueError(
+                f"positions must be (batch={h.shape[0]}, k) for h of shape {list(h.shape)}, got {list(positions.shape)}"
+            )
         pos = positions.long()
     else:
         if positions.dim() != 1:
@@ -84,11 +85,14 @@ def reft_rows(positions, h: torch.Tensor) -> torch.Tensor | None:
     seq = h.shape[-2]
     if pos.numel() > 0:
         srt = pos.sort(dim=1).values
-        bad = torch.stack([((pos < -1) | (pos >= seq)).any(),
-                           ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()]).tolist()
+        bad = torch.stack(
+            [((pos < -1) | (pos >= seq)).any(), ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()]
+        ).tolist()
         if bad[0]:
-            raise ValueError(f"positions must be in [-1, {seq}) (a sequence position, or -1 for none); got values "
-                             f"from {int(pos.min())} to {int(pos.max())}")
+            raise ValueError(
+                f"positions must be in [-1, {seq}) (a sequence position, or -1 for none); got values "
+                f"from {int(pos.min())} to {int(pos.max())}"
+            )
         if bad[1]:
             raise ValueError("positions repeats a position within one sequence; each position may be edited once")
     base = torch.arange(pos.shape[0], device=pos.device, dtype=torch.int64)[:, None] * seq
@@ -144,17 +148,29 @@ def _check_reft_backward(grad, h, P, Q, z, positions, dropout_p, seed, need_h, n
         need_dtype(name, t, (ct,))
     need_device("z", z, h.device)
     if list(z.shape) != [reft_slots(h, positions), r]:
-        raise ValueError(f"z must be (slots={reft_slots(h, positions)}, rank={r}) as the forward made it, "
-                         f"got {list(z.shape)}")
+        raise ValueError(
+            f"z must be (slots={reft_slots(h, positions)}, rank={r}) as the forward made it, got {list(z.shape)}"
+        )
     rows = reft_rows(positions, h)
-    return (dense(grad), dense(h), dense(P), dense(Q), dense(z), rows, float(dropout_p),
-            dropout_seed(dropout_p, seed), bool(need_h), bool(need_params))
+    return (
+        dense(grad),
+        dense(h),
+        dense(P),
+        dense(Q),
+        dense(z),
+        rows,
+        float(dropout_p),
+        dropout_seed(dropout_p, seed),
+        bool(need_h),
+        bool(need_params),
+    )
 
 
 def _fake_reft(A_name: str, B_name: str) -> Callable:
     def fake(h, A, B, b, positions, dropout_p, seed):
         fake_same_device(h, **{A_name: A, B_name: B}, b=b, positions=positions)
         return reft_forward_outputs(h, A.shape[0], reft_slots(h, positions))
+
     return fake
 
 
@@ -172,8 +188,7 @@ define(
 )
 define(
     "direft",
-    "(Tensor h, Tensor W1, Tensor W2, Tensor b, Tensor? positions, float dropout_p, Tensor? seed) "
-    "-> (Tensor, Tensor)",
+    "(Tensor h, Tensor W1, Tensor W2, Tensor b, Tensor? positions, float dropout_p, Tensor? seed) -> (Tensor, Tensor)",
     _fake_reft("W1", "W2"),
     _check_direft,
     kernel="reft_forward",
@@ -204,14 +219,19 @@ def _reft_backward(ctx, grad, op: str, factors: tuple[str, str], to_pq: Callable
         return gradients(op)
     ct = reft_compute_dtype(h)
     P, Q = to_pq(A.to(ct), B.to(ct))
-    dh, dP, dQ, db = torch.ops.ftk.reft_backward(grad.to(h.dtype), h, P, Q, z, positions, dropout_p, seed,
-                                                 need.h, need_params)
+    dh, dP, dQ, db = torch.ops.ftk.reft_backward(
+        grad.to(h.dtype), h, P, Q, z, positions, dropout_p, seed, need.h, need_params
+    )
     dA = dB = None
     if need_params:
         dA, dB = from_dpq(dP, dQ)
         dA, dB, db = dA.to(A.dtype), dB.to(B.dtype), db.to(b_dtype)
-    return gradients(op, h=dh if need.h else None, **{factors[0]: dA if need_A else None,
-                                                     factors[1]: dB if need_B else None}, b=db if need.b else None)
+    return gradients(
+        op,
+        h=dh if need.h else None,
+        **{factors[0]: dA if need_A else None, factors[1]: dB if need_B else None},
+        b=db if need.b else None,
+    )
 
 
 def _register_reft_autograd(op: str, factors: tuple[str, str], to_pq: Callable, from_dpq: Callable) -> None:
@@ -219,7 +239,8 @@ def _register_reft_autograd(op: str, factors: tuple[str, str], to_pq: Callable, 
         f"ftk::{op}",
         lambda ctx, grad, _grad_z: _reft_backward(ctx, grad, op, factors, to_pq, from_dpq),
         setup_context=lambda ctx, inputs, output: _reft_setup_context(ctx, inputs, output, op, factors),
-        lib=LIB)
+        lib=LIB,
+    )
 
 
 _register_reft_autograd("loreft", ("R", "W"), _loreft_pq, _loreft_grads)

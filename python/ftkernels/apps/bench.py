@@ -51,7 +51,8 @@ def benchmarks_dir() -> Path:
             return here
     raise FileNotFoundError(
         f"no benchmark suites at {' or '.join(map(str, places))}: run `ftk bench` from the root of a source "
-        "checkout, or set FTK_BENCH_DIR to its benchmarks/ folder")
+        "checkout, or set FTK_BENCH_DIR to its benchmarks/ folder"
+    )
 
 
 def baselines_present() -> dict[str, bool]:
@@ -74,9 +75,12 @@ def summarize(benchmarks: Sequence[dict]) -> dict[str, dict]:
     for name, bench in sorted(by_name.items()):
         info = bench.get("extra_info", {})
         t = seconds(bench)
-        entry = {"group": bench.get("group"), "median_ms": t * 1e3,
-                 "spread_ms": bench["stats"].get("iqr", 0.0) * 1e3,
-                 "GB/s": info.get("bytes_moved", 0) / t / 1e9 if t > 0 else 0.0}
+        entry = {
+            "group": bench.get("group"),
+            "median_ms": t * 1e3,
+            "spread_ms": bench["stats"].get("iqr", 0.0) * 1e3,
+            "GB/s": info.get("bytes_moved", 0) / t / 1e9 if t > 0 else 0.0,
+        }
         if info.get("flops"):
             entry["TFLOP/s"] = info["flops"] / t / 1e12
         for label, other in info.get("compare", {}).items():
@@ -112,38 +116,59 @@ def _fmt(v) -> str:
 
 def markdown(results: dict[str, dict[str, dict]], present: dict[str, bool], header: dict) -> str:
     """The report as markdown: environment, baselines present/absent, one table per op."""
-    lines = [f"# ftkernels benchmark report ({header['device']})", "",
-             f"{header['date']} · torch {header['torch']} · {header['threads']} CPU threads · "
-             f"`{header['command']}`" + (" · **quick mode: small shapes, not measurements**"
-                                         if header.get("quick") else ""), "",
-             "Baselines:", *(f"- {k}: {'present' if v else '**absent**'} ({BASELINES[k][1]})"
-                             for k, v in present.items()), ""]
+    lines = [
+        f"# ftkernels benchmark report ({header['device']})",
+        "",
+        f"{header['date']} · torch {header['torch']} · {header['threads']} CPU threads · "
+        f"`{header['command']}`" + (" · **quick mode: small shapes, not measurements**" if header.get("quick") else ""),
+        "",
+        "Baselines:",
+        *(f"- {k}: {'present' if v else '**absent**'} ({BASELINES[k][1]})" for k, v in present.items()),
+        "",
+    ]
     for op, rows in results.items():
         lines += [f"## {op}", ""]
         if not rows:
             lines += ["(no results: the suite did not run; see its log in raw/)", ""]
             continue
-        ratio_keys = sorted({k for e in rows.values() for k in e  # fraction_of_matmul is speedup_vs_dense
-                             if k.startswith(("speedup_vs_", "fraction_of_")) and k != "speedup_vs_dense"})
+        ratio_keys = sorted(
+            {
+                k
+                for e in rows.values()
+                for k in e  # fraction_of_matmul is speedup_vs_dense
+                if k.startswith(("speedup_vs_", "fraction_of_")) and k != "speedup_vs_dense"
+            }
+        )
         cols = ["benchmark", "median ms", "spread (IQR) ms", "GB/s", "TFLOP/s", *ratio_keys]
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
         for name, e in rows.items():
-            cells = [("**" + name + "**") if is_ours(name) else name, _fmt(e["median_ms"]), _fmt(e["spread_ms"]),
-                     _fmt(e["GB/s"]) if e["GB/s"] else "", _fmt(e["TFLOP/s"]) if "TFLOP/s" in e else ""]
+            cells = [
+                ("**" + name + "**") if is_ours(name) else name,
+                _fmt(e["median_ms"]),
+                _fmt(e["spread_ms"]),
+                _fmt(e["GB/s"]) if e["GB/s"] else "",
+                _fmt(e["TFLOP/s"]) if "TFLOP/s" in e else "",
+            ]
             cells += [_fmt(e[k]) if k in e else "" for k in ratio_keys]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for name, e in rows.items():  # figures a benchmark reports beside its timing
-            extra = {k: v for k, v in e.items() if k not in _COLUMNS and k not in ratio_keys
-                     and k != "speedup_vs_dense" and isinstance(v, (int, float))}
+            extra = {
+                k: v
+                for k, v in e.items()
+                if k not in _COLUMNS and k not in ratio_keys and k != "speedup_vs_dense" and isinstance(v, (int, float))
+            }
             if extra:
                 lines.append(f"- {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(extra.items())))
         lines.append("")
-    lines += ["How to read it: each ratio is measured in this run. speedup_vs_X > 1 means ours is faster than "
-              "X; fraction_of_copy_bandwidth is our GB/s over a plain tensor copy's (1.0 = as fast as memory "
-              "allows); fraction_of_matmul is the dense matmuls' time over ours (1.0 = the fused layer costs "
-              "no more than its matmuls alone). Rows in bold are ftkernels'.", ""]
+    lines += [
+        "How to read it: each ratio is measured in this run. speedup_vs_X > 1 means ours is faster than "
+        "X; fraction_of_copy_bandwidth is our GB/s over a plain tensor copy's (1.0 = as fast as memory "
+        "allows); fraction_of_matmul is the dense matmuls' time over ours (1.0 = the fused layer costs "
+        "no more than its matmuls alone). Rows in bold are ftkernels'.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -154,12 +179,22 @@ def charts(results: dict[str, dict[str, dict]], out: Path) -> list[Path]:
 
     written = []
     for kind, keys, title, fname in (
-            ("speedup", ("speedup_vs_",), "speed-up over each baseline (x, higher is better)", "speedup.png"),
-            ("ceiling", ("fraction_of_copy_bandwidth", "fraction_of_matmul"),
-             "fraction of the ceiling measured in the same run", "ceiling.png")):
-        bars = [(f"{name} {k.removeprefix('speedup_vs_').removeprefix('fraction_of_')}", v)
-                for rows in results.values() for name, e in rows.items() if is_ours(name)
-                for k, v in e.items() if k.startswith(keys)]
+        ("speedup", ("speedup_vs_",), "speed-up over each baseline (x, higher is better)", "speedup.png"),
+        (
+            "ceiling",
+            ("fraction_of_copy_bandwidth", "fraction_of_matmul"),
+            "fraction of the ceiling measured in the same run",
+            "ceiling.png",
+        ),
+    ):
+        bars = [
+            (f"{name} {k.removeprefix('speedup_vs_').removeprefix('fraction_of_')}", v)
+            for rows in results.values()
+            for name, e in rows.items()
+            if is_ours(name)
+            for k, v in e.items()
+            if k.startswith(keys)
+        ]
         fig, ax = plt.subplots(figsize=(9, 0.32 * max(len(bars), 3) + 1.2))
         if bars:
             ax.barh([b[0] for b in bars], [b[1] for b in bars], color="#2860c0")
@@ -202,8 +237,16 @@ def run(ops: Iterable[str], out: Path, quick: bool = False, echo=print) -> dict:
         echo(f"running benchmarks/bench_{op}.py{' (quick)' if quick else ''} ...")
         record = raw / f"{op}.json"
         record.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(bench_dir / f"bench_{op}.py"),
-               f"--benchmark-json={record}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(bench_dir / f"bench_{op}.py"),
+            f"--benchmark-json={record}",
+        ]
         done = subprocess.run(cmd, cwd=bench_dir.parent, env=env, capture_output=True, text=True)
         (raw / f"{op}.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
@@ -213,9 +256,14 @@ def run(ops: Iterable[str], out: Path, quick: bool = False, echo=print) -> dict:
         results[op] = summarize(records)
     present = baselines_present()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
-    header = {"device": device, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "quick": quick,
-              "command": "ftk bench" + (" --quick" if quick else "") + f" --ops {','.join(ops)}"}
+    header = {
+        "device": device,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "quick": quick,
+        "command": "ftk bench" + (" --quick" if quick else "") + f" --ops {','.join(ops)}",
+    }
     report = {"header": header, "baselines_present": present, "failed": failed, "results": results}
     try:
         report["charts"] = [p.name for p in charts(results, out)]

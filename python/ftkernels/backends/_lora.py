@@ -42,8 +42,9 @@ def forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, *, dropout: Ca
     return y.view(*x.shape[:-1], n)
 
 
-def backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora, *,
-             dropout: Callable, matmul: Callable):
+def backward(
+    grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora, *, dropout: Callable, matmul: Callable
+):
     n, k = w.shape
     dy = grad_out.reshape(-1, n)
     g = mm32(dy, lora_B)  # (M, r) fp32: the gradient at the LoRA bottleneck

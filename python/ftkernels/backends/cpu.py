@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _formats, _native
-from . import _lora
 from .._registry import register_backend, register_kernel
+from . import _lora
 
 register_backend("cpu", lambda device_type: device_type == "cpu" and _native.cpu_available())
 
@@ -15,20 +15,35 @@ register_backend("cpu", lambda device_type: device_type == "cpu" and _native.cpu
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
     packed, absmax = _formats.quantize_4bit_outputs(A, blocksize)
     mod = _native.cpu()
-    mod.quantize_4bit(_native.quantize_4bit_params(mod, A, blocksize, quant_type, packed, absmax),
-                      torch.get_num_threads())
+    mod.quantize_4bit(
+        _native.quantize_4bit_params(mod, A, blocksize, quant_type, packed, absmax), torch.get_num_threads()
+    )
     return packed, absmax
 
 
 @register_kernel("dequantize_4bit", "cpu")
-def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256, out=None):
+def dequantize_4bit(
+    A,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    dtype,
+    nested_absmax=None,
+    nested_code=None,
+    offset=None,
+    nested_blocksize=256,
+    out=None,
+):
     if out is None:
         out = A.new_empty(shape, dtype=dtype)
     mod = _native.cpu()
-    mod.dequantize_4bit(_native.dequantize_4bit_params(mod, A, absmax, blocksize, quant_type, shape, nested_absmax,
-                                                       nested_code, offset, nested_blocksize, out),
-                        torch.get_num_threads())
+    mod.dequantize_4bit(
+        _native.dequantize_4bit_params(
+            mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize, out
+        ),
+        torch.get_num_threads(),
+    )
     return out
 
 
@@ -36,8 +51,9 @@ def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     out, absmax = _formats.quantize_blockwise_outputs(A, blocksize)
     mod = _native.cpu()
-    mod.quantize_blockwise(_native.quantize_blockwise_params(mod, A, code, blocksize, out, absmax),
-                           torch.get_num_threads())
+    mod.quantize_blockwise(
+        _native.quantize_blockwise_params(mod, A, code, blocksize, out, absmax), torch.get_num_threads()
+    )
     return out, absmax
 
 
@@ -45,8 +61,9 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
 def dequantize_blockwise(A, absmax, code, blocksize, dtype):
     out = A.new_empty(A.shape, dtype=dtype)
     mod = _native.cpu()
-    mod.dequantize_blockwise(_native.dequantize_blockwise_params(mod, A, absmax, code, blocksize, out),
-                             torch.get_num_threads())
+    mod.dequantize_blockwise(
+        _native.dequantize_blockwise_params(mod, A, absmax, code, blocksize, out), torch.get_num_threads()
+    )
     return out
 
 
@@ -81,8 +98,9 @@ def _weight_tiles(w):
         rows = min(step, n - n0)
         tile = buf[: rows * k]
         mod = _native.cpu()
-        mod.dequantize_4bit_range(_native.dequantize_weight_params(mod, w, tile), n0 * k, (n0 + rows) * k,
-                                  torch.get_num_threads())
+        mod.dequantize_4bit_range(
+            _native.dequantize_weight_params(mod, w, tile), n0 * k, (n0 + rows) * k, torch.get_num_threads()
+        )
         yield n0, tile.view(rows, k)
 
 
@@ -100,16 +118,17 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     The epilogue's s·L·Rᵀ (or s·drop'(L·R)) starts out, and every tile's GEMM accumulates into it."""
     R32 = R.float()
     if mode == _formats.LORA_FORWARD:
-        out = torch.addmm(bias.float(), L, R32.T, alpha=scaling) if bias is not None else torch.mm(L, R32.T).mul_(
-            scaling)
+        out = (
+            torch.addmm(bias.float(), L, R32.T, alpha=scaling) if bias is not None else torch.mm(L, R32.T).mul_(scaling)
+        )
         for n0, tile in _weight_tiles(w):
-            out[:, n0:n0 + tile.shape[0]].addmm_(X, tile.T)
+            out[:, n0 : n0 + tile.shape[0]].addmm_(X, tile.T)
     else:
         out = torch.mm(L, R32).mul_(scaling)
         if seed is not None:
             _lora_dropout(out, p, seed, out=out)
         for n0, tile in _weight_tiles(w):
-            out.addmm_(X[:, n0:n0 + tile.shape[0]], tile)
+            out.addmm_(X[:, n0 : n0 + tile.shape[0]], tile)
     return out
 
 
@@ -125,15 +144,28 @@ def _need_native_dtypes(*named) -> None:
 @register_kernel("lora_linear_4bit", "cpu")
 def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
     _need_native_dtypes(("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias))
-    return _lora.forward(x.float(), w, lora_A, lora_B, scaling, bias, dropout_p, seed,
-                         dropout=_lora_dropout, matmul=_lora_matmul).to(x.dtype)
+    return _lora.forward(
+        x.float(), w, lora_A, lora_B, scaling, bias, dropout_p, seed, dropout=_lora_dropout, matmul=_lora_matmul
+    ).to(x.dtype)
 
 
 @register_kernel("lora_linear_4bit_backward", "cpu")
 def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
     _need_native_dtypes(("grad_out", grad_out), ("x", x), ("lora_A", lora_A), ("lora_B", lora_B))
-    dx, dA, dB = _lora.backward(grad_out.float(), x.float(), w, lora_A, lora_B, scaling, dropout_p, seed, need_x,
-                                need_lora, dropout=_lora_dropout, matmul=_lora_matmul)
+    dx, dA, dB = _lora.backward(
+        grad_out.float(),
+        x.float(),
+        w,
+        lora_A,
+        lora_B,
+        scaling,
+        dropout_p,
+        seed,
+        need_x,
+        need_lora,
+        dropout=_lora_dropout,
+        matmul=_lora_matmul,
+    )
     return dx.to(x.dtype), dA, dB
 
 
@@ -148,8 +180,9 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
     if rows is not None:
         out.copy_(h)  # rows no slot selects pass through; the kernel writes the selected ones
     mod = _native.cpu()
-    mod.reft_forward(_native.reft_forward_params(mod, h2, P, Q, b, rows, dropout_p, seed, out, z),
-                     torch.get_num_threads())
+    mod.reft_forward(
+        _native.reft_forward_params(mod, h2, P, Q, b, rows, dropout_p, seed, out, z), torch.get_num_threads()
+    )
     return out, z
 
 
@@ -162,9 +195,21 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
     d = h.shape[-1]
     mod = _native.cpu()
     mod.reft_backward(
-        _native.reft_backward_params(mod, grad.reshape(-1, d), h.reshape(-1, d), P, Q, z, rows, dropout_p, seed,
-                                     dh if need_h else None, *((dP, dQ, db) if need_params else (None,) * 3)),
-        torch.get_num_threads())
+        _native.reft_backward_params(
+            mod,
+            grad.reshape(-1, d),
+            h.reshape(-1, d),
+            P,
+            Q,
+            z,
+            rows,
+            dropout_p,
+            seed,
+            dh if need_h else None,
+            *((dP, dQ, db) if need_params else (None,) * 3),
+        ),
+        torch.get_num_threads(),
+    )
     return dh, dP, dQ, db
 
 
@@ -174,23 +219,54 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 @register_kernel("adamw_step", "cpu")
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
     mod = _native.cpu()
-    mod.optim_32bit_step(_native.optim_32bit_params(mod, _formats.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq,
-                                                    _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step)),
-                         torch.get_num_threads())
+    mod.optim_32bit_step(
+        _native.optim_32bit_params(
+            mod,
+            _formats.OPTIM_ADAMW,
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
+        ),
+        torch.get_num_threads(),
+    )
 
 
 @register_kernel("lion_step", "cpu")
 def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
     mod = _native.cpu()
-    mod.optim_32bit_step(_native.optim_32bit_params(mod, _formats.OPTIM_LION, param, grad, exp_avg, None,
-                                                    _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay)),
-                         torch.get_num_threads())
+    mod.optim_32bit_step(
+        _native.optim_32bit_params(
+            mod,
+            _formats.OPTIM_LION,
+            param,
+            grad,
+            exp_avg,
+            None,
+            _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
+        ),
+        torch.get_num_threads(),
+    )
 
 
 @register_kernel("adamw8bit_step", "cpu")
-def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
-                   weight_decay, step):
+def adamw8bit_step(
+    param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps, weight_decay, step
+):
     mod = _native.cpu()
-    mod.optim_8bit_step(_native.optim_8bit_params(mod, param, grad, state1, state2, absmax1, absmax2, code1, code2,
-                                                  _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step)),
-                        torch.get_num_threads())
+    mod.optim_8bit_step(
+        _native.optim_8bit_params(
+            mod,
+            param,
+            grad,
+            state1,
+            state2,
+            absmax1,
+            absmax2,
+            code1,
+            code2,
+            _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
+        ),
+        torch.get_num_threads(),
+    )

@@ -13,7 +13,6 @@ from .. import _formats, _native
 from .._registry import register_backend, register_kernel
 from . import _lora
 
-
 register_backend("cuda", lambda device_type: device_type == "cuda" and _native.cuda_available())
 
 
@@ -26,27 +25,45 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
     packed, absmax = _formats.quantize_4bit_outputs(A, blocksize)
     with torch.cuda.device(A.device):
         mod = _native.cuda()
-        mod.quantize_4bit(_native.quantize_4bit_params(mod, A, blocksize, quant_type, packed, absmax),
-                          _stream(A.device))
+        mod.quantize_4bit(
+            _native.quantize_4bit_params(mod, A, blocksize, quant_type, packed, absmax), _stream(A.device)
+        )
     return packed, absmax
 
 
 @register_kernel("dequantize_4bit", "cuda")
-def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256, out=None):
+def dequantize_4bit(
+    A,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    dtype,
+    nested_absmax=None,
+    nested_code=None,
+    offset=None,
+    nested_blocksize=256,
+    out=None,
+):
     if out is not None and out.data_ptr() % 16:
         # The kernel stores 16-byte vectors; a misaligned out (a view into a larger buffer)
         # gets the result through an aligned temporary rather than an error.
-        out.copy_(dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                                  nested_absmax, nested_code, offset, nested_blocksize))
+        out.copy_(
+            dequantize_4bit(
+                A, absmax, blocksize, quant_type, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
+            )
+        )
         return out
     if out is None:
         out = A.new_empty(shape, dtype=dtype)
     with torch.cuda.device(A.device):
         mod = _native.cuda()
-        mod.dequantize_4bit(_native.dequantize_4bit_params(mod, A, absmax, blocksize, quant_type, shape,
-                                                           nested_absmax, nested_code, offset, nested_blocksize, out),
-                            _stream(A.device))
+        mod.dequantize_4bit(
+            _native.dequantize_4bit_params(
+                mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize, out
+            ),
+            _stream(A.device),
+        )
     return out
 
 
@@ -55,8 +72,9 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     out, absmax = _formats.quantize_blockwise_outputs(A, blocksize)
     with torch.cuda.device(A.device):
         mod = _native.cuda()
-        mod.quantize_blockwise(_native.quantize_blockwise_params(mod, A, code, blocksize, out, absmax),
-                               _stream(A.device))
+        mod.quantize_blockwise(
+            _native.quantize_blockwise_params(mod, A, code, blocksize, out, absmax), _stream(A.device)
+        )
     return out, absmax
 
 
@@ -65,8 +83,9 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
     out = A.new_empty(A.shape, dtype=dtype)
     with torch.cuda.device(A.device):
         mod = _native.cuda()
-        mod.dequantize_blockwise(_native.dequantize_blockwise_params(mod, A, absmax, code, blocksize, out),
-                                 _stream(A.device))
+        mod.dequantize_blockwise(
+            _native.dequantize_blockwise_params(mod, A, absmax, code, blocksize, out), _stream(A.device)
+        )
     return out
 
 
@@ -76,8 +95,10 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
 def _need_native_dtypes(**tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.dtype == torch.float64:
-            raise TypeError(f"{name}: float64 runs on the reference backend only (the CUDA kernels take "
-                            "float32, float16 or bfloat16)")
+            raise TypeError(
+                f"{name}: float64 runs on the reference backend only (the CUDA kernels take "
+                "float32, float16 or bfloat16)"
+            )
 
 
 def _lora_dropout(t: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
@@ -102,23 +123,37 @@ def _lora_matmul(mode: int, X, w, bias, L, R, scaling: float, p: float, seed: in
     X, L, R = X.contiguous(), L.to(torch.float32).contiguous(), R.contiguous()
     with torch.cuda.device(X.device):
         mod = _native.cuda()
-        mod.lora_matmul(_native.lora_matmul_params(mod, mode, X, w, bias, L, R, scaling, p, seed, out),
-                        _stream(X.device))
+        mod.lora_matmul(
+            _native.lora_matmul_params(mod, mode, X, w, bias, L, R, scaling, p, seed, out), _stream(X.device)
+        )
     return out
 
 
 @register_kernel("lora_linear_4bit", "cuda")
 def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
     _need_native_dtypes(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    return _lora.forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed,
-                         dropout=_lora_dropout, matmul=_lora_matmul)
+    return _lora.forward(
+        x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, dropout=_lora_dropout, matmul=_lora_matmul
+    )
 
 
 @register_kernel("lora_linear_4bit_backward", "cuda")
 def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
     _need_native_dtypes(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
-    return _lora.backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora,
-                          dropout=_lora_dropout, matmul=_lora_matmul)
+    return _lora.backward(
+        grad_out,
+        x,
+        w,
+        lora_A,
+        lora_B,
+        scaling,
+        dropout_p,
+        seed,
+        need_x,
+        need_lora,
+        dropout=_lora_dropout,
+        matmul=_lora_matmul,
+    )
 
 
 # ---- fused ReFT edits (csrc/cuda/reft.cu) ---------------------------------------------------
@@ -137,8 +172,9 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
         return out, z
     with torch.cuda.device(h.device):
         mod = _native.cuda()
-        mod.reft_forward(_native.reft_forward_params(mod, h2, P, Q, b, rows, dropout_p, seed, out.view(-1, d), z),
-                         _stream(h.device))
+        mod.reft_forward(
+            _native.reft_forward_params(mod, h2, P, Q, b, rows, dropout_p, seed, out.view(-1, d), z), _stream(h.device)
+        )
     return out, z
 
 
@@ -157,11 +193,25 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
         ws = None
         if need_params:  # per-block partial sums of dP, dQ, db (the launcher never allocates)
             ws = torch.empty(mod.reft_backward_workspace(n_slots, d, r), dtype=torch.float32, device=h.device)
-        mod.reft_backward(_native.reft_backward_params(mod, grad.reshape(-1, d), h.reshape(-1, d), P, Q, z, rows,
-                                                       dropout_p, seed, dh.view(-1, d) if need_h else None,
-                                                       dP if need_params else None, dQ if need_params else None,
-                                                       db if need_params else None, ws),
-                          _stream(h.device))
+        mod.reft_backward(
+            _native.reft_backward_params(
+                mod,
+                grad.reshape(-1, d),
+                h.reshape(-1, d),
+                P,
+                Q,
+                z,
+                rows,
+                dropout_p,
+                seed,
+                dh.view(-1, d) if need_h else None,
+                dP if need_params else None,
+                dQ if need_params else None,
+                db if need_params else None,
+                ws,
+            ),
+            _stream(h.device),
+        )
     return dh, dP, dQ, db
 
 
@@ -173,26 +223,55 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_d
     with torch.cuda.device(param.device):
         mod = _native.cuda()
         mod.optim_32bit_step(
-            _native.optim_32bit_params(mod, _formats.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq,
-                                       _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step)),
-            _stream(param.device))
+            _native.optim_32bit_params(
+                mod,
+                _formats.OPTIM_ADAMW,
+                param,
+                grad,
+                exp_avg,
+                exp_avg_sq,
+                _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
+            ),
+            _stream(param.device),
+        )
 
 
 @register_kernel("lion_step", "cuda")
 def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
     with torch.cuda.device(param.device):
         mod = _native.cuda()
-        mod.optim_32bit_step(_native.optim_32bit_params(mod, _formats.OPTIM_LION, param, grad, exp_avg, None,
-                                                        _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay)),
-                             _stream(param.device))
+        mod.optim_32bit_step(
+            _native.optim_32bit_params(
+                mod,
+                _formats.OPTIM_LION,
+                param,
+                grad,
+                exp_avg,
+                None,
+                _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
+            ),
+            _stream(param.device),
+        )
 
 
 @register_kernel("adamw8bit_step", "cuda")
-def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
-                   weight_decay, step):
+def adamw8bit_step(
+    param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps, weight_decay, step
+):
     with torch.cuda.device(param.device):
         mod = _native.cuda()
         mod.optim_8bit_step(
-            _native.optim_8bit_params(mod, param, grad, state1, state2, absmax1, absmax2, code1, code2,
-                                      _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step)),
-            _stream(param.device))
+            _native.optim_8bit_params(
+                mod,
+                param,
+                grad,
+                state1,
+                state2,
+                absmax1,
+                absmax2,
+                code1,
+                code2,
+                _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
+            ),
+            _stream(param.device),
+        )

@@ -26,6 +26,7 @@ from .._registry import register_backend, register_kernel
 
 register_backend("reference", lambda device_type: True)  # any device torch supports
 
+
 def _nf4_midpoints(device) -> torch.Tensor:
     c = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
     return (c[:-1] + c[1:]) / 2  # fp32 sum, then an exact halving
@@ -68,8 +69,19 @@ def _dequantize_blockwise_f32(A: torch.Tensor, absmax: torch.Tensor, code: torch
 
 
 @register_kernel("dequantize_4bit", "reference")
-def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256, out=None):
+def dequantize_4bit(
+    A,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    dtype,
+    nested_absmax=None,
+    nested_code=None,
+    offset=None,
+    nested_blocksize=256,
+    out=None,
+):
     if nested_absmax is not None:
         # Two roundings, as bitsandbytes: the 8-bit product, then the offset.
         absmax = _dequantize_blockwise_f32(absmax, nested_absmax, nested_code, nested_blocksize) + offset
@@ -252,8 +264,9 @@ def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
 
 
 @register_kernel("adamw8bit_step", "reference")
-def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
-                   weight_decay, step):
+def adamw8bit_step(
+    param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps, weight_decay, step
+):
     n = param.numel()
     if n == 0:
         return

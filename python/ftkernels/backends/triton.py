@@ -22,7 +22,7 @@ from .._registry import register_backend, register_kernel
 from . import _lora
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
@@ -53,7 +53,7 @@ def _kernels(name: str):
 _PACKAGE = __name__.split(".")[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_4bit(quant_type: str, device: torch.device) -> torch.Tensor:
     # The 16-entry table the dequantize kernel gathers from, made once per device (the first
     # call, like Triton's own compile, belongs before any CUDA graph capture).
@@ -68,12 +68,32 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
 
 
 @register_kernel("dequantize_4bit", "triton")
-def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                    nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256, out=None):
+def dequantize_4bit(
+    A,
+    absmax,
+    blocksize,
+    quant_type,
+    shape,
+    dtype,
+    nested_absmax=None,
+    nested_code=None,
+    offset=None,
+    nested_blocksize=256,
+    out=None,
+):
     if out is None:
         out = A.new_empty(shape, dtype=dtype)
-    _kernels("nf4").dequantize_4bit(A, absmax, _code_4bit(quant_type, A.device), out, blocksize,
-                           nested_absmax, nested_code, offset, nested_blocksize)
+    _kernels("nf4").dequantize_4bit(
+        A,
+        absmax,
+        _code_4bit(quant_type, A.device),
+        out,
+        blocksize,
+        nested_absmax,
+        nested_code,
+        offset,
+        nested_blocksize,
+    )
     return out
 
 
@@ -103,8 +123,18 @@ def _lora_dropout(t: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
 def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     n, k = w.shape
     out = X.new_empty((X.shape[0], n if mode == _formats.LORA_FORWARD else k))
-    _kernels("lora").lora_matmul(mode, X, w, _code_4bit(w.quant_type, X.device), bias, L.contiguous(), R, scaling,
-                                *_formats.dropout_args(p, seed), out)
+    _kernels("lora").lora_matmul(
+        mode,
+        X,
+        w,
+        _code_4bit(w.quant_type, X.device),
+        bias,
+        L.contiguous(),
+        R,
+        scaling,
+        *_formats.dropout_args(p, seed),
+        out,
+    )
     return out
 
 
@@ -116,15 +146,28 @@ def _no_float64(*tensors) -> None:
 @register_kernel("lora_linear_4bit", "triton")
 def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
     _no_float64(x, lora_A, lora_B, bias)
-    return _lora.forward(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed,
-                         dropout=_lora_dropout, matmul=_lora_matmul)
+    return _lora.forward(
+        x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, dropout=_lora_dropout, matmul=_lora_matmul
+    )
 
 
 @register_kernel("lora_linear_4bit_backward", "triton")
 def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
     _no_float64(grad_out, x, lora_A, lora_B)
-    return _lora.backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora,
-                          dropout=_lora_dropout, matmul=_lora_matmul)
+    return _lora.backward(
+        grad_out,
+        x,
+        w,
+        lora_A,
+        lora_B,
+        scaling,
+        dropout_p,
+        seed,
+        need_x,
+        need_lora,
+        dropout=_lora_dropout,
+        matmul=_lora_matmul,
+    )
 
 
 # ---- fused ReFT edits (triton_kernels/reft.py) ------------------------------------------------
@@ -149,10 +192,21 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
     dh, dP, dQ, db = _formats.reft_backward_outputs(h, r, need_h, need_params)
     if rows is not None and need_h:
         dh.copy_(grad)  # rows no slot selects: dh = grad
-    workspace = torch.empty(kernels.backward_workspace_shape(z.shape[0], r, d, h.device, need_params),
-                            dtype=torch.float32, device=h.device)
-    kernels.reft_backward(grad, h, P, Q, z, rows, *_formats.dropout_args(dropout_p, seed), dh if need_h else None,
-                          *((dP, dQ, db) if need_params else (None, None, None)), workspace)
+    workspace = torch.empty(
+        kernels.backward_workspace_shape(z.shape[0], r, d, h.device, need_params), dtype=torch.float32, device=h.device
+    )
+    kernels.reft_backward(
+        grad,
+        h,
+        P,
+        Q,
+        z,
+        rows,
+        *_formats.dropout_args(dropout_p, seed),
+        dh if need_h else None,
+        *((dP, dQ, db) if need_params else (None, None, None)),
+        workspace,
+    )
     return dh, dP, dQ, db
 
 
@@ -161,8 +215,9 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 
 @register_kernel("adamw_step", "triton")
 def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
-    _kernels("optim").adamw_step(param, grad, exp_avg, exp_avg_sq,
-                                _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step))
+    _kernels("optim").adamw_step(
+        param, grad, exp_avg, exp_avg_sq, _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step)
+    )
 
 
 @register_kernel("lion_step", "triton")
@@ -171,7 +226,17 @@ def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
 
 
 @register_kernel("adamw8bit_step", "triton")
-def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps,
-                   weight_decay, step):
-    _kernels("optim").adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2,
-                                    _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step))
+def adamw8bit_step(
+    param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps, weight_decay, step
+):
+    _kernels("optim").adamw8bit_step(
+        param,
+        grad,
+        state1,
+        state2,
+        absmax1,
+        absmax2,
+        code1,
+        code2,
+        _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
+    )

@@ -76,8 +76,10 @@ def past_length(call: dict[str, Any], seq: int) -> int:
         n = _cache_length(cache)
         if n is not None:
             return n
-        warn_once(f"cache:{type(cache).__name__}",
-                  f"ftkernels: cannot tell the length of a {type(cache).__name__} cache; reading position_ids")
+        warn_once(
+            f"cache:{type(cache).__name__}",
+            f"ftkernels: cannot tell the length of a {type(cache).__name__} cache; reading position_ids",
+        )
         break
     pos = call.get("position_ids")
     if isinstance(pos, torch.Tensor) and pos.dim() >= 1 and pos.shape[-1] == seq and pos.numel():
@@ -156,8 +158,10 @@ def enable_gradient_checkpointing(model: nn.Module, use_reentrant: bool = False)
         return
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if not callable(enable):
-        raise TypeError(f"model: {type(model).__name__} has no activation_checkpointing_enable or "
-                        "gradient_checkpointing_enable (not a Transformers PreTrainedModel?)")
+        raise TypeError(
+            f"model: {type(model).__name__} has no activation_checkpointing_enable or "
+            "gradient_checkpointing_enable (not a Transformers PreTrainedModel?)"
+        )
     enable(gradient_checkpointing_kwargs=kwargs)
 
 
@@ -165,6 +169,10 @@ def is_conv1d(m: nn.Module) -> bool:
     """GPT-2's ``transformers.pytorch_utils.Conv1D``: a linear layer whose weight is stored
     (in, out), which Transformers' bitsandbytes loader converts too. Matched by its class name
     and its ``nf`` attribute (the output size) so that nothing of Transformers is imported."""
-    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
-            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
-            and m.weight.shape[1] == m.nf)
+    return (
+        type(m).__name__ == "Conv1D"
+        and isinstance(getattr(m, "nf", None), int)
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.dim() == 2
+        and m.weight.shape[1] == m.nf
+    )

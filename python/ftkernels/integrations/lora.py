@@ -33,8 +33,18 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 # The attention and MLP projections of Llama/Qwen2/Mistral-style models, and GPT-2's.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                   "c_attn", "c_proj", "c_fc")
+DEFAULT_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "c_attn",
+    "c_proj",
+    "c_fc",
+)
 
 __all__ = ["add_lora", "load_lora", "lora_modules", "merge_lora", "save_lora"]
 
@@ -51,8 +61,7 @@ def _conv1d_to_linear(m: nn.Module) -> nn.Linear:
 
 
 def _targets(model: nn.Module, target_modules) -> list[str]:
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, LinearNF4)) or is_conv1d(m)]
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LinearNF4)) or is_conv1d(m)]
     if target_modules is None:
         wanted = [n for n in names if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS and "lm_head" not in n]
     elif isinstance(target_modules, str):  # a regex over the full name, as PEFT reads a string
@@ -70,8 +79,9 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRALinear4bit))}
 
 
-def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=None,
-             use_rslora: bool = False) -> list[str]:
+def add_lora(
+    model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=None, use_rslora: bool = False
+) -> list[str]:
     """Wraps the target layers with LoRA in place (see the module docstring); returns their names.
 
     ``target_modules``: None (the default projections), a list of name suffixes (PEFT's
@@ -92,8 +102,13 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
         else:
             layer = LoRALinear(base, r, alpha, dropout, use_rslora=use_rslora)
         replace_module(model, name, layer)
-    model._ftk_lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
-                              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names})}
+    model._ftk_lora_config = {
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": use_rslora,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
+    }
     return names
 
 
@@ -111,11 +126,21 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-                   "r": config["r"], "lora_alpha": config["lora_alpha"], "lora_dropout": config["lora_dropout"],
-                   "target_modules": config["target_modules"], "use_rslora": config["use_rslora"],
-                   "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-                   "modules_to_save": None}
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config["r"],
+        "lora_alpha": config["lora_alpha"],
+        "lora_dropout": config["lora_dropout"],
+        "target_modules": config["target_modules"],
+        "use_rslora": config["use_rslora"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
     (out / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
 
 
@@ -153,9 +178,10 @@ def load_lora(model: nn.Module, in_dir: str | os.PathLike) -> list[str]:
     except (OSError, SafetensorError) as e:
         raise ValueError(f"cannot read {src / WEIGHTS_NAME}: {e}") from e
     # PEFT writes the adapter name into keys only for non-default names; accept ".default" too.
-    state = {k.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight",
-                                                                               ".lora_B.weight"): v
-             for k, v in state.items()}
+    state = {
+        k.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight"): v
+        for k, v in state.items()
+    }
     if lora_modules(model):
         raise ValueError("the model already has LoRA layers")
     want = {}
@@ -169,8 +195,14 @@ def load_lora(model: nn.Module, in_dir: str | os.PathLike) -> list[str]:
     for k, v in state.items():
         if tuple(v.shape) != want[k]:
             raise ValueError(f"{WEIGHTS_NAME}: {k} has shape {list(v.shape)}, expected {list(want[k])}")
-    names = add_lora(model, r, config["lora_alpha"], config.get("lora_dropout", 0.0), config["target_modules"],
-                     config.get("use_rslora", False))
+    names = add_lora(
+        model,
+        r,
+        config["lora_alpha"],
+        config.get("lora_dropout", 0.0),
+        config["target_modules"],
+        config.get("use_rslora", False),
+    )
     with torch.no_grad():
         for name, m in lora_modules(model).items():
             m.lora_A.weight.copy_(state[f"{PREFIX}{name}.lora_A.weight"])

@@ -46,7 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         db = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for m0 in range(0, h.shape[0], chunk):
-            hc, lc = h[m0:m0 + chunk], labels[m0:m0 + chunk]
+            hc, lc = h[m0 : m0 + chunk], labels[m0 : m0 + chunk]
             logits = F.linear(hc, weight, bias).float()  # in the model's dtype, then fp32, as Transformers
             valid = lc != ignore_index
             target = torch.where(valid, lc, 0)
@@ -59,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad.mul_(valid[:, None])
             g = grad.to(weight.dtype)
             if need_h:
-                torch.mm(g, weight, out=dh[m0:m0 + chunk])
+                torch.mm(g, weight, out=dh[m0 : m0 + chunk])
             if need_w:
                 dw.addmm_(g.T.float(), hc.float())
             if need_b:
@@ -74,16 +74,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh, dw, db, divisor = ctx.saved_tensors
         scale = grad / divisor
         need_h, need_w, need_b = ctx.needs
-        return (dh * scale.to(dh.dtype) if need_h else None,
-                (dw * scale).to(ctx.dtypes[0]) if need_w else None,
-                (db * scale).to(ctx.dtypes[1]) if need_b else None,
-                None, None, None, None, None)
+        return (
+            dh * scale.to(dh.dtype) if need_h else None,
+            (dw * scale).to(ctx.dtypes[0]) if need_w else None,
+            (db * scale).to(ctx.dtypes[1]) if need_b else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         labels: torch.Tensor, ignore_index: int = -100,
-                         num_items_in_batch: int | torch.Tensor | None = None,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
     """cross_entropy(hidden·weightᵀ + bias, labels) without the (rows x vocab) logits: the mean
     over labels != ignore_index, or their sum / num_items_in_batch when that is given (as
     Transformers' loss; all labels ignored gives nan, as torch's mean). hidden is (..., d) and
@@ -91,29 +102,32 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got {type(hidden).__name__}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be (vocab, {hidden.shape[-1]}), got "
-                         f"{list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        raise ValueError(
+            f"weight must be (vocab, {hidden.shape[-1]}), got "
+            f"{list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}"
+        )
     vocab = weight.shape[0]
     if bias is not None and (not isinstance(bias, torch.Tensor) or list(bias.shape) != [vocab]):
         raise ValueError(f"bias must be ({vocab},) or None")
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         raise TypeError("labels must be an int64 or int32 tensor")
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape {list(hidden.shape[:-1])} (hidden without its last "
-                         f"dimension), got {list(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape {list(hidden.shape[:-1])} (hidden without its last "
+            f"dimension), got {list(labels.shape)}"
+        )
     if labels.device != hidden.device or weight.device != hidden.device:
-        raise ValueError(f"hidden, weight and labels must be on one device, got {hidden.device}, "
-                         f"{weight.device} and {labels.device}")
-    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
-                                   or chunk_rows < 1):
+        raise ValueError(
+            f"hidden, weight and labels must be on one device, got {hidden.device}, {weight.device} and {labels.device}"
+        )
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
     h = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1).long()
     valid = flat != ignore_index
     bad = valid & ((flat < 0) | (flat >= vocab))
     if bool(bad.any()):
-        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, "
-                         f"got {int(flat[bad][0])}")
+        raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, got {int(flat[bad][0])}")
     if num_items_in_batch is None:
         divisor = valid.sum().float()
     else:
@@ -121,8 +135,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     if chunk_rows is None:
         budget = _CHUNK_BYTES_CPU if h.device.type == "cpu" else _CHUNK_BYTES_GPU
         chunk_rows = max(1, budget // (4 * vocab))
-    return _LinearCrossEntropy.apply(h, weight, bias, flat, ignore_index, divisor, chunk_rows,
-                                     torch.is_grad_enabled())
+    return _LinearCrossEntropy.apply(h, weight, bias, flat, ignore_index, divisor, chunk_rows, torch.is_grad_enabled())
 
 
 class _Hidden(nn.Module):
@@ -144,7 +157,7 @@ def _head_name(model: nn.Module) -> str | None:
     return next((name for name, child in model.named_children() if child is head), None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_feeds_the_head_to_the_loss(cls: type, head: str) -> bool | None:
     """Whether ``cls.forward`` computes ``self.loss_function(...)`` on the output of
     ``self.<head>(...)``, as Transformers' causal LMs do (GPT-2 before 4.48, and some models
@@ -164,12 +177,18 @@ def _serves(model: nn.Module) -> str | None:
         return None
     prop = inspect.getattr_static(type(model), "loss_function", None)
     if not isinstance(prop, property) or prop.fset is None:
-        warn_once(f"loss:{type(model).__name__}", f"ftkernels: {type(model).__name__}.loss_function cannot be "
-                  "replaced (Transformers < 4.48); fused_lm_loss computes the plain loss")
+        warn_once(
+            f"loss:{type(model).__name__}",
+            f"ftkernels: {type(model).__name__}.loss_function cannot be "
+            "replaced (Transformers < 4.48); fused_lm_loss computes the plain loss",
+        )
         return None
     if _forward_feeds_the_head_to_the_loss(type(model), name) is False:
-        warn_once(f"loss:{type(model).__name__}", f"ftkernels: {type(model).__name__}.forward does not compute "
-                  f"self.loss_function(self.{name}(...)); fused_lm_loss computes the plain loss")
+        warn_once(
+            f"loss:{type(model).__name__}",
+            f"ftkernels: {type(model).__name__}.forward does not compute "
+            f"self.loss_function(self.{name}(...)); fused_lm_loss computes the plain loss",
+        )
         return None
     return name
 
@@ -197,13 +216,13 @@ def fused_lm_loss(model: nn.Module, chunk_rows: int | None = None) -> Iterator[b
     head = getattr(model, name)
     calls = {"labels": False, "fused": False}
 
-    def loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
-             **kwargs):
+    def loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
         calls["fused"] = True
         if shift_labels is None:  # tokens < n predict n, as ForCausalLMLoss
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        return linear_cross_entropy(logits, head.weight, head.bias, shift_labels.to(logits.device), ignore_index,
-                                    num_items_in_batch, chunk_rows)
+        return linear_cross_entropy(
+            logits, head.weight, head.bias, shift_labels.to(logits.device), ignore_index, num_items_in_batch, chunk_rows
+        )
 
     def before(mod, args, kwargs):
         calls["labels"] = forward_arguments(mod, args, kwargs).get("labels") is not None
@@ -211,9 +230,11 @@ def fused_lm_loss(model: nn.Module, chunk_rows: int | None = None) -> Iterator[b
 
     def after(mod, args, kwargs, output):
         if calls["labels"] and not calls["fused"]:
-            raise RuntimeError(f"fused_lm_loss: {type(mod).__name__}.forward was given labels but did not call "
-                               "self.loss_function, so its loss would be over hidden states; call it outside "
-                               "the fused_lm_loss block")
+            raise RuntimeError(
+                f"fused_lm_loss: {type(mod).__name__}.forward was given labels but did not call "
+                "self.loss_function, so its loss would be over hidden states; call it outside "
+                "the fused_lm_loss block"
+            )
 
     # The property's setter keeps the function in the instance (``_loss_function`` in 4.48-5.x):
     # whatever it writes is put back as it was, so no private name is assumed.
@@ -221,8 +242,10 @@ def fused_lm_loss(model: nn.Module, chunk_rows: int | None = None) -> Iterator[b
     setattr(model, name, _Hidden())
     model.loss_function = loss
     written = {k for k in model.__dict__ if k not in saved or model.__dict__[k] is not saved[k]} - {"_modules"}
-    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
-             model.register_forward_hook(after, with_kwargs=True)]
+    hooks = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
     try:
         yield True
     finally:

@@ -54,21 +54,33 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(mod, nn.ModuleList):
             return mod
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} "
-                     "(looked for model.layers, transformer.h, gpt_neox.layers, model.decoder.layers)")
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__} "
+        "(looked for model.layers, transformer.h, gpt_neox.layers, model.decoder.layers)"
+    )
 
 
 class LoReFTInterventions(nn.Module):
     """The interventions of one model (``model.ftk_loreft``) and the hooks that apply them."""
 
-    def __init__(self, embed_dim: int, layers: list[int], rank: int, positions: str, share_weights: bool,
-                 dropout: float):
+    def __init__(
+        self, embed_dim: int, layers: list[int], rank: int, positions: str, share_weights: bool, dropout: float
+    ):
         super().__init__()
         self.first, self.last = parse_positions(positions)
-        self.config = {"embed_dim": embed_dim, "layers": layers, "rank": rank, "positions": positions,
-                       "share_weights": share_weights, "dropout": dropout}
-        names = [f"layer{i}" for i in layers] if share_weights else [
-            f"layer{i}_{part}" for i in layers for part in ("first", "last")]
+        self.config = {
+            "embed_dim": embed_dim,
+            "layers": layers,
+            "rank": rank,
+            "positions": positions,
+            "share_weights": share_weights,
+            "dropout": dropout,
+        }
+        names = (
+            [f"layer{i}" for i in layers]
+            if share_weights
+            else [f"layer{i}_{part}" for i in layers for part in ("first", "last")]
+        )
         self.interventions = nn.ModuleDict({n: LoReFT(embed_dim, rank, dropout) for n in names})
         self._positions: torch.Tensor | None = None
         self._prompt: _Prompt | None = None  # set while the model's generate runs
@@ -114,8 +126,10 @@ class LoReFTInterventions(nn.Module):
             rows = real.shape[0]
             real = real_tokens(real, batch, prompt.length)
             if real is None:
-                raise ValueError(f"generate: attention_mask has {rows} rows, and the model is called with "
-                                 f"{batch}, not a multiple of them")
+                raise ValueError(
+                    f"generate: attention_mask has {rows} rows, and the model is called with "
+                    f"{batch}, not a multiple of them"
+                )
             prompt.real = real  # expanded once: every later call of this generate has the same rows
         positions = reft_positions(real.long(), self.config["positions"]) - past
         self._positions = torch.where((positions >= 0) & (positions < seq), positions, -1)
@@ -128,16 +142,15 @@ class LoReFTInterventions(nn.Module):
         if self.config["share_weights"]:
             h = self.interventions[f"layer{index}"](h, positions)
         else:
-            h = self.interventions[f"layer{index}_first"](h, positions[:, :self.first])
-            h = self.interventions[f"layer{index}_last"](h, positions[:, self.first:])
+            h = self.interventions[f"layer{index}_first"](h, positions[:, : self.first])
+            h = self.interventions[f"layer{index}_last"](h, positions[:, self.first :])
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     def attach(self, model: nn.Module) -> None:
         blocks = decoder_layers(model)
         self._handles.append(model.register_forward_pre_hook(self._capture_positions, with_kwargs=True))
         for i in self.config["layers"]:
-            self._handles.append(blocks[i].register_forward_hook(
-                lambda mod, args, output, i=i: self._edit(i, output)))
+            self._handles.append(blocks[i].register_forward_hook(lambda mod, args, output, i=i: self._edit(i, output)))
         if callable(getattr(model, "generate", None)):
             _RecordPrompt(self, model).install()
 
@@ -185,8 +198,10 @@ class _RecordPrompt:
             return self.generate(*args, **kwargs)
         mask = kwargs.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape[:2] != x.shape[:2]):
-            raise ValueError(f"generate: attention_mask must be (batch, seq) = {list(x.shape[:2])} like the "
-                             f"prompt, got {list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+            raise ValueError(
+                f"generate: attention_mask must be (batch, seq) = {list(x.shape[:2])} like the "
+                f"prompt, got {list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+            )
         outer = self.reft._prompt
         self.reft._prompt = _Prompt(x.shape[1], mask != 0 if mask is not None else None)
         try:
@@ -203,8 +218,15 @@ def _hidden_size(model: nn.Module) -> int:
     raise ValueError(f"cannot tell the hidden size of {type(model).__name__} (no config.hidden_size)")
 
 
-def add_loreft(model: nn.Module, layers="all", rank: int = 4, positions: str = "f5+l5",
-               share_weights: bool = True, dropout: float = 0.0, freeze_model: bool = True) -> LoReFTInterventions:
+def add_loreft(
+    model: nn.Module,
+    layers="all",
+    rank: int = 4,
+    positions: str = "f5+l5",
+    share_weights: bool = True,
+    dropout: float = 0.0,
+    freeze_model: bool = True,
+) -> LoReFTInterventions:
     """Attaches LoReFT interventions to ``layers`` (a list of decoder-layer indices, or "all")
     and returns them (also ``model.ftk_loreft``, so ``model.to(...)`` moves them). The model's
     own parameters are frozen unless ``freeze_model=False``; the interventions' are trainable."""
@@ -216,8 +238,11 @@ def add_loreft(model: nn.Module, layers="all", rank: int = 4, positions: str = "
         layers = list(range(n))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
-    if not isinstance(layers, (list, tuple)) or not layers or any(
-            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in layers):
+    if (
+        not isinstance(layers, (list, tuple))
+        or not layers
+        or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in layers)
+    ):
         raise ValueError(f"layers must be 'all' or decoder-layer indices in [0, {n}), got {layers!r}")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers repeats an index: {layers!r}")
@@ -253,8 +278,9 @@ def save_loreft(model: nn.Module, out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).write_text(json.dumps(reft.config, indent=2) + "\n")
-    save_file({k: v.detach().contiguous().cpu() for k, v in reft.interventions.state_dict().items()},
-              str(out / WEIGHTS_NAME))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in reft.interventions.state_dict().items()}, str(out / WEIGHTS_NAME)
+    )
 
 
 def load_loreft(model: nn.Module, in_dir: str | os.PathLike) -> LoReFTInterventions:
@@ -271,10 +297,12 @@ def load_loreft(model: nn.Module, in_dir: str | os.PathLike) -> LoReFTInterventi
         got = sorted(config) if isinstance(config, dict) else config
         raise ValueError(f"{CONFIG_NAME} must hold exactly {sorted(keys)}, got {got!r}")
     if config["embed_dim"] != _hidden_size(model):
-        raise ValueError(f"the interventions are for hidden size {config['embed_dim']}, the model's is "
-                         f"{_hidden_size(model)}")
-    reft = add_loreft(model, config["layers"], config["rank"], config["positions"], config["share_weights"],
-                      config["dropout"])
+        raise ValueError(
+            f"the interventions are for hidden size {config['embed_dim']}, the model's is {_hidden_size(model)}"
+        )
+    reft = add_loreft(
+        model, config["layers"], config["rank"], config["positions"], config["share_weights"], config["dropout"]
+    )
     state = load_file(str(src / WEIGHTS_NAME), device="cpu")
     want = reft.interventions.state_dict()
     if set(state) != set(want):

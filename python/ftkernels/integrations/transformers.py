@@ -133,7 +133,6 @@ def quantize_model(
     if skip is not None:
         skip_modules = skip
 
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     need_blocksize(blocksize)
@@ -159,8 +158,9 @@ def quantize_model(
     for name in bar:
         linear = model.get_submodule(name)
         before_linear += _layer_bytes(linear)
-        q = LinearNF4.from_linear(linear, blocksize=blocksize, compress_statistics=compress_statistics,
-                                  quant_type=quant_type)
+        q = LinearNF4.from_linear(
+            linear, blocksize=blocksize, compress_statistics=compress_statistics, quant_type=quant_type
+        )
         with torch.no_grad():
             w = linear.weight.detach().float()
             ref = torch.linalg.vector_norm(w).item()
@@ -169,9 +169,15 @@ def quantize_model(
         after_linear += _layer_bytes(q)
         replace_module(model, name, q)
     bar.close()
-    return QuantizeStats(count=len(targets), skipped=skipped, linear_bytes_before=before_linear,
-                         linear_bytes_after=after_linear, model_bytes_before=before_model,
-                         model_bytes_after=model_bytes(model), errors=errors)
+    return QuantizeStats(
+        count=len(targets),
+        skipped=skipped,
+        linear_bytes_before=before_linear,
+        linear_bytes_after=after_linear,
+        model_bytes_before=before_model,
+        model_bytes_after=model_bytes(model),
+        errors=errors,
+    )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -188,8 +194,10 @@ def quantization_config(model: nn.Module) -> dict:
         raise ValueError("model has no LinearNF4 layers; run quantize_model(model) first")
     kinds = {(m.quant_state.quant_type, m.quant_state.nested) for m in layers}
     if len(kinds) > 1:
-        raise ValueError(f"model: its LinearNF4 layers mix (quant_type, double_quant) settings {sorted(kinds)}; "
-                         "one bitsandbytes quantization_config can describe only one")
+        raise ValueError(
+            f"model: its LinearNF4 layers mix (quant_type, double_quant) settings {sorted(kinds)}; "
+            "one bitsandbytes quantization_config can describe only one"
+        )
     quant_type, nested = kinds.pop()
     first = layers[0]
     compute_dtype = first.compute_dtype or first.quant_state.dtype
@@ -245,8 +253,10 @@ def _read_safetensors(out_dir: str) -> dict[str, torch.Tensor]:
     elif os.path.isfile(os.path.join(out_dir, SAFE_WEIGHTS_NAME)):
         files = [SAFE_WEIGHTS_NAME]
     else:
-        raise FileNotFoundError(f"out_dir: {out_dir!r} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} "
-                                "(only safetensors checkpoints are read, never pickle)")
+        raise FileNotFoundError(
+            f"out_dir: {out_dir!r} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} "
+            "(only safetensors checkpoints are read, never pickle)"
+        )
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(os.path.join(out_dir, name), device="cpu"))
@@ -266,11 +276,14 @@ def load_quantized(out_dir: str | os.PathLike, device=None, model_class=None) ->
     with open(config_path, encoding="utf-8") as f:
         qc = json.load(f).get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
-        raise ValueError(f"out_dir: {config_path!r} has no bitsandbytes 4-bit quantization_config "
-                         "(quant_method 'bitsandbytes', load_in_4bit true)")
+        raise ValueError(
+            f"out_dir: {config_path!r} has no bitsandbytes 4-bit quantization_config "
+            "(quant_method 'bitsandbytes', load_in_4bit true)"
+        )
     if qc.get("bnb_4bit_quant_storage", "uint8") != "uint8":
-        raise ValueError(f"quantization_config.bnb_4bit_quant_storage must be 'uint8', "
-                         f"got {qc.get('bnb_4bit_quant_storage')!r}")
+        raise ValueError(
+            f"quantization_config.bnb_4bit_quant_storage must be 'uint8', got {qc.get('bnb_4bit_quant_storage')!r}"
+        )
     config = AutoConfig.from_pretrained(out_dir)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     if isinstance(dtype, str):
@@ -290,20 +303,30 @@ def load_quantized(out_dir: str | os.PathLike, device=None, model_class=None) ->
     model.tie_weights()
     for name, m in list(model.named_modules()):
         if name in packed and type(m) is nn.Linear:
-            q = LinearNF4(m.in_features, m.out_features, bias=m.bias is not None, compute_dtype=compute_dtype,
-                          quant_type=qc.get("bnb_4bit_quant_type", "nf4"),
-                          compress_statistics=bool(qc.get("bnb_4bit_use_double_quant", False)),
-                          dtype=m.weight.dtype, device=m.weight.device)
+            q = LinearNF4(
+                m.in_features,
+                m.out_features,
+                bias=m.bias is not None,
+                compute_dtype=compute_dtype,
+                quant_type=qc.get("bnb_4bit_quant_type", "nf4"),
+                compress_statistics=bool(qc.get("bnb_4bit_use_double_quant", False)),
+                dtype=m.weight.dtype,
+                device=m.weight.device,
+            )
             replace_module(model, name, q)
             packed.discard(name)
     if packed:
-        raise ValueError(f"checkpoint in {out_dir!r} has 4-bit weights for modules that are not nn.Linear "
-                         f"in {cls.__name__}: {sorted(packed)[:8]}")
+        raise ValueError(
+            f"checkpoint in {out_dir!r} has 4-bit weights for modules that are not nn.Linear "
+            f"in {cls.__name__}: {sorted(packed)[:8]}"
+        )
 
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
-        raise ValueError(f"checkpoint in {out_dir!r} has entries the model does not have: "
-                         f"{result.unexpected_keys[:8]}{' ...' if len(result.unexpected_keys) > 8 else ''}")
+        raise ValueError(
+            f"checkpoint in {out_dir!r} has entries the model does not have: "
+            f"{result.unexpected_keys[:8]}{' ...' if len(result.unexpected_keys) > 8 else ''}"
+        )
     # A tied weight is saved once, under one of its names; every other parameter must come
     # from the file (the model was built without initialising its weights).
     aliases: dict[int, list[str]] = {}

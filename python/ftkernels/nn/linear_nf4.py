@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import need_blocksize, need_quant_type
-from .._formats import FLOAT_DTYPES
-from .._formats import NESTED_BLOCKSIZE
+from .._formats import FLOAT_DTYPES, NESTED_BLOCKSIZE
 from ..functional import create_dynamic_map, dequantize_4bit, get_4bit_type, quantize_4bit
 from ..quant_state import QuantState
 
@@ -59,8 +58,10 @@ def check_layer_input(x, in_features: int, device: torch.device) -> None:
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={in_features}")
     if x.device != device:
-        raise ValueError(f"x is on {x.device} but the layer's weight is on {device}; "
-                         "move one of them (layer.to(device) moves the quant state too)")
+        raise ValueError(
+            f"x is on {x.device} but the layer's weight is on {device}; "
+            "move one of them (layer.to(device) moves the quant state too)"
+        )
 
 
 class LinearNF4(nn.Module):
@@ -105,9 +106,7 @@ class LinearNF4(nn.Module):
         self.quant_type = quant_type
         self._dense: dict | None = None  # see dequantized_weights()
         n = in_features * out_features
-        self.weight = nn.Parameter(
-            torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device), requires_grad=False
-        )
+        self.weight = nn.Parameter(torch.zeros((n + 1) // 2, 1, dtype=torch.uint8, device=device), requires_grad=False)
         self.quant_state = _zero_state(
             n, (out_features, in_features), dtype, blocksize, quant_type, compress_statistics, device
         )
@@ -134,9 +133,7 @@ class LinearNF4(nn.Module):
         if w.is_meta:
             raise ValueError("linear: its weight is on the meta device (no values to quantize)")
         if w.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"linear.weight must be float32, float16 or bfloat16, got {_dtype_name(w.dtype)}"
-            )
+            raise TypeError(f"linear.weight must be float32, float16 or bfloat16, got {_dtype_name(w.dtype)}")
         if linear.bias is not None and linear.bias.device != w.device:
             raise ValueError(f"linear.bias is on {linear.bias.device} but linear.weight is on {w.device}")
         need_blocksize(blocksize)
@@ -199,22 +196,22 @@ class LinearNF4(nn.Module):
         for k, v in self.quant_state.as_dict(packed=True).items():
             destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         wkey = prefix + "weight"
         # The weight and its quant-state entries are read here; nn.Module's loader handles the
         # bias (shape checks, assign=True, meta tensors) once they are out of its way.
-        entries = {k[len(wkey) + 1:]: state_dict.pop(k) for k in list(state_dict)
-                   if k.startswith(wkey + ".")}
+        entries = {k[len(wkey) + 1 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(wkey + ".")}
         weight = state_dict.pop(wkey, None)
         if weight is None and entries:
-            raise ValueError(f"state_dict has quant-state entries for {wkey!r} ({sorted(entries)}) "
-                             f"but no {wkey!r}")
+            raise ValueError(f"state_dict has quant-state entries for {wkey!r} ({sorted(entries)}) but no {wkey!r}")
         assign = local_metadata.get("assign_to_params_buffers", False)
         # Checked before anything is written, so a bad checkpoint leaves the layer as it was.
         new = self._read_weight(wkey, weight, entries, assign) if weight is not None else None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if new is not None:  # else nn.Module's loader has reported wkey as missing
             if wkey in missing_keys:
                 missing_keys.remove(wkey)
@@ -230,28 +227,33 @@ class LinearNF4(nn.Module):
             if weight.is_floating_point() and tuple(weight.shape) == shape:
                 # A plain nn.Linear state_dict: quantize it with this layer's settings.
                 if weight.dtype not in FLOAT_DTYPES:
-                    raise ValueError(f"{wkey} must be float32, float16 or bfloat16 to be quantized, "
-                                     f"got {_dtype_name(weight.dtype)}")
+                    raise ValueError(
+                        f"{wkey} must be float32, float16 or bfloat16 to be quantized, got {_dtype_name(weight.dtype)}"
+                    )
                 with torch.no_grad():
-                    return quantize_4bit(weight.detach().to(device), self.blocksize,
-                                         self.compress_statistics, self.quant_type)
+                    return quantize_4bit(
+                        weight.detach().to(device), self.blocksize, self.compress_statistics, self.quant_type
+                    )
             if weight.dtype == torch.uint8:
                 raise ValueError(
                     f"{wkey} holds packed 4-bit data but the state_dict has no "
                     f"'{wkey}.quant_state.bitsandbytes__nf4' (or __fp4) entry to describe it"
                 )
-            raise ValueError(f"{wkey} has shape {tuple(weight.shape)} and dtype {_dtype_name(weight.dtype)}; "
-                             f"expected packed uint8 with quant-state entries, or a float {shape} weight")
+            raise ValueError(
+                f"{wkey} has shape {tuple(weight.shape)} and dtype {_dtype_name(weight.dtype)}; "
+                f"expected packed uint8 with quant-state entries, or a float {shape} weight"
+            )
         if weight.dtype != torch.uint8:
-            raise ValueError(f"{wkey} must be uint8 (bnb_4bit_quant_storage='uint8'), "
-                             f"got {_dtype_name(weight.dtype)}")
+            raise ValueError(f"{wkey} must be uint8 (bnb_4bit_quant_storage='uint8'), got {_dtype_name(weight.dtype)}")
         try:
             state = QuantState.from_dict(entries, device=device)
         except ValueError as e:
             raise ValueError(f"state_dict entries '{wkey}.*': {e}") from None
         if tuple(state.shape) != shape:
-            raise ValueError(f"'{wkey}.quant_state.bitsandbytes__{state.quant_type}' has shape "
-                             f"{list(state.shape)} but this layer is {list(shape)} (out x in)")
+            raise ValueError(
+                f"'{wkey}.quant_state.bitsandbytes__{state.quant_type}' has shape "
+                f"{list(state.shape)} but this layer is {list(shape)} (out x in)"
+            )
         state.check_packed(weight, name=wkey)
         return weight.detach().reshape(-1, 1), state
 
@@ -271,9 +273,11 @@ class LinearNF4(nn.Module):
     def extra_repr(self) -> str:
         qs = self.quant_state
         cd = "input" if self.compute_dtype is None else _dtype_name(self.compute_dtype)
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, quant_type={qs.quant_type}, blocksize={qs.blocksize}, "
-                f"double_quant={qs.nested}, dtype={_dtype_name(qs.dtype)}, compute_dtype={cd}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, quant_type={qs.quant_type}, blocksize={qs.blocksize}, "
+            f"double_quant={qs.nested}, dtype={_dtype_name(qs.dtype)}, compute_dtype={cd}"
+        )
 
 
 @contextlib.contextmanager
@@ -302,12 +306,28 @@ def _zero_state(n, shape, dtype, blocksize, quant_type, nested, device) -> Quant
     nblocks = -(-n // blocksize)
     code = get_4bit_type(quant_type, device)
     if not nested:
-        return QuantState(absmax=torch.zeros(nblocks, dtype=torch.float32, device=device), shape=shape,
-                          code=code, blocksize=blocksize, quant_type=quant_type, dtype=dtype)
+        return QuantState(
+            absmax=torch.zeros(nblocks, dtype=torch.float32, device=device),
+            shape=shape,
+            code=code,
+            blocksize=blocksize,
+            quant_type=quant_type,
+            dtype=dtype,
+        )
     # With double quantization absmax = map[q] * nested_absmax + offset: 0 when both are 0.
-    state2 = QuantState(absmax=torch.zeros(math.ceil(nblocks / NESTED_BLOCKSIZE), dtype=torch.float32,
-                                           device=device),
-                        code=create_dynamic_map(device=device), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-    return QuantState(absmax=torch.zeros(nblocks, dtype=torch.uint8, device=device), shape=shape, code=code,
-                      blocksize=blocksize, quant_type=quant_type, dtype=dtype,
-                      offset=torch.zeros((), dtype=torch.float32, device=device), state2=state2)
+    state2 = QuantState(
+        absmax=torch.zeros(math.ceil(nblocks / NESTED_BLOCKSIZE), dtype=torch.float32, device=device),
+        code=create_dynamic_map(device=device),
+        blocksize=NESTED_BLOCKSIZE,
+        dtype=torch.float32,
+    )
+    return QuantState(
+        absmax=torch.zeros(nblocks, dtype=torch.uint8, device=device),
+        shape=shape,
+        code=code,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        dtype=dtype,
+        offset=torch.zeros((), dtype=torch.float32, device=device),
+        state2=state2,
+    )

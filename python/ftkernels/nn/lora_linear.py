@@ -21,8 +21,16 @@ __all__ = ["LoRALinear"]
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` (``base_layer``) plus trainable LoRA factors of rank ``r``."""
 
-    def __init__(self, base: nn.Linear, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0, *,
-                 use_rslora: bool = False, lora_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        base: nn.Linear,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        lora_dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
@@ -52,8 +60,13 @@ class LoRALinear(nn.Module):
     def merge(self) -> nn.Linear:
         """A dense nn.Linear with the LoRA update folded into its weight."""
         base = self.base_layer
-        out = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device=base.weight.device,
-                        dtype=base.weight.dtype)
+        out = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=base.bias is not None,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
         delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
         out.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
         if base.bias is not None:

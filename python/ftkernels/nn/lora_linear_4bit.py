@@ -56,8 +56,7 @@ def _check_hparams(r, lora_alpha, lora_dropout, use_rslora, lora_dtype) -> None:
         raise ValueError(f"r must be an int in [1, {LORA_MAX_RANK}], got {r!r}")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
         raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-    if (isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float))
-            or not 0.0 <= lora_dropout < 1.0):
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
     if not isinstance(use_rslora, bool):
         raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
@@ -103,9 +102,16 @@ class LoRALinear4bit(nn.Module):
     ) -> None:
         super().__init__()
         _check_hparams(r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
-        base = LinearNF4(in_features, out_features, bias=bias, blocksize=blocksize,
-                         compress_statistics=compress_statistics, quant_type=quant_type, dtype=dtype,
-                         device=device)
+        base = LinearNF4(
+            in_features,
+            out_features,
+            bias=bias,
+            blocksize=blocksize,
+            compress_statistics=compress_statistics,
+            quant_type=quant_type,
+            dtype=dtype,
+            device=device,
+        )
         self._setup(base, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
 
     # ---- construction -------------------------------------------------------------------
@@ -156,19 +162,27 @@ class LoRALinear4bit(nn.Module):
         elif isinstance(base, nn.Linear):
             _check_dense_base(base)
             base_layer = LinearNF4.from_linear(
-                base, blocksize=64 if blocksize is None else blocksize,
+                base,
+                blocksize=64 if blocksize is None else blocksize,
                 compress_statistics=True if compress_statistics is None else compress_statistics,
-                quant_type="nf4" if quant_type is None else quant_type)
+                quant_type="nf4" if quant_type is None else quant_type,
+            )
         else:
-            raise TypeError("base must be a torch.nn.Linear, an ftkernels.nn.LinearNF4 or a "
-                            f"bitsandbytes.nn.Linear4bit, got {type(base).__module__}.{type(base).__name__}")
+            raise TypeError(
+                "base must be a torch.nn.Linear, an ftkernels.nn.LinearNF4 or a "
+                f"bitsandbytes.nn.Linear4bit, got {type(base).__module__}.{type(base).__name__}"
+            )
         qs = base_layer.quant_state
-        for name, given, actual in (("blocksize", blocksize, qs.blocksize),
-                                    ("compress_statistics", compress_statistics, qs.nested),
-                                    ("quant_type", quant_type, qs.quant_type)):
+        for name, given, actual in (
+            ("blocksize", blocksize, qs.blocksize),
+            ("compress_statistics", compress_statistics, qs.nested),
+            ("quant_type", quant_type, qs.quant_type),
+        ):
             if given is not None and given != actual:
-                raise ValueError(f"{name}={given!r} but the base layer is already quantized with "
-                                 f"{name}={actual!r} (a quantized base is not requantized)")
+                raise ValueError(
+                    f"{name}={given!r} but the base layer is already quantized with "
+                    f"{name}={actual!r} (a quantized base is not requantized)"
+                )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._setup(base_layer, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
@@ -218,8 +232,17 @@ class LoRALinear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         check_layer_input(x, self.in_features, base.weight.device)
-        return lora_linear_4bit(x, base.weight, base.quant_state, self.lora_A.weight, self.lora_B.weight,
-                                self.scaling, base.bias, dropout_p=self.lora_dropout, training=self.training)
+        return lora_linear_4bit(
+            x,
+            base.weight,
+            base.quant_state,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
+            base.bias,
+            dropout_p=self.lora_dropout,
+            training=self.training,
+        )
 
     # ---- merging --------------------------------------------------------------------------
 
@@ -253,9 +276,11 @@ class LoRALinear4bit(nn.Module):
         return dense
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-                f"use_rslora={self.use_rslora}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
+            f"use_rslora={self.use_rslora}"
+        )
 
 
 # ---- conversions -------------------------------------------------------------------------------
@@ -266,8 +291,9 @@ def _check_dense_base(base: nn.Linear) -> None:
     if w.is_meta:
         raise ValueError("base: its weight is on the meta device (no values to quantize)")
     if w.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"base.weight must be float32, float16 or bfloat16, got {dtype_name(w.dtype)} "
-                        f"({type(base).__name__})")
+        raise TypeError(
+            f"base.weight must be float32, float16 or bfloat16, got {dtype_name(w.dtype)} ({type(base).__name__})"
+        )
 
 
 def _from_bnb_linear4bit(base: nn.Module, blocksize, compress_statistics, quant_type) -> LinearNF4:
@@ -289,9 +315,11 @@ def _from_bnb_linear4bit(base: nn.Module, blocksize, compress_statistics, quant_
         return LinearNF4.from_linear(
             dense,
             blocksize=blocksize or getattr(w, "blocksize", 64),
-            compress_statistics=(getattr(w, "compress_statistics", True) if compress_statistics is None
-                                 else compress_statistics),
-            quant_type=quant_type or getattr(w, "quant_type", "nf4"))
+            compress_statistics=(
+                getattr(w, "compress_statistics", True) if compress_statistics is None else compress_statistics
+            ),
+            quant_type=quant_type or getattr(w, "quant_type", "nf4"),
+        )
     data = w.data
     if getattr(qs, "packing_format_for_cpu", False):
         data, qs = _undo_bnb_cpu_packing(data, qs)
@@ -327,9 +355,11 @@ def _undo_bnb_cpu_packing(data: torch.Tensor, qs):
     try:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     except ImportError:
-        raise ValueError("base: this bitsandbytes Linear4bit holds its CPU-repacked weight and this "
-                         "bitsandbytes has no inverse to read it; convert the layer before its first "
-                         "eval-mode forward on the CPU") from None
+        raise ValueError(
+            "base: this bitsandbytes Linear4bit holds its CPU-repacked weight and this "
+            "bitsandbytes has no inverse to read it; convert the layer before its first "
+            "eval-mode forward on the CPU"
+        ) from None
     data, qs = _convert_weight_packed_for_cpu_inverse(data, copy.copy(qs))
     if not qs.nested and (qs.absmax.dim() != 1 or qs.absmax.dtype != torch.float32):
         # bitsandbytes' inverse leaves a non-nested absmax as bf16 (blocks_per_row, rows).

@@ -76,8 +76,15 @@ class LoReFT(nn.Module):
         self.learned_source = nn.Linear(embed_dim, rank, **kw)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return loreft(h, self.rotation, self.learned_source.weight, self.learned_source.bias, positions,
-                      dropout_p=self.dropout, training=self.training)
+        return loreft(
+            h,
+            self.rotation,
+            self.learned_source.weight,
+            self.learned_source.bias,
+            positions,
+            dropout_p=self.dropout,
+            training=self.training,
+        )
 
     # pyreft's LoreftIntervention saves {"weight", "bias"} (learned_source) and "rotate_layer",
     # R as (embed_dim x rank) columns, computed from its parametrisation.
@@ -93,8 +100,10 @@ class LoReFT(nn.Module):
                 raise ValueError(f"{name} must be a {dims}-D float tensor, got {getattr(t, 'shape', type(t))}")
         embed_dim, rank = rot.shape
         if list(weight.shape) != [rank, embed_dim] or list(bias.shape) != [rank]:
-            raise ValueError(f"weight must be ({rank}, {embed_dim}) and bias ({rank},) to match rotate_layer "
-                             f"({embed_dim}, {rank}), got {list(weight.shape)} and {list(bias.shape)}")
+            raise ValueError(
+                f"weight must be ({rank}, {embed_dim}) and bias ({rank},) to match rotate_layer "
+                f"({embed_dim}, {rank}), got {list(weight.shape)} and {list(bias.shape)}"
+            )
         mod = cls(embed_dim, rank, dropout, device=rot.device)
         with torch.no_grad():
             mod.parametrizations.rotation.original.copy_(rot.T)
@@ -104,9 +113,11 @@ class LoReFT(nn.Module):
 
     def pyreft_state_dict(self) -> dict:
         """The weights as pyreft's LoreftIntervention saves them (for its load_state_dict)."""
-        return {"weight": self.learned_source.weight.detach().clone(),
-                "bias": self.learned_source.bias.detach().clone(),
-                "rotate_layer": self.rotation.detach().T.contiguous()}
+        return {
+            "weight": self.learned_source.weight.detach().clone(),
+            "bias": self.learned_source.bias.detach().clone(),
+            "rotate_layer": self.rotation.detach().T.contiguous(),
+        }
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, rank={self.rank}, dropout={self.dropout}"
@@ -126,8 +137,15 @@ class DiReFT(nn.Module):
         self.proj = nn.Parameter(nn.init.orthogonal_(torch.empty(rank, embed_dim, **kw)))
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return direft(h, self.learned_source.weight, self.proj, self.learned_source.bias, positions,
-                      dropout_p=self.dropout, training=self.training)
+        return direft(
+            h,
+            self.learned_source.weight,
+            self.proj,
+            self.learned_source.bias,
+            positions,
+            dropout_p=self.dropout,
+            training=self.training,
+        )
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, rank={self.rank}, dropout={self.dropout}"
@@ -141,8 +159,7 @@ _SPEC = re.compile(r"^\s*(?:f(\d+))?\s*\+?\s*(?:l(\d+))?\s*$")
 def parse_positions(spec: str) -> tuple[int, int]:
     """pyreft's position spec, "f7+l7" (first 7 and last 7 tokens), "f5", "l3" -> (first, last)."""
     m = _SPEC.match(spec) if isinstance(spec, str) else None
-    if m is None or (m.group(1) is None and m.group(2) is None) or (
-            m.group(1) and m.group(2) and "+" not in spec):
+    if m is None or (m.group(1) is None and m.group(2) is None) or (m.group(1) and m.group(2) and "+" not in spec):
         raise ValueError(f"positions must look like 'f7+l7', 'f5' or 'l3', got {spec!r}")
     return int(m.group(1) or 0), int(m.group(2) or 0)
 
@@ -158,8 +175,10 @@ def reft_positions(attention_mask: torch.Tensor, positions: str = "f7+l7") -> to
     """
     first, last = parse_positions(positions)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        raise ValueError("attention_mask must be a (batch, seq) tensor, got "
-                         f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+        raise ValueError(
+            "attention_mask must be a (batch, seq) tensor, got "
+            f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}"
+        )
     real = attention_mask != 0
     batch, seq = real.shape
     dev = real.device

@@ -43,8 +43,11 @@ def _need_hyper(lr, betas, eps, weight_decay) -> None:
             raise ValueError(f"Invalid beta parameter at index {i}: betas[{i}] must be in [0, 1), got {b!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
         raise ValueError(f"Invalid epsilon value: eps must be a finite number >= 0, got {eps!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (
-            0.0 <= weight_decay < math.inf):
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or not (0.0 <= weight_decay < math.inf)
+    ):
         raise ValueError(f"Invalid weight_decay value: weight_decay must be >= 0, got {weight_decay!r}")
 
 
@@ -53,8 +56,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     _kind = "adamw"  # or "lion"
 
-    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, *,
-                 optim_bits: int = 32, min_8bit_size: int = 4096, paged: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        *,
+        optim_bits: int = 32,
+        min_8bit_size: int = 4096,
+        paged: bool = False,
+    ):
         _need_hyper(lr, betas, eps, weight_decay)
         if optim_bits not in (8, 32):
             raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
@@ -109,8 +122,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         # A tensor lr (a scheduler's) is read once a group, not once a parameter: on a GPU each
         # read is a host sync.
-        lrs = {id(g): float(g["lr"].item() if isinstance(g["lr"], torch.Tensor) else g["lr"])
-               for g in self.param_groups}
+        lrs = {
+            id(g): float(g["lr"].item() if isinstance(g["lr"], torch.Tensor) else g["lr"]) for g in self.param_groups
+        }
         for i, (p, group) in enumerate(work):
             state = self.state[p]
             if not state:
@@ -125,7 +139,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """Queue the next parameter's states to its GPU on the current stream (this one's were
         queued during the previous step; the first one's now), never waiting."""
 
-        for j in ((i, i + 1) if i == 0 else (i + 1,)):
+        for j in (i, i + 1) if i == 0 else (i + 1,):
             if j < len(work):
                 q = work[j][0]
                 if q.device.type == "cuda" and self.state[q]:
@@ -138,12 +152,26 @@ class _FusedOptimizer(torch.optim.Optimizer):
         target = p if p.is_contiguous() else p.contiguous()
         if "state1" in state:
             codes = _codes(p.device)
-            torch.ops.ftk.adamw8bit_step(target, grad, state["state1"], state["state2"], state["absmax1"],
-                                         state["absmax2"], codes.signed, codes.unsigned, lr, beta1, beta2, eps,
-                                         wd, step)
+            torch.ops.ftk.adamw8bit_step(
+                target,
+                grad,
+                state["state1"],
+                state["state2"],
+                state["absmax1"],
+                state["absmax2"],
+                codes.signed,
+                codes.unsigned,
+                lr,
+                beta1,
+                beta2,
+                eps,
+                wd,
+                step,
+            )
         elif self._kind == "adamw":
-            torch.ops.ftk.adamw_step(target, grad, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd,
-                                     step)
+            torch.ops.ftk.adamw_step(
+                target, grad, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps, wd, step
+            )
         else:
             torch.ops.ftk.lion_step(target, grad, state["exp_avg"], lr, beta1, beta2, wd)
         if target is not p:
@@ -194,8 +222,15 @@ class AdamW(_FusedOptimizer):
 
     _kind = "adamw"
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, paged: bool = False):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        paged: bool = False,
+    ):
         super().__init__(params, lr, betas, eps, weight_decay, paged=paged)
 
 
@@ -205,10 +240,17 @@ class AdamW8bit(_FusedOptimizer):
 
     _kind = "adamw"
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, min_8bit_size: int = 4096, paged: bool = False):
-        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, min_8bit_size=min_8bit_size,
-                         paged=paged)
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        min_8bit_size: int = 4096,
+        paged: bool = False,
+    ):
+        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, min_8bit_size=min_8bit_size, paged=paged)
 
 
 class Lion(_FusedOptimizer):
@@ -217,30 +259,50 @@ class Lion(_FusedOptimizer):
 
     _kind = "lion"
 
-    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, paged: bool = False):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        paged: bool = False,
+    ):
         super().__init__(params, lr, betas, 0.0, weight_decay, paged=paged)
 
 
 class PagedAdamW(AdamW):
     """AdamW with its states in CUDA managed memory (see the module docstring)."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
         super().__init__(params, lr, betas, eps, weight_decay, paged=True)
 
 
 class PagedAdamW8bit(AdamW8bit):
     """AdamW8bit with its states in CUDA managed memory (see the module docstring)."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, min_8bit_size: int = 4096):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        min_8bit_size: int = 4096,
+    ):
         super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size=min_8bit_size, paged=True)
 
 
 class PagedLion(Lion):
     """Lion with its state in CUDA managed memory (see the module docstring)."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0):
+    def __init__(
+        self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
+    ):
         super().__init__(params, lr, betas, weight_decay, paged=True)

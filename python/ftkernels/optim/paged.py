@@ -84,8 +84,10 @@ class _CudaMemory:
     def _mod():
         mod = _native.cuda()  # RuntimeError when the CUDA module was not built
         if not hasattr(mod, "managed_alloc"):
-            raise RuntimeError("ftkernels' CUDA module was built before paged memory existed (it has no "
-                               "managed_alloc); rebuild it from source (pip install .)")
+            raise RuntimeError(
+                "ftkernels' CUDA module was built before paged memory existed (it has no "
+                "managed_alloc); rebuild it from source (pip install .)"
+            )
         return mod
 
     def mem_get_info(self, device: int) -> tuple[int, int]:
@@ -154,7 +156,8 @@ class _Ledger:
                     f"bytes ({_mib(available)}) of the paged budget are available ({used} of {budget} bytes "
                     "in use); free paged tensors, or raise the budget with "
                     "ftkernels.optim.set_paged_budget(bytes) if the GPU has room (over-subscribing "
-                    "managed memory can stall the GPU)")
+                    "managed memory can stall the GPU)"
+                )
             self._in_use[device] = used + nbytes
 
     def unreserve(self, nbytes: int, device: int) -> None:
@@ -196,8 +199,14 @@ class _ManagedBuffer:
     def __cuda_array_interface__(self) -> dict:
         # Bytes, viewed as the caller's dtype afterwards: the interface has no bfloat16 typestr.
         # stream None: nothing is pending on the range (cudaMallocManaged is synchronous).
-        return {"shape": (self.nbytes,), "typestr": "|u1", "data": (self.ptr, False), "strides": None,
-                "version": 3, "stream": None}
+        return {
+            "shape": (self.nbytes,),
+            "typestr": "|u1",
+            "data": (self.ptr, False),
+            "strides": None,
+            "version": 3,
+            "stream": None,
+        }
 
     def release(self) -> None:
         """Frees the range once (later calls do nothing). cudaFree synchronises the device, so
@@ -224,8 +233,10 @@ class _ManagedBuffer:
 
 def _require_cuda(what: str) -> None:
     if not torch.cuda.is_available():
-        raise RuntimeError(f"ftkernels.optim.{what} needs a CUDA device, and torch.cuda.is_available() is False "
-                           "(no GPU, no driver, or a CPU-only torch)")
+        raise RuntimeError(
+            f"ftkernels.optim.{what} needs a CUDA device, and torch.cuda.is_available() is False "
+            "(no GPU, no driver, or a CPU-only torch)"
+        )
 
 
 def _cuda_device(device, what: str) -> torch.device:
@@ -293,7 +304,8 @@ def paged_empty(shape: int | Sequence[int], dtype: torch.dtype = torch.float32, 
         raise RuntimeError(
             "paged_empty: this torch did not wrap __cuda_array_interface__ in place "
             f"({'it copied the data' if taken >= 1 else 'it kept no reference to the owner'}); paged "
-            f"memory cannot be handed out safely with torch {torch.__version__}")
+            f"memory cannot be handed out safely with torch {torch.__version__}"
+        )
     del buf  # torch's reference is now the only one
     return raw.view(dtype).view(shape)
 
@@ -314,8 +326,10 @@ def prefetch(tensor: torch.Tensor, device=None) -> None:
         return
     ledger = _ledger
     if ledger.owner(tensor.untyped_storage().data_ptr()) is None:
-        raise ValueError("prefetch: tensor is not in paged memory (it was not made by ftkernels.optim.paged_empty); "
-                         "only managed memory can be prefetched")
+        raise ValueError(
+            "prefetch: tensor is not in paged memory (it was not made by ftkernels.optim.paged_empty); "
+            "only managed memory can be prefetched"
+        )
     if device is not None and torch.device(device).type == "cpu":
         target = CPU_DEVICE_ID
     else:
