@@ -180,7 +180,7 @@ def lora_linear_4bit(
     nested = (
         (qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize)
         if qs.nested
-        else (None, None, None, 256)
+        else (None, None, None, NESTED_BLOCKSIZE)
     )
     return torch.ops.ftk.lora_linear_4bit(
         x,

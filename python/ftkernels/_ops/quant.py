@@ -25,7 +25,13 @@ from .._checks import (
     need_quant_type,
     need_tensor,
 )
-from .._formats import BLOCKSIZES_8BIT, FLOAT_DTYPES, quantize_4bit_outputs, quantize_blockwise_outputs
+from .._formats import (
+    BLOCKSIZES_8BIT,
+    FLOAT_DTYPES,
+    NESTED_BLOCKSIZE,
+    quantize_4bit_outputs,
+    quantize_blockwise_outputs,
+)
 from .._registry import define
 
 
@@ -47,7 +53,7 @@ def _check_dequantize_4bit(
     nested_absmax=None,
     nested_code=None,
     offset=None,
-    nested_blocksize=256,
+    nested_blocksize=NESTED_BLOCKSIZE,
 ):
     need_tensor("A", A)
     need_tensor("absmax", absmax)
@@ -97,7 +103,7 @@ def _check_dequantize_4bit_out(
     nested_absmax=None,
     nested_code=None,
     offset=None,
-    nested_blocksize=256,
+    nested_blocksize=NESTED_BLOCKSIZE,
     *,
     out,
 ):
@@ -154,7 +160,7 @@ def _fake_dequantize_4bit(
     nested_absmax=None,
     nested_code=None,
     offset=None,
-    nested_blocksize=256,
+    nested_blocksize=NESTED_BLOCKSIZE,
 ):
     fake_same_device(A, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset)
     return A.new_empty(shape, dtype=dtype)
@@ -170,7 +176,7 @@ def _fake_dequantize_4bit_out(
     nested_absmax=None,
     nested_code=None,
     offset=None,
-    nested_blocksize=256,
+    nested_blocksize=NESTED_BLOCKSIZE,
     *,
     out,
 ):
@@ -197,7 +203,7 @@ define(
     "dequantize_4bit",
     "(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype, "
     "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
-    "int nested_blocksize=256) -> Tensor",
+    f"int nested_blocksize={NESTED_BLOCKSIZE}) -> Tensor",
     _fake_dequantize_4bit,
     _check_dequantize_4bit,
 )
@@ -205,7 +211,7 @@ define(
     "dequantize_4bit.out",
     "(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype, "
     "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
-    "int nested_blocksize=256, *, Tensor(a!) out) -> ()",
+    f"int nested_blocksize={NESTED_BLOCKSIZE}, *, Tensor(a!) out) -> ()",
     _fake_dequantize_4bit_out,
     _check_dequantize_4bit_out,
 )

@@ -42,7 +42,7 @@ def dequantize_4bit(
     nested_absmax=None,
     nested_code=None,
     offset=None,
-    nested_blocksize=256,
+    nested_blocksize=_formats.NESTED_BLOCKSIZE,
     out=None,
 ):
     if out is not None and out.data_ptr() % 16:

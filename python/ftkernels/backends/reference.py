@@ -12,6 +12,7 @@ import torch
 from .._formats import (
     FP4_RANK_TO_BITS,
     FP4_THRESHOLDS,
+    NESTED_BLOCKSIZE,
     NF4_CODE,
     OPTIM_BLOCK,
     adamw_bias_terms,
@@ -79,7 +80,7 @@ def dequantize_4bit(
     nested_absmax=None,
     nested_code=None,
     offset=None,
-    nested_blocksize=256,
+    nested_blocksize=NESTED_BLOCKSIZE,
     out=None,
 ):
     if nested_absmax is not None:
