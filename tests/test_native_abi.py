@@ -9,6 +9,7 @@ import torch
 
 import ftkernels as ftk
 from ftkernels import _formats, _native
+from ftkernels._ops.quant import Weight4bit
 
 MODULES = ["_ftk_cpu", "_ftk_cuda"]
 
@@ -274,19 +275,18 @@ def test_the_python_builders_fill_the_structs_by_name(mod):
     w = torch.randn(24, 40)
     packed, qs = ftk.quantize_4bit(w, 64, True)
     out = torch.empty(24, 40)
-    p = _native.dequantize_4bit_params(
-        mod,
+    w4 = Weight4bit(
         packed,
         qs.absmax,
         qs.blocksize,
         qs.quant_type,
-        qs.shape,
+        list(qs.shape),
         qs.state2.absmax,
         qs.state2.code,
-        qs.offset,
+        qs.offset.reshape(1),
         qs.state2.blocksize,
-        out,
     )
+    p = _native.dequantize_4bit_params(mod, w4, out)
     assert (p.w.rows, p.w.cols, p.w.blocksize) == (24, 40, 64)
     assert p.w.absmax == 0 and p.w.absmax_q == qs.absmax.data_ptr()  # double quantization: the codes
     assert p.w.nested_blocksize == qs.state2.blocksize and p.out == out.data_ptr()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -132,11 +133,25 @@ def adamw_bias_terms(lr: float, beta1: float, beta2: float, step: int) -> tuple[
     return lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step)
 
 
-def optim_hyper(lr, beta1, beta2, eps, weight_decay, step=None) -> tuple:
-    """The fields of ftk::OptimHyper, in its order: every derived scalar in double, rounded to
-    fp32 once on the way in (optim.h)."""
+class OptimHyper(NamedTuple):
+    """ftk::OptimHyper (optim.h), field for field: the optimizer step's scalars, every derived one
+    computed in double here and rounded to fp32 once on the way into a kernel."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    decay: float  # 1 − lr·weight_decay
+    one_minus_beta1: float
+    one_minus_beta2: float
+    step_size: float  # lr / (1 − β1^t) for AdamW, lr for Lion
+    bias_correction2_sqrt: float  # √(1 − β2^t) for AdamW, 1 for Lion
+
+
+def optim_hyper(lr, beta1, beta2, eps, weight_decay, step=None) -> OptimHyper:
+    """The OptimHyper of a step (``step`` None for Lion, which has no bias correction)."""
     step_size, bc2_sqrt = adamw_bias_terms(lr, beta1, beta2, step) if step is not None else (lr, 1.0)
-    return (lr, beta1, beta2, eps, 1.0 - lr * weight_decay, 1.0 - beta1, 1.0 - beta2, step_size, bc2_sqrt)
+    return OptimHyper(lr, beta1, beta2, eps, 1.0 - lr * weight_decay, 1.0 - beta1, 1.0 - beta2, step_size, bc2_sqrt)
 
 
 # ---- output shapes (what each op's fake returns and each backend fills) -----------------------

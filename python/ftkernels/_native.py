@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from ._formats import DTYPE_CODE, QUANT_TYPE_CODE, dropout_args
+from ._formats import DTYPE_CODE, QUANT_TYPE_CODE, OptimHyper, dropout_args
 
 _lock = threading.Lock()
 _modules: dict[str, object] = {}
@@ -87,17 +87,7 @@ def rows_cols(shape) -> tuple[int, int]:
 
 
 DROPOUT_FIELDS = ("enabled", "seed", "threshold", "scale")  # ftk::Dropout, _formats.dropout_args' order
-OPTIM_HYPER_FIELDS = (
-    "lr",
-    "beta1",
-    "beta2",
-    "eps",
-    "decay",
-    "one_minus_beta1",
-    "one_minus_beta2",
-    "step_size",
-    "bias_correction2_sqrt",
-)  # ftk::OptimHyper, _formats.optim_hyper's order
+OPTIM_HYPER_FIELDS = OptimHyper._fields  # ftk::OptimHyper's members, in order
 
 
 def dropout_params(mod, p: float, seed: int | None):
@@ -105,9 +95,9 @@ def dropout_params(mod, p: float, seed: int | None):
     return mod.Dropout(**dict(zip(DROPOUT_FIELDS, dropout_args(p, seed))))
 
 
-def optim_hyper_params(mod, values: tuple):
-    """ftk::OptimHyper of the 9 values of _formats.optim_hyper."""
-    return mod.OptimHyper(**dict(zip(OPTIM_HYPER_FIELDS, values, strict=True)))
+def optim_hyper_params(mod, hyper: OptimHyper):
+    """ftk::OptimHyper of a _formats.OptimHyper."""
+    return mod.OptimHyper(**hyper._asdict())
 
 
 def quantize_4bit_params(mod, A, blocksize, quant_type, packed, absmax):
@@ -122,52 +112,29 @@ def quantize_4bit_params(mod, A, blocksize, quant_type, packed, absmax):
     )
 
 
-def _weight(mod, packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize):
-    # With double quantization absmax holds the uint8 codes and goes in absmax_q.
-    nested = nested_absmax is not None
-    rows, cols = rows_cols(shape)
+def weight_4bit(mod, w):
+    """ftk::Weight4bit of an _ops.quant.Weight4bit; with double quantization absmax holds the
+    uint8 codes and goes in absmax_q."""
+    nested = w.nested_absmax is not None
+    rows, cols = rows_cols(w.shape)
     return mod.Weight4bit(
-        packed=packed.data_ptr(),
+        packed=w.packed.data_ptr(),
         rows=rows,
         cols=cols,
-        blocksize=blocksize,
-        quant_type=QUANT_TYPE_CODE[quant_type],
-        absmax=0 if nested else absmax.data_ptr(),
-        absmax_q=absmax.data_ptr() if nested else 0,
-        nested_absmax=ptr(nested_absmax),
-        nested_code=ptr(nested_code),
-        offset=ptr(offset),
-        nested_blocksize=nested_blocksize,
+        blocksize=w.blocksize,
+        quant_type=QUANT_TYPE_CODE[w.quant_type],
+        absmax=0 if nested else w.absmax.data_ptr(),
+        absmax_q=w.absmax.data_ptr() if nested else 0,
+        nested_absmax=ptr(w.nested_absmax),
+        nested_code=ptr(w.nested_code),
+        offset=ptr(w.offset),
+        nested_blocksize=w.nested_blocksize,
     )
 
 
-def weight_4bit(mod, w):
-    """ftk::Weight4bit of an _ops.quant.Weight4bit."""
-    return _weight(
-        mod,
-        w.packed,
-        w.absmax,
-        w.blocksize,
-        w.quant_type,
-        w.shape,
-        w.nested_absmax,
-        w.nested_code,
-        w.offset,
-        w.nested_blocksize,
-    )
-
-
-def dequantize_4bit_params(
-    mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize, out
-):
-    """ftk::Dequantize4bitParams: the packed tensor A of this shape into out (its dtype)."""
-    w = _weight(mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize)
-    return mod.Dequantize4bitParams(w=w, dtype=DTYPE_CODE[out.dtype], out=out.data_ptr())
-
-
-def dequantize_weight_params(mod, w, out):
-    """ftk::Dequantize4bitParams of an _ops.quant.Weight4bit into out (for dequantize_4bit_range, out
-    holds the range only)."""
+def dequantize_4bit_params(mod, w, out):
+    """ftk::Dequantize4bitParams of an _ops.quant.Weight4bit into out (for dequantize_4bit_range,
+    out holds the range only)."""
     return mod.Dequantize4bitParams(w=weight_4bit(mod, w), dtype=DTYPE_CODE[out.dtype], out=out.data_ptr())
 
 

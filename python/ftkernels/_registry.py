@@ -151,12 +151,17 @@ def define(name: str, schema: str, fake: Callable, check: Callable, kernel: str 
 
 
 def arguments(op: str) -> type:
-    """A NamedTuple class of ``ftk::op``'s schema arguments, in schema order: autograd unpacks
-    ``inputs`` and ``needs_input_grad`` with it and builds its gradient tuple by name, so a new
+    """A NamedTuple class of ``ftk::op``'s schema arguments, in schema order, with the schema's
+    defaults: checks, fakes and autograd unpack their arguments with it (the dispatcher drops
+    trailing arguments left at their defaults) and build the gradient tuple by name, so a new
     schema argument can never shift them."""
     if op not in _ARGUMENTS:
         schema = getattr(torch.ops.ftk, op).default._schema
-        _ARGUMENTS[op] = NamedTuple(f"{op}_arguments", [(a.name, object) for a in schema.arguments])
+        fields = [(a.name, object) for a in schema.arguments]
+        defaults = [a.default_value for a in schema.arguments if a.has_default_value()]
+        cls = NamedTuple(f"{op}_arguments", fields)
+        cls.__new__.__defaults__ = tuple(defaults) or None  # the schema's defaults trail
+        _ARGUMENTS[op] = cls
     return _ARGUMENTS[op]
 
 

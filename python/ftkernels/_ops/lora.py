@@ -39,125 +39,46 @@ def _check_lora_factors(x, w: Weight4bit, lora_A, lora_B, x_name: str = "x", x_d
     return dense(x), dense(lora_A), dense(lora_B)
 
 
-def _check_lora_linear_4bit(
-    x,
-    packed,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    nested_absmax,
-    nested_code,
-    offset,
-    nested_blocksize,
-    lora_A,
-    lora_B,
-    scaling,
-    bias,
-    dropout_p,
-    seed,
-):
-    w = check_weight_4bit(
-        packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize
-    )
-    x, lora_A, lora_B = _check_lora_factors(x, w, lora_A, lora_B)
+def _check_lora_linear_4bit(*args):
+    a = arguments("lora_linear_4bit")(*args)
+    w = check_weight_4bit(a)
+    x, lora_A, lora_B = _check_lora_factors(a.x, w, a.lora_A, a.lora_B)
+    bias = a.bias
     if bias is not None:
         need_tensor("bias", bias)
         need_dtype("bias", bias, GRAD_DTYPES)
-        need_device("bias", bias, packed.device)
+        need_device("bias", bias, w.packed.device)
         if list(bias.shape) != [w.shape[0]]:
             raise ValueError(f"bias must have shape [{w.shape[0]}] (out_features), got {list(bias.shape)}")
         bias = dense(bias)
-    return (x, w, lora_A, lora_B, need_float("scaling", scaling), bias, float(dropout_p), dropout_seed(dropout_p, seed))
+    scaling = need_float("scaling", a.scaling)
+    return (x, w, lora_A, lora_B, scaling, bias, float(a.dropout_p), dropout_seed(a.dropout_p, a.seed))
 
 
-def _check_lora_linear_4bit_backward(
-    grad_out,
-    x,
-    packed,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    nested_absmax,
-    nested_code,
-    offset,
-    nested_blocksize,
-    lora_A,
-    lora_B,
-    scaling,
-    dropout_p,
-    seed,
-    need_x,
-    need_lora,
-):
-    w = check_weight_4bit(
-        packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize
-    )
-    x, lora_A, lora_B = _check_lora_factors(x, w, lora_A, lora_B)
-    grad_out, _, _ = _check_lora_factors(grad_out, w, lora_A, lora_B, "grad_out", 0)
+def _check_lora_linear_4bit_backward(*args):
+    a = arguments("lora_linear_4bit_backward")(*args)
+    w = check_weight_4bit(a)
+    x, lora_A, lora_B = _check_lora_factors(a.x, w, a.lora_A, a.lora_B)
+    grad_out, _, _ = _check_lora_factors(a.grad_out, w, lora_A, lora_B, "grad_out", 0)
     if grad_out.shape[:-1] != x.shape[:-1]:
         raise ValueError(
             f"grad_out has shape {list(grad_out.shape)} but x has {list(x.shape)}; their leading dimensions must match"
         )
-    return (
-        grad_out,
-        x,
-        w,
-        lora_A,
-        lora_B,
-        need_float("scaling", scaling),
-        float(dropout_p),
-        dropout_seed(dropout_p, seed),
-        bool(need_x),
-        bool(need_lora),
-    )
+    scaling = need_float("scaling", a.scaling)
+    seed = dropout_seed(a.dropout_p, a.seed)
+    return (grad_out, x, w, lora_A, lora_B, scaling, float(a.dropout_p), seed, bool(a.need_x), bool(a.need_lora))
 
 
-def _fake_lora_linear_4bit(
-    x,
-    packed,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    nested_absmax,
-    nested_code,
-    offset,
-    nested_blocksize,
-    lora_A,
-    lora_B,
-    scaling,
-    bias,
-    dropout_p,
-    seed,
-):
-    fake_same_device(packed, x=x, absmax=absmax, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    return x.new_empty((*x.shape[:-1], shape[0]))
+def _fake_lora_linear_4bit(*args):
+    a = arguments("lora_linear_4bit")(*args)
+    fake_same_device(a.packed, x=a.x, absmax=a.absmax, lora_A=a.lora_A, lora_B=a.lora_B, bias=a.bias)
+    return a.x.new_empty((*a.x.shape[:-1], a.shape[0]))
 
 
-def _fake_lora_linear_4bit_backward(
-    grad_out,
-    x,
-    packed,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    nested_absmax,
-    nested_code,
-    offset,
-    nested_blocksize,
-    lora_A,
-    lora_B,
-    scaling,
-    dropout_p,
-    seed,
-    need_x,
-    need_lora,
-):
-    fake_same_device(packed, grad_out=grad_out, x=x, absmax=absmax, lora_A=lora_A, lora_B=lora_B)
-    return lora_linear_4bit_backward_outputs(x, lora_A, lora_B, need_x, need_lora)
+def _fake_lora_linear_4bit_backward(*args):
+    a = arguments("lora_linear_4bit_backward")(*args)
+    fake_same_device(a.packed, grad_out=a.grad_out, x=a.x, absmax=a.absmax, lora_A=a.lora_A, lora_B=a.lora_B)
+    return lora_linear_4bit_backward_outputs(a.x, a.lora_A, a.lora_B, a.need_x, a.need_lora)
 
 
 _WEIGHT_4BIT_SCHEMA = (
@@ -194,25 +115,9 @@ def _lora_backward(ctx, grad):
     need_lora = need.lora_A or need.lora_B
     dx = dA = dB = dbias = None
     if need.x or need_lora:
+        weight = (packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize)
         dx, dA, dB = torch.ops.ftk.lora_linear_4bit_backward(
-            grad,
-            x,
-            packed,
-            absmax,
-            blocksize,
-            quant_type,
-            shape,
-            nested_absmax,
-            nested_code,
-            offset,
-            nested_blocksize,
-            lora_A,
-            lora_B,
-            scaling,
-            dropout_p,
-            seed,
-            need.x,
-            need_lora,
+            grad, x, *weight, lora_A, lora_B, scaling, dropout_p, seed, need.x, need_lora
         )
     if need.bias:
         acc = torch.float64 if ctx.bias_dtype == torch.float64 else torch.float32

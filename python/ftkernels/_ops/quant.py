@@ -32,7 +32,25 @@ from .._formats import (
     quantize_4bit_outputs,
     quantize_blockwise_outputs,
 )
-from .._registry import define
+from .._registry import arguments, define
+
+
+class Weight4bit(NamedTuple):
+    """A checked 4-bit tensor (a weight of shape (N, K) for the LoRA ops): the packed data and
+    everything dequantize_4bit needs, in one value that every backend receives."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    blocksize: int
+    quant_type: str
+    shape: list
+    nested_absmax: torch.Tensor | None
+    nested_code: torch.Tensor | None
+    offset: torch.Tensor | None
+    nested_blocksize: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.ops.ftk.dequantize_4bit(*self[:5], dtype, *self[5:])
 
 
 def _check_quantize_4bit(A, blocksize, quant_type):
@@ -43,24 +61,13 @@ def _check_quantize_4bit(A, blocksize, quant_type):
     return dense(A), blocksize, quant_type
 
 
-def _check_dequantize_4bit(
-    A,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    dtype,
-    nested_absmax=None,
-    nested_code=None,
-    offset=None,
-    nested_blocksize=NESTED_BLOCKSIZE,
-):
+def check_4bit(A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize):
+    """The checked Weight4bit of a packed 4-bit tensor of this shape and its statistics."""
     need_tensor("A", A)
     need_tensor("absmax", absmax)
     need_dtype("A", A, (torch.uint8,))
     need_blocksize(blocksize)
     need_quant_type(quant_type)
-    need_float_dtype("dtype", dtype)
     shape = [int(s) for s in shape]
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must not have negative sizes, got {shape}")
@@ -90,33 +97,45 @@ def _check_dequantize_4bit(
         need_numel("nested_code", nested_code, 256, "an 8-bit code")
         need_numel("offset", offset, 1, "double quantization")
         nested = tuple(dense(t) for t in nested)
-    return (dense(A), dense(absmax), blocksize, quant_type, shape, dtype, *nested, nested_blocksize)
+    return Weight4bit(dense(A), dense(absmax), blocksize, quant_type, shape, *nested, nested_blocksize)
 
 
-def _check_dequantize_4bit_out(
-    A,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    dtype,
-    nested_absmax=None,
-    nested_code=None,
-    offset=None,
-    nested_blocksize=NESTED_BLOCKSIZE,
-    *,
-    out,
-):
-    checked = _check_dequantize_4bit(
-        A, absmax, blocksize, quant_type, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
+def check_weight_4bit(a) -> Weight4bit:
+    """The 4-bit weight of a LoRA op's arguments ``a`` (fields packed ... nested_blocksize):
+    2-D (out_features, in_features), no zero dimension."""
+    if len(a.shape) != 2:
+        raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {list(a.shape)}")
+    if any(int(s) == 0 for s in a.shape):
+        raise ValueError(f"the 4-bit weight must have non-zero dimensions, got shape {list(a.shape)}")
+    return check_4bit(
+        a.packed,
+        a.absmax,
+        a.blocksize,
+        a.quant_type,
+        a.shape,
+        a.nested_absmax,
+        a.nested_code,
+        a.offset,
+        a.nested_blocksize,
     )
+
+
+# dequantize_4bit's kernels take (w: Weight4bit, dtype) and, for the .out overload, out=.
+def _check_dequantize_4bit(*args):
+    a = arguments("dequantize_4bit")(*args)
+    need_float_dtype("dtype", a.dtype)
+    return check_4bit(a.A, a.absmax, a.blocksize, a.quant_type, a.shape, *a[6:]), a.dtype
+
+
+def _check_dequantize_4bit_out(*args, out):
+    w, dtype = _check_dequantize_4bit(*args)
     need_tensor("out", out)
-    if list(out.shape) != checked[4] or out.dtype != dtype:
-        raise ValueError(f"out must have shape {checked[4]} and dtype {dtype}; got {list(out.shape)} {out.dtype}")
-    need_device("out", out, A.device)
+    if list(out.shape) != w.shape or out.dtype != dtype:
+        raise ValueError(f"out must have shape {w.shape} and dtype {dtype}; got {list(out.shape)} {out.dtype}")
+    need_device("out", out, w.packed.device)
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    return (*checked, out)
+    return w, dtype, out
 
 
 def _check_quantize_blockwise(A, code, blocksize):
@@ -150,37 +169,15 @@ def _fake_quantize_4bit(A, blocksize, quant_type):
     return quantize_4bit_outputs(A, blocksize)
 
 
-def _fake_dequantize_4bit(
-    A,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    dtype,
-    nested_absmax=None,
-    nested_code=None,
-    offset=None,
-    nested_blocksize=NESTED_BLOCKSIZE,
-):
-    fake_same_device(A, absmax=absmax, nested_absmax=nested_absmax, nested_code=nested_code, offset=offset)
-    return A.new_empty(shape, dtype=dtype)
+def _fake_dequantize_4bit(*args):
+    a = arguments("dequantize_4bit")(*args)
+    fake_same_device(a.A, absmax=a.absmax, nested_absmax=a.nested_absmax, nested_code=a.nested_code, offset=a.offset)
+    return a.A.new_empty(a.shape, dtype=a.dtype)
 
 
-def _fake_dequantize_4bit_out(
-    A,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    dtype,
-    nested_absmax=None,
-    nested_code=None,
-    offset=None,
-    nested_blocksize=NESTED_BLOCKSIZE,
-    *,
-    out,
-):
-    fake_same_device(A, absmax=absmax, out=out)
+def _fake_dequantize_4bit_out(*args, out):
+    a = arguments("dequantize_4bit")(*args)
+    fake_same_device(a.A, absmax=a.absmax, out=out)
 
 
 def _fake_quantize_blockwise(A, code, blocksize):
@@ -227,56 +224,3 @@ define(
     _fake_dequantize_blockwise,
     _check_dequantize_blockwise,
 )
-
-
-# ---- the checked 4-bit weight of the LoRA ops ------------------------------------------------
-
-
-class Weight4bit(NamedTuple):
-    """A checked 4-bit weight of shape (N, K): the dequantize_4bit arguments in one value."""
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    blocksize: int
-    quant_type: str
-    shape: list
-    nested_absmax: torch.Tensor | None
-    nested_code: torch.Tensor | None
-    offset: torch.Tensor | None
-    nested_blocksize: int
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.ops.ftk.dequantize_4bit(
-            self.packed,
-            self.absmax,
-            self.blocksize,
-            self.quant_type,
-            self.shape,
-            dtype,
-            self.nested_absmax,
-            self.nested_code,
-            self.offset,
-            self.nested_blocksize,
-        )
-
-
-def check_weight_4bit(
-    packed, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize
-) -> Weight4bit:
-    if len(shape) != 2:
-        raise ValueError(f"the 4-bit weight must be 2-D (out_features, in_features), got shape {list(shape)}")
-    if any(int(s) == 0 for s in shape):
-        raise ValueError(f"the 4-bit weight must have non-zero dimensions, got shape {list(shape)}")
-    checked = _check_dequantize_4bit(
-        packed,
-        absmax,
-        blocksize,
-        quant_type,
-        shape,
-        torch.float32,
-        nested_absmax,
-        nested_code,
-        offset,
-        nested_blocksize,
-    )
-    return Weight4bit(*checked[:5], *checked[6:])

@@ -22,28 +22,11 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
 
 
 @register_kernel("dequantize_4bit", "cpu")
-def dequantize_4bit(
-    A,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    dtype,
-    nested_absmax=None,
-    nested_code=None,
-    offset=None,
-    nested_blocksize=_formats.NESTED_BLOCKSIZE,
-    out=None,
-):
+def dequantize_4bit(w, dtype, out=None):
     if out is None:
-        out = A.new_empty(shape, dtype=dtype)
+        out = w.packed.new_empty(w.shape, dtype=dtype)
     mod = _native.cpu()
-    mod.dequantize_4bit(
-        _native.dequantize_4bit_params(
-            mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize, out
-        ),
-        torch.get_num_threads(),
-    )
+    mod.dequantize_4bit(_native.dequantize_4bit_params(mod, w, out), torch.get_num_threads())
     return out
 
 
@@ -99,7 +82,7 @@ def _weight_tiles(w):
         tile = buf[: rows * k]
         mod = _native.cpu()
         mod.dequantize_4bit_range(
-            _native.dequantize_weight_params(mod, w, tile), n0 * k, (n0 + rows) * k, torch.get_num_threads()
+            _native.dequantize_4bit_params(mod, w, tile), n0 * k, (n0 + rows) * k, torch.get_num_threads()
         )
         yield n0, tile.view(rows, k)
 
@@ -217,56 +200,21 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 
 
 @register_kernel("adamw_step", "cpu")
-def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+def adamw_step(param, grad, exp_avg, exp_avg_sq, hyper):
     mod = _native.cpu()
-    mod.optim_32bit_step(
-        _native.optim_32bit_params(
-            mod,
-            _formats.OPTIM_ADAMW,
-            param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
-        ),
-        torch.get_num_threads(),
-    )
+    params = _native.optim_32bit_params(mod, _formats.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq, hyper)
+    mod.optim_32bit_step(params, torch.get_num_threads())
 
 
 @register_kernel("lion_step", "cpu")
-def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
+def lion_step(param, grad, exp_avg, hyper):
     mod = _native.cpu()
-    mod.optim_32bit_step(
-        _native.optim_32bit_params(
-            mod,
-            _formats.OPTIM_LION,
-            param,
-            grad,
-            exp_avg,
-            None,
-            _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
-        ),
-        torch.get_num_threads(),
-    )
+    params = _native.optim_32bit_params(mod, _formats.OPTIM_LION, param, grad, exp_avg, None, hyper)
+    mod.optim_32bit_step(params, torch.get_num_threads())
 
 
 @register_kernel("adamw8bit_step", "cpu")
-def adamw8bit_step(
-    param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps, weight_decay, step
-):
+def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, hyper):
     mod = _native.cpu()
-    mod.optim_8bit_step(
-        _native.optim_8bit_params(
-            mod,
-            param,
-            grad,
-            state1,
-            state2,
-            absmax1,
-            absmax2,
-            code1,
-            code2,
-            _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
-        ),
-        torch.get_num_threads(),
-    )
+    params = _native.optim_8bit_params(mod, param, grad, state1, state2, absmax1, absmax2, code1, code2, hyper)
+    mod.optim_8bit_step(params, torch.get_num_threads())

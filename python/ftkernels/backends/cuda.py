@@ -32,38 +32,17 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
 
 
 @register_kernel("dequantize_4bit", "cuda")
-def dequantize_4bit(
-    A,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    dtype,
-    nested_absmax=None,
-    nested_code=None,
-    offset=None,
-    nested_blocksize=_formats.NESTED_BLOCKSIZE,
-    out=None,
-):
+def dequantize_4bit(w, dtype, out=None):
     if out is not None and out.data_ptr() % 16:
         # The kernel stores 16-byte vectors; a misaligned out (a view into a larger buffer)
         # gets the result through an aligned temporary rather than an error.
-        out.copy_(
-            dequantize_4bit(
-                A, absmax, blocksize, quant_type, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
-            )
-        )
-        return out
+        return out.copy_(dequantize_4bit(w, dtype))
     if out is None:
-        out = A.new_empty(shape, dtype=dtype)
-    with torch.cuda.device(A.device):
+        out = w.packed.new_empty(w.shape, dtype=dtype)
+    device = w.packed.device
+    with torch.cuda.device(device):
         mod = _native.cuda()
-        mod.dequantize_4bit(
-            _native.dequantize_4bit_params(
-                mod, A, absmax, blocksize, quant_type, shape, nested_absmax, nested_code, offset, nested_blocksize, out
-            ),
-            _stream(A.device),
-        )
+        mod.dequantize_4bit(_native.dequantize_4bit_params(mod, w, out), _stream(device))
     return out
 
 
@@ -219,59 +198,24 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 
 
 @register_kernel("adamw_step", "cuda")
-def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+def adamw_step(param, grad, exp_avg, exp_avg_sq, hyper):
     with torch.cuda.device(param.device):
         mod = _native.cuda()
-        mod.optim_32bit_step(
-            _native.optim_32bit_params(
-                mod,
-                _formats.OPTIM_ADAMW,
-                param,
-                grad,
-                exp_avg,
-                exp_avg_sq,
-                _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
-            ),
-            _stream(param.device),
-        )
+        params = _native.optim_32bit_params(mod, _formats.OPTIM_ADAMW, param, grad, exp_avg, exp_avg_sq, hyper)
+        mod.optim_32bit_step(params, _stream(param.device))
 
 
 @register_kernel("lion_step", "cuda")
-def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
+def lion_step(param, grad, exp_avg, hyper):
     with torch.cuda.device(param.device):
         mod = _native.cuda()
-        mod.optim_32bit_step(
-            _native.optim_32bit_params(
-                mod,
-                _formats.OPTIM_LION,
-                param,
-                grad,
-                exp_avg,
-                None,
-                _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay),
-            ),
-            _stream(param.device),
-        )
+        params = _native.optim_32bit_params(mod, _formats.OPTIM_LION, param, grad, exp_avg, None, hyper)
+        mod.optim_32bit_step(params, _stream(param.device))
 
 
 @register_kernel("adamw8bit_step", "cuda")
-def adamw8bit_step(
-    param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps, weight_decay, step
-):
+def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, hyper):
     with torch.cuda.device(param.device):
         mod = _native.cuda()
-        mod.optim_8bit_step(
-            _native.optim_8bit_params(
-                mod,
-                param,
-                grad,
-                state1,
-                state2,
-                absmax1,
-                absmax2,
-                code1,
-                code2,
-                _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
-            ),
-            _stream(param.device),
-        )
+        params = _native.optim_8bit_params(mod, param, grad, state1, state2, absmax1, absmax2, code1, code2, hyper)
+        mod.optim_8bit_step(params, _stream(param.device))

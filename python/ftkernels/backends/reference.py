@@ -7,15 +7,15 @@ clarity over speed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._formats import (
     FP4_RANK_TO_BITS,
     FP4_THRESHOLDS,
-    NESTED_BLOCKSIZE,
     NF4_CODE,
     OPTIM_BLOCK,
-    adamw_bias_terms,
     code_4bit,
     dropout_scale,
     dropout_threshold,
@@ -70,29 +70,17 @@ def _dequantize_blockwise_f32(A: torch.Tensor, absmax: torch.Tensor, code: torch
 
 
 @register_kernel("dequantize_4bit", "reference")
-def dequantize_4bit(
-    A,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    dtype,
-    nested_absmax=None,
-    nested_code=None,
-    offset=None,
-    nested_blocksize=NESTED_BLOCKSIZE,
-    out=None,
-):
-    if nested_absmax is not None:
+def dequantize_4bit(w, dtype, out=None):
+    absmax = w.absmax
+    if w.nested_absmax is not None:
         # Two roundings, as bitsandbytes: the 8-bit product, then the offset.
-        absmax = _dequantize_blockwise_f32(absmax, nested_absmax, nested_code, nested_blocksize) + offset
-    n = 1
-    for s in shape:
-        n *= s
-    b = A.reshape(-1)
+        absmax = _dequantize_blockwise_f32(absmax, w.nested_absmax, w.nested_code, w.nested_blocksize) + w.offset
+    n = math.prod(w.shape)
+    b = w.packed.reshape(-1)
     q = torch.stack((b >> 4, b & 0xF), dim=1).reshape(-1)[:n].long()
-    vals = code_4bit(quant_type, A.device)[q] * absmax[torch.arange(n, device=A.device) // blocksize]
-    result = vals.to(dtype).reshape(shape)
+    device = w.packed.device
+    vals = code_4bit(w.quant_type, device)[q] * absmax[torch.arange(n, device=device) // w.blocksize]
+    result = vals.to(dtype).reshape(w.shape)
     return result if out is None else out.copy_(result)
 
 
@@ -245,42 +233,38 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 
 
 @register_kernel("adamw_step", "reference")
-def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
-    step_size, bc2_sqrt = adamw_bias_terms(lr, beta1, beta2, step)
+def adamw_step(param, grad, exp_avg, exp_avg_sq, hyper):
     p, g = param.float(), grad.float()
-    p.mul_(1.0 - lr * weight_decay)
-    exp_avg.lerp_(g, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    p.addcdiv_(exp_avg, (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
+    p.mul_(hyper.decay)
+    exp_avg.lerp_(g, hyper.one_minus_beta1)
+    exp_avg_sq.mul_(hyper.beta2).addcmul_(g, g, value=hyper.one_minus_beta2)
+    p.addcdiv_(exp_avg, (exp_avg_sq.sqrt() / hyper.bias_correction2_sqrt).add_(hyper.eps), value=-hyper.step_size)
     param.copy_(p)
 
 
 @register_kernel("lion_step", "reference")
-def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
+def lion_step(param, grad, exp_avg, hyper):
     p, g = param.float(), grad.float()
-    p.mul_(1.0 - lr * weight_decay)
-    p.add_((exp_avg * beta1 + g * (1.0 - beta1)).sign_(), alpha=-lr)
-    exp_avg.mul_(beta2).add_(g, alpha=1.0 - beta2)
+    p.mul_(hyper.decay)
+    p.add_((exp_avg * hyper.beta1 + g * hyper.one_minus_beta1).sign_(), alpha=-hyper.lr)
+    exp_avg.mul_(hyper.beta2).add_(g, alpha=hyper.one_minus_beta2)
     param.copy_(p)
 
 
 @register_kernel("adamw8bit_step", "reference")
-def adamw8bit_step(
-    param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps, weight_decay, step
-):
+def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, hyper):
     n = param.numel()
     if n == 0:
         return
-    step_size, bc2_sqrt = adamw_bias_terms(lr, beta1, beta2, step)
     g = _blocks(grad, OPTIM_BLOCK)[0]
     m = code1[_blocks(state1, OPTIM_BLOCK)[0].long()] * absmax1[:, None]  # codes 0..255 are exact in fp32
     v = code2[_blocks(state2, OPTIM_BLOCK)[0].long()] * absmax2[:, None]
     valid = torch.arange(m.numel(), device=m.device).reshape(m.shape) < n  # the last block's padding: 0
-    m = torch.where(valid, m * beta1 + g * (1.0 - beta1), 0.0)
-    v = torch.where(valid, v * beta2 + (g * g) * (1.0 - beta2), 0.0)
-    p = param.float().reshape(-1) * (1.0 - lr * weight_decay)
-    upd = (m / (v.sqrt() / bc2_sqrt + eps)).reshape(-1)[:n]
-    param.copy_((p - step_size * upd).reshape(param.shape))
+    m = torch.where(valid, m * hyper.beta1 + g * hyper.one_minus_beta1, 0.0)
+    v = torch.where(valid, v * hyper.beta2 + (g * g) * hyper.one_minus_beta2, 0.0)
+    p = param.float().reshape(-1) * hyper.decay
+    upd = (m / (v.sqrt() / hyper.bias_correction2_sqrt + hyper.eps)).reshape(-1)[:n]
+    param.copy_((p - hyper.step_size * upd).reshape(param.shape))
     for s, ab, x, code in ((state1, absmax1, m, code1), (state2, absmax2, v, code2)):
         amax = x.abs().amax(dim=1)
         scaled = torch.where(amax[:, None] > 0, x / torch.where(amax > 0, amax, 1.0)[:, None], 0.0)

@@ -68,31 +68,12 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
 
 
 @register_kernel("dequantize_4bit", "triton")
-def dequantize_4bit(
-    A,
-    absmax,
-    blocksize,
-    quant_type,
-    shape,
-    dtype,
-    nested_absmax=None,
-    nested_code=None,
-    offset=None,
-    nested_blocksize=_formats.NESTED_BLOCKSIZE,
-    out=None,
-):
+def dequantize_4bit(w, dtype, out=None):
     if out is None:
-        out = A.new_empty(shape, dtype=dtype)
+        out = w.packed.new_empty(w.shape, dtype=dtype)
+    code = _code_4bit(w.quant_type, w.packed.device)
     _kernels("nf4").dequantize_4bit(
-        A,
-        absmax,
-        _code_4bit(quant_type, A.device),
-        out,
-        blocksize,
-        nested_absmax,
-        nested_code,
-        offset,
-        nested_blocksize,
+        w.packed, w.absmax, code, out, w.blocksize, w.nested_absmax, w.nested_code, w.offset, w.nested_blocksize
     )
     return out
 
@@ -214,29 +195,15 @@ def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
 
 
 @register_kernel("adamw_step", "triton")
-def adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
-    _kernels("optim").adamw_step(
-        param, grad, exp_avg, exp_avg_sq, _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step)
-    )
+def adamw_step(param, grad, exp_avg, exp_avg_sq, hyper):
+    _kernels("optim").adamw_step(param, grad, exp_avg, exp_avg_sq, hyper)
 
 
 @register_kernel("lion_step", "triton")
-def lion_step(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
-    _kernels("optim").lion_step(param, grad, exp_avg, _formats.optim_hyper(lr, beta1, beta2, 0.0, weight_decay))
+def lion_step(param, grad, exp_avg, hyper):
+    _kernels("optim").lion_step(param, grad, exp_avg, hyper)
 
 
 @register_kernel("adamw8bit_step", "triton")
-def adamw8bit_step(
-    param, grad, state1, state2, absmax1, absmax2, code1, code2, lr, beta1, beta2, eps, weight_decay, step
-):
-    _kernels("optim").adamw8bit_step(
-        param,
-        grad,
-        state1,
-        state2,
-        absmax1,
-        absmax2,
-        code1,
-        code2,
-        _formats.optim_hyper(lr, beta1, beta2, eps, weight_decay, step),
-    )
+def adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, hyper):
+    _kernels("optim").adamw8bit_step(param, grad, state1, state2, absmax1, absmax2, code1, code2, hyper)
