@@ -46,3 +46,16 @@ def test_backends_agree_through_the_public_api():
     with ftk.use_backend("reference"):
         expected = ftk.dequantize_4bit(*ftk.quantize_4bit(A))
     assert torch.equal(ftk.dequantize_4bit(*ftk.quantize_4bit(A)), expected)
+
+
+def test_arguments_follow_the_schema_with_its_defaults():
+    a = _registry.arguments("dequantize_4bit")("A", "absmax", 64, "nf4", [8], "dtype")
+    assert a._fields[:2] == ("A", "absmax") and a.nested_absmax is None and a.nested_blocksize == 256
+    grads = _registry.gradients("lora_linear_4bit", x=1, bias=2)
+    assert (
+        grads[0] == 1
+        and len(grads) == len(_registry.arguments("lora_linear_4bit")._fields)
+        and grads.count(None) == len(grads) - 2
+    )
+    with pytest.raises(KeyError, match="no argument"):
+        _registry.gradients("lora_linear_4bit", weight=1)
