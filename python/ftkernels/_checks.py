@@ -85,3 +85,14 @@ def dropout_seed(dropout_p, seed) -> int | None:
     if seed.numel() != 1 or seed.device.type != "cpu":
         raise ValueError(f"seed must be one int64 on the CPU, got {seed.numel()} on {seed.device}")
     return int(seed.item())
+
+
+def need_no_float64(**tensors) -> None:
+    """The native kernels (cpu, cuda, triton) take float32, float16 and bfloat16; float64, which
+    the ops accept for gradcheck, runs on the reference backend only."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype == torch.float64:
+            raise TypeError(
+                f"{name}: float64 runs on the reference backend only (ftkernels.use_backend('reference')); "
+                "the native kernels take float32, float16 or bfloat16"
+            )

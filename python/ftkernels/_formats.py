@@ -184,7 +184,8 @@ def reft_compute_dtype(h: torch.Tensor) -> torch.dtype:
 
 
 def reft_slots(h: torch.Tensor, positions) -> int:
-    """How many slots (rows of z) a ReFT call has: positions.numel(), or every row of h."""
+    """How many slots (rows of z) a ReFT call has: positions.numel() (or of the flat rows made
+    from them), or every row of h."""
     return positions.numel() if positions is not None else h.numel() // h.shape[-1]
 
 

@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from ._formats import DTYPE_CODE, QUANT_TYPE_CODE, OptimHyper, dropout_args
+from ._formats import DTYPE_CODE, QUANT_TYPE_CODE, OptimHyper, dropout_args, reft_slots
 
 _lock = threading.Lock()
 _modules: dict[str, object] = {}
@@ -202,7 +202,6 @@ def lora_matmul_params(mod, mode: int, X, w, bias, L, R, scaling: float, p: floa
 
 def reft_forward_params(mod, h2, P, Q, b, rows, p: float, seed: int | None, out, z):
     """ftk::ReftForwardParams: h2 and out (n_rows, d), P and Q (r, d) fp32, rows int64 or None."""
-    n_slots = rows.numel() if rows is not None else h2.shape[0]
     return mod.ReftForwardParams(
         h=h2.data_ptr(),
         dtype=DTYPE_CODE[h2.dtype],
@@ -210,7 +209,7 @@ def reft_forward_params(mod, h2, P, Q, b, rows, p: float, seed: int | None, out,
         d=h2.shape[1],
         r=P.shape[0],
         rows=ptr(rows),
-        n_slots=n_slots,
+        n_slots=reft_slots(h2, rows),
         P=P.data_ptr(),
         Q=Q.data_ptr(),
         b=b.data_ptr(),
@@ -222,7 +221,6 @@ def reft_forward_params(mod, h2, P, Q, b, rows, p: float, seed: int | None, out,
 
 def reft_backward_params(mod, g2, h2, P, Q, z, rows, p: float, seed: int | None, dh, dP, dQ, db, workspace=None):
     """ftk::ReftBackwardParams; dh / (dP, dQ, db) are None when not wanted, workspace CUDA only."""
-    n_slots = rows.numel() if rows is not None else g2.shape[0]
     return mod.ReftBackwardParams(
         grad=g2.data_ptr(),
         h=h2.data_ptr(),
@@ -231,7 +229,7 @@ def reft_backward_params(mod, g2, h2, P, Q, z, rows, p: float, seed: int | None,
         d=g2.shape[1],
         r=P.shape[0],
         rows=ptr(rows),
-        n_slots=n_slots,
+        n_slots=reft_slots(h2, rows),
         P=P.data_ptr(),
         Q=Q.data_ptr(),
         z=z.data_ptr(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _formats, _native
+from .._checks import need_no_float64
 from .._registry import register_backend, register_kernel
 from . import _lora
 
@@ -115,18 +116,12 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     return out
 
 
-def _need_native_dtypes(*named) -> None:
-    for name, t in named:
-        if t is not None and t.dtype == torch.float64:
-            raise TypeError(f"{name}: float64 runs on the reference backend only (ftkernels.use_backend('reference'))")
-
-
 # x and dY are widened to fp32 once here (a no-op for fp32), not in each product that reads them.
 
 
 @register_kernel("lora_linear_4bit", "cpu")
 def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    _need_native_dtypes(("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias))
+    need_no_float64(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
     return _lora.forward(
         x.float(), w, lora_A, lora_B, scaling, bias, dropout_p, seed, dropout=_lora_dropout, matmul=_lora_matmul
     ).to(x.dtype)
@@ -134,7 +129,7 @@ def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
 
 @register_kernel("lora_linear_4bit_backward", "cpu")
 def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
-    _need_native_dtypes(("grad_out", grad_out), ("x", x), ("lora_A", lora_A), ("lora_B", lora_B))
+    need_no_float64(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
     dx, dA, dB = _lora.backward(
         grad_out.float(),
         x.float(),
@@ -157,9 +152,9 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
 
 @register_kernel("reft_forward", "cpu")
 def reft_forward(h, P, Q, b, rows, dropout_p, seed):
-    _need_native_dtypes(("h", h))
+    need_no_float64(h=h)
     h2 = h.reshape(-1, h.shape[-1])
-    out, z = _formats.reft_forward_outputs(h, P.shape[0], rows.numel() if rows is not None else h2.shape[0])
+    out, z = _formats.reft_forward_outputs(h, P.shape[0], _formats.reft_slots(h, rows))
     if rows is not None:
         out.copy_(h)  # rows no slot selects pass through; the kernel writes the selected ones
     mod = _native.cpu()
@@ -171,7 +166,7 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
 
 @register_kernel("reft_backward", "cpu")
 def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
-    _need_native_dtypes(("grad", grad), ("h", h))
+    need_no_float64(grad=grad, h=h)
     dh, dP, dQ, db = _formats.reft_backward_outputs(h, P.shape[0], need_h, need_params)
     if need_h and rows is not None:
         dh.copy_(grad)

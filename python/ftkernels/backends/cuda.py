@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _formats, _native
+from .._checks import need_no_float64
 from .._registry import register_backend, register_kernel
 from . import _lora
 
@@ -71,15 +72,6 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
 # ---- fused LoRA over a 4-bit weight (csrc/cuda/lora.cu; composed by _lora.py) -------------
 
 
-def _need_native_dtypes(**tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.dtype == torch.float64:
-            raise TypeError(
-                f"{name}: float64 runs on the reference backend only (the CUDA kernels take "
-                "float32, float16 or bfloat16)"
-            )
-
-
 def _lora_dropout(t: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
     """drop(t) as fp32 (rows, cols); t itself as fp32 when seed is None."""
     t = t.contiguous()
@@ -110,7 +102,7 @@ def _lora_matmul(mode: int, X, w, bias, L, R, scaling: float, p: float, seed: in
 
 @register_kernel("lora_linear_4bit", "cuda")
 def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    _need_native_dtypes(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+    need_no_float64(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
     return _lora.forward(
         x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, dropout=_lora_dropout, matmul=_lora_matmul
     )
@@ -118,7 +110,7 @@ def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
 
 @register_kernel("lora_linear_4bit_backward", "cuda")
 def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
-    _need_native_dtypes(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
+    need_no_float64(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
     return _lora.backward(
         grad_out,
         x,
@@ -140,10 +132,10 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
 
 @register_kernel("reft_forward", "cuda")
 def reft_forward(h, P, Q, b, rows, dropout_p, seed):
-    _need_native_dtypes(h=h, P=P, Q=Q, b=b)
+    need_no_float64(h=h, P=P, Q=Q, b=b)
     d = h.shape[-1]
     h2 = h.reshape(-1, d)
-    n_slots = rows.numel() if rows is not None else h2.shape[0]
+    n_slots = _formats.reft_slots(h, rows)
     out, z = _formats.reft_forward_outputs(h, P.shape[0], n_slots)
     if rows is not None:
         out.copy_(h)  # the kernel writes the selected rows only
@@ -159,7 +151,7 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
 
 @register_kernel("reft_backward", "cuda")
 def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
-    _need_native_dtypes(grad=grad, h=h, P=P, Q=Q, z=z)
+    need_no_float64(grad=grad, h=h, P=P, Q=Q, z=z)
     r, d = P.shape
     dh, dP, dQ, db = _formats.reft_backward_outputs(h, r, need_h, need_params)
     if not (need_h or need_params):

@@ -18,6 +18,7 @@ import os
 import torch
 
 from .. import _formats
+from .._checks import need_no_float64
 from .._registry import register_backend, register_kernel
 from . import _lora
 
@@ -119,14 +120,9 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     return out
 
 
-def _no_float64(*tensors) -> None:
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        raise TypeError("float64 runs on the reference backend only")
-
-
 @register_kernel("lora_linear_4bit", "triton")
 def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    _no_float64(x, lora_A, lora_B, bias)
+    need_no_float64(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
     return _lora.forward(
         x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, dropout=_lora_dropout, matmul=_lora_matmul
     )
@@ -134,7 +130,7 @@ def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
 
 @register_kernel("lora_linear_4bit_backward", "triton")
 def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
-    _no_float64(grad_out, x, lora_A, lora_B)
+    need_no_float64(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
     return _lora.backward(
         grad_out,
         x,
@@ -156,8 +152,8 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
 
 @register_kernel("reft_forward", "triton")
 def reft_forward(h, P, Q, b, rows, dropout_p, seed):
-    _no_float64(h, P, Q, b)
-    n_slots = rows.numel() if rows is not None else h.numel() // h.shape[-1]
+    need_no_float64(h=h, P=P, Q=Q, b=b)
+    n_slots = _formats.reft_slots(h, rows)
     out, z = _formats.reft_forward_outputs(h, P.shape[0], n_slots)
     if rows is not None:
         out.copy_(h)  # rows no slot selects keep h; the kernel writes the selected ones
@@ -167,7 +163,7 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
 
 @register_kernel("reft_backward", "triton")
 def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
-    _no_float64(grad, h, P, Q, z)
+    need_no_float64(grad=grad, h=h, P=P, Q=Q, z=z)
     kernels = _kernels("reft")
     r, d = P.shape
     dh, dP, dQ, db = _formats.reft_backward_outputs(h, r, need_h, need_params)
