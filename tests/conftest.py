@@ -169,7 +169,13 @@ def make_tiny_llama(tie_word_embeddings: bool = True, vocab_size: int = 128, see
     weights, float32, eval mode. Built in milliseconds; nothing is downloaded."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    config = transformers.LlamaConfig(**_tiny_decoder(vocab_size), tie_word_embeddings=tie_word_embeddings)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _tiny_decoder(vocab_size: int) -> dict:
+    """The sizes of the tiny Llama-layout decoders (Llama, Qwen2)."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -177,9 +183,7 @@ def make_tiny_llama(tie_word_embeddings: bool = True, vocab_size: int = 128, see
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=tie_word_embeddings,
     )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def make_tiny_causal_lm(arch: str = "llama", vocab_size: int = 128, seed: int = 0):
@@ -192,15 +196,7 @@ def make_tiny_causal_lm(arch: str = "llama", vocab_size: int = 128, seed: int = 
         return make_tiny_llama(vocab_size=vocab_size, seed=seed)
     torch.manual_seed(seed)
     if arch == "qwen2":
-        config = transformers.Qwen2Config(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
+        config = transformers.Qwen2Config(**_tiny_decoder(vocab_size))
         return transformers.Qwen2ForCausalLM(config).eval()
     if arch == "gpt2":
         config = transformers.GPT2Config(
