@@ -103,7 +103,6 @@ def load_causal_lm(folder: str, gguf_file: str | None):
 
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     """The model's greedy reply to ``prompt`` as one user turn (the chat template applied)."""
-
     if getattr(tokenizer, "chat_template", None):
         enc = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True

@@ -232,7 +232,6 @@ def prepare(model, method: str, rank: int | None = None) -> list[torch.nn.Parame
 
 def train(model, params, examples, pad_id: int, steps: int, lr: float, batch_size: int, progress: bool = True):
     """The loop: ftkernels.optim.AdamW on ``params``; returns (losses, tokens a second)."""
-
     opt = AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses, tokens, start = [], 0, time.perf_counter()

@@ -114,7 +114,6 @@ def add_lora(
 
 def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
     """PEFT's adapter files for the model's LoRA layers."""
-
     layers = lora_modules(model)
     config = getattr(model, "_ftk_lora_config", None)
     if not layers or config is None:
@@ -169,7 +168,6 @@ def load_lora(model: nn.Module, in_dir: str | os.PathLike) -> list[str]:
     """Adds LoRA layers as a PEFT adapter directory describes them and loads their weights
     (safetensors only). Every key and shape is checked against the model before it changes.
     Returns the wrapped layers' names."""
-
     src = Path(in_dir)
     config = _read_config(src)
     r = config["r"]

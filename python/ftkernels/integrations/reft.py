@@ -271,7 +271,6 @@ def remove_loreft(model: nn.Module) -> LoReFTInterventions:
 
 def save_loreft(model: nn.Module, out_dir: str | os.PathLike) -> None:
     """Writes the model's interventions: a JSON config and the weights as safetensors."""
-
     reft = getattr(model, ATTRIBUTE, None)
     if not isinstance(reft, LoReFTInterventions):
         raise ValueError("the model has no LoReFT interventions (add_loreft first)")
@@ -286,7 +285,6 @@ def save_loreft(model: nn.Module, out_dir: str | os.PathLike) -> None:
 def load_loreft(model: nn.Module, in_dir: str | os.PathLike) -> LoReFTInterventions:
     """Attaches the interventions saved by :func:`save_loreft` to ``model``. Reads JSON and
     safetensors only; the config and every tensor's shape are checked against the model."""
-
     src = Path(in_dir)
     try:
         config = json.loads((src / CONFIG_NAME).read_text())

@@ -138,7 +138,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _prefetch_next(self, work, i: int) -> None:
         """Queue the next parameter's states to its GPU on the current stream (this one's were
         queued during the previous step; the first one's now), never waiting."""
-
         for j in (i, i + 1) if i == 0 else (i + 1,):
             if j < len(work):
                 q = work[j][0]
