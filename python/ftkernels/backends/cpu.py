@@ -74,17 +74,17 @@ def _tile_rows(rows: int, cols: int) -> int:
 
 
 def _weight_tiles(w):
-    """(first row, fp32 rows x K tile) over the weight, one reused buffer."""
+    """(first row, fp32 rows x K tile) over the weight, one reused buffer (so one params struct:
+    every tile starts at the buffer's start)."""
     n, k = w.shape
     step = _tile_rows(n, k)
     buf = torch.empty(step * k, dtype=torch.float32)
+    mod = _native.cpu()
+    params = _native.dequantize_4bit_params(mod, w, buf)
     for n0 in range(0, n, step):
         rows = min(step, n - n0)
         tile = buf[: rows * k]
-        mod = _native.cpu()
-        mod.dequantize_4bit_range(
-            _native.dequantize_4bit_params(mod, w, tile), n0 * k, (n0 + rows) * k, torch.get_num_threads()
-        )
+        mod.dequantize_4bit_range(params, n0 * k, (n0 + rows) * k, torch.get_num_threads())
         yield n0, tile.view(rows, k)
 
 
