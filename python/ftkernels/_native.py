@@ -200,16 +200,18 @@ def lora_matmul_params(mod, mode: int, X, w, bias, L, R, scaling: float, p: floa
 # ---- fused ReFT edits (csrc/include/ftk/reft.h) --------------------------------------------
 
 
-def reft_forward_params(mod, h2, P, Q, b, rows, p: float, seed: int | None, out, z):
-    """ftk::ReftForwardParams: h2 and out (n_rows, d), P and Q (r, d) fp32, rows int64 or None."""
+def reft_forward_params(mod, h, P, Q, b, rows, p: float, seed: int | None, out, z):
+    """ftk::ReftForwardParams: h and out (..., d) seen as (n_rows, d), P and Q (r, d) fp32, rows
+    int64 or None."""
+    d = h.shape[-1]
     return mod.ReftForwardParams(
-        h=h2.data_ptr(),
-        dtype=DTYPE_CODE[h2.dtype],
-        n_rows=h2.shape[0],
-        d=h2.shape[1],
+        h=h.data_ptr(),
+        dtype=DTYPE_CODE[h.dtype],
+        n_rows=h.numel() // d,
+        d=d,
         r=P.shape[0],
         rows=ptr(rows),
-        n_slots=reft_slots(h2, rows),
+        n_slots=reft_slots(h, rows),
         P=P.data_ptr(),
         Q=Q.data_ptr(),
         b=b.data_ptr(),
@@ -219,17 +221,20 @@ def reft_forward_params(mod, h2, P, Q, b, rows, p: float, seed: int | None, out,
     )
 
 
-def reft_backward_params(mod, g2, h2, P, Q, z, rows, p: float, seed: int | None, dh, dP, dQ, db, workspace=None):
-    """ftk::ReftBackwardParams; dh / (dP, dQ, db) are None when not wanted, workspace CUDA only."""
+def reft_backward_params(mod, grad, h, P, Q, z, rows, p: float, seed, grads, need_h, need_params, workspace=None):
+    """ftk::ReftBackwardParams: grads is (dh, dP, dQ, db) as reft_backward_outputs made them; the
+    ones not wanted cross as null. workspace: CUDA only."""
+    d = h.shape[-1]
+    dh, dP, dQ, db = (t if wanted else None for t, wanted in zip(grads, (need_h,) + (need_params,) * 3))
     return mod.ReftBackwardParams(
-        grad=g2.data_ptr(),
-        h=h2.data_ptr(),
-        dtype=DTYPE_CODE[g2.dtype],
-        n_rows=g2.shape[0],
-        d=g2.shape[1],
+        grad=grad.data_ptr(),
+        h=h.data_ptr(),
+        dtype=DTYPE_CODE[grad.dtype],
+        n_rows=h.numel() // d,
+        d=d,
         r=P.shape[0],
         rows=ptr(rows),
-        n_slots=reft_slots(h2, rows),
+        n_slots=z.shape[0],
         P=P.data_ptr(),
         Q=Q.data_ptr(),
         z=z.data_ptr(),

@@ -153,13 +153,12 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
 @register_kernel("reft_forward", "cpu")
 def reft_forward(h, P, Q, b, rows, dropout_p, seed):
     need_no_float64(h=h)
-    h2 = h.reshape(-1, h.shape[-1])
     out, z = _formats.reft_forward_outputs(h, P.shape[0], _formats.reft_slots(h, rows))
     if rows is not None:
         out.copy_(h)  # rows no slot selects pass through; the kernel writes the selected ones
     mod = _native.cpu()
     mod.reft_forward(
-        _native.reft_forward_params(mod, h2, P, Q, b, rows, dropout_p, seed, out, z), torch.get_num_threads()
+        _native.reft_forward_params(mod, h, P, Q, b, rows, dropout_p, seed, out, z), torch.get_num_threads()
     )
     return out, z
 
@@ -167,28 +166,13 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
 @register_kernel("reft_backward", "cpu")
 def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
     need_no_float64(grad=grad, h=h)
-    dh, dP, dQ, db = _formats.reft_backward_outputs(h, P.shape[0], need_h, need_params)
+    grads = _formats.reft_backward_outputs(h, P.shape[0], need_h, need_params)
     if need_h and rows is not None:
-        dh.copy_(grad)
-    d = h.shape[-1]
+        grads[0].copy_(grad)  # rows no slot selects: dh = grad
     mod = _native.cpu()
-    mod.reft_backward(
-        _native.reft_backward_params(
-            mod,
-            grad.reshape(-1, d),
-            h.reshape(-1, d),
-            P,
-            Q,
-            z,
-            rows,
-            dropout_p,
-            seed,
-            dh if need_h else None,
-            *((dP, dQ, db) if need_params else (None,) * 3),
-        ),
-        torch.get_num_threads(),
-    )
-    return dh, dP, dQ, db
+    params = _native.reft_backward_params(mod, grad, h, P, Q, z, rows, dropout_p, seed, grads, need_h, need_params)
+    mod.reft_backward(params, torch.get_num_threads())
+    return grads
 
 
 # ---- fused optimizer steps (csrc/cpu/optim.cpp) ----------------------------------------------

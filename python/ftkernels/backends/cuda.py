@@ -133,8 +133,6 @@ def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p
 @register_kernel("reft_forward", "cuda")
 def reft_forward(h, P, Q, b, rows, dropout_p, seed):
     need_no_float64(h=h, P=P, Q=Q, b=b)
-    d = h.shape[-1]
-    h2 = h.reshape(-1, d)
     n_slots = _formats.reft_slots(h, rows)
     out, z = _formats.reft_forward_outputs(h, P.shape[0], n_slots)
     if rows is not None:
@@ -143,9 +141,7 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
         return out, z
     with torch.cuda.device(h.device):
         mod = _native.cuda()
-        mod.reft_forward(
-            _native.reft_forward_params(mod, h2, P, Q, b, rows, dropout_p, seed, out.view(-1, d), z), _stream(h.device)
-        )
+        mod.reft_forward(_native.reft_forward_params(mod, h, P, Q, b, rows, dropout_p, seed, out, z), _stream(h.device))
     return out, z
 
 
@@ -153,37 +149,21 @@ def reft_forward(h, P, Q, b, rows, dropout_p, seed):
 def reft_backward(grad, h, P, Q, z, rows, dropout_p, seed, need_h, need_params):
     need_no_float64(grad=grad, h=h, P=P, Q=Q, z=z)
     r, d = P.shape
-    dh, dP, dQ, db = _formats.reft_backward_outputs(h, r, need_h, need_params)
+    grads = _formats.reft_backward_outputs(h, r, need_h, need_params)
     if not (need_h or need_params):
-        return dh, dP, dQ, db
+        return grads
     if need_h and rows is not None:
-        dh.copy_(grad)  # the kernel writes the selected rows only
-    n_slots = z.shape[0]
+        grads[0].copy_(grad)  # the kernel writes the selected rows only
     with torch.cuda.device(h.device):
         mod = _native.cuda()
         ws = None
         if need_params:  # per-block partial sums of dP, dQ, db (the launcher never allocates)
-            ws = torch.empty(mod.reft_backward_workspace(n_slots, d, r), dtype=torch.float32, device=h.device)
-        mod.reft_backward(
-            _native.reft_backward_params(
-                mod,
-                grad.reshape(-1, d),
-                h.reshape(-1, d),
-                P,
-                Q,
-                z,
-                rows,
-                dropout_p,
-                seed,
-                dh.view(-1, d) if need_h else None,
-                dP if need_params else None,
-                dQ if need_params else None,
-                db if need_params else None,
-                ws,
-            ),
-            _stream(h.device),
+            ws = torch.empty(mod.reft_backward_workspace(z.shape[0], d, r), dtype=torch.float32, device=h.device)
+        params = _native.reft_backward_params(
+            mod, grad, h, P, Q, z, rows, dropout_p, seed, grads, need_h, need_params, ws
         )
-    return dh, dP, dQ, db
+        mod.reft_backward(params, _stream(h.device))
+    return grads
 
 
 # ---- fused optimizer steps (csrc/cuda/optim.cu) ---------------------------------------------
