@@ -6,7 +6,8 @@ Each native backend (cpu, cuda, triton) supplies
   ``matmul(mode, X, w, bias, L, R, scaling, p, seed) -> out``: the big product with its
       rank-r epilogue, ``_formats.LORA_FORWARD`` or ``_formats.LORA_GRAD_INPUT``;
 and this module does the rest the same way for all of them: the rank-r GEMMs (drop(x)·Aᵀ,
-dy·B, dA, dB; ~1% of the FLOPs at r=16, K=N=4096) go to torch's matmul.
+dy·B, dA, dB; ~1% of the FLOPs at r=16, K=N=4096) go to torch's matmul. :func:`register`
+registers the op's two kernels for a backend from its pair.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable
 import torch
 
 from .. import _formats
+from .._checks import need_no_float64
+from .._registry import register_kernel
 
 
 def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -57,3 +60,25 @@ def backward(
         dA = (mm32(xd.T, g).T * scaling).to(lora_A.dtype).contiguous()  # x's side first: no fp32 copy of x
         dB = (mm32(dy.T, mm32(xd, lora_A.T)) * scaling).to(lora_B.dtype)
     return dx, dA, dB
+
+
+def register(backend: str, *, dropout: Callable, matmul: Callable, widen_to_fp32: bool = False) -> None:
+    """Registers lora_linear_4bit and its backward for ``backend``, composed from its two kernels.
+    ``widen_to_fp32``: x and dy are widened to fp32 once, before every product that reads them
+    (the CPU backend, whose kernels compute in fp32), and dx is rounded back to x's dtype."""
+
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if widen_to_fp32 else t
+
+    @register_kernel("lora_linear_4bit", backend)
+    def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
+        need_no_float64(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
+        y = forward(wide(x), w, lora_A, lora_B, scaling, bias, dropout_p, seed, dropout=dropout, matmul=matmul)
+        return y.to(x.dtype)
+
+    @register_kernel("lora_linear_4bit_backward", backend)
+    def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
+        need_no_float64(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
+        args = (wide(grad_out), wide(x), w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora)
+        dx, dA, dB = backward(*args, dropout=dropout, matmul=matmul)
+        return dx.to(x.dtype), dA, dB

@@ -116,35 +116,7 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     return out
 
 
-# x and dY are widened to fp32 once here (a no-op for fp32), not in each product that reads them.
-
-
-@register_kernel("lora_linear_4bit", "cpu")
-def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    need_no_float64(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    return _lora.forward(
-        x.float(), w, lora_A, lora_B, scaling, bias, dropout_p, seed, dropout=_lora_dropout, matmul=_lora_matmul
-    ).to(x.dtype)
-
-
-@register_kernel("lora_linear_4bit_backward", "cpu")
-def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
-    need_no_float64(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
-    dx, dA, dB = _lora.backward(
-        grad_out.float(),
-        x.float(),
-        w,
-        lora_A,
-        lora_B,
-        scaling,
-        dropout_p,
-        seed,
-        need_x,
-        need_lora,
-        dropout=_lora_dropout,
-        matmul=_lora_matmul,
-    )
-    return dx.to(x.dtype), dA, dB
+_lora.register("cpu", dropout=_lora_dropout, matmul=_lora_matmul, widen_to_fp32=True)
 
 
 # ---- fused ReFT edits (csrc/cpu/reft.cpp) ----------------------------------------------------

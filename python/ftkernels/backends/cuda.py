@@ -100,31 +100,7 @@ def _lora_matmul(mode: int, X, w, bias, L, R, scaling: float, p: float, seed: in
     return out
 
 
-@register_kernel("lora_linear_4bit", "cuda")
-def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    need_no_float64(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    return _lora.forward(
-        x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, dropout=_lora_dropout, matmul=_lora_matmul
-    )
-
-
-@register_kernel("lora_linear_4bit_backward", "cuda")
-def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
-    need_no_float64(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
-    return _lora.backward(
-        grad_out,
-        x,
-        w,
-        lora_A,
-        lora_B,
-        scaling,
-        dropout_p,
-        seed,
-        need_x,
-        need_lora,
-        dropout=_lora_dropout,
-        matmul=_lora_matmul,
-    )
+_lora.register("cuda", dropout=_lora_dropout, matmul=_lora_matmul)
 
 
 # ---- fused ReFT edits (csrc/cuda/reft.cu) ---------------------------------------------------

@@ -120,31 +120,7 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     return out
 
 
-@register_kernel("lora_linear_4bit", "triton")
-def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
-    need_no_float64(x=x, lora_A=lora_A, lora_B=lora_B, bias=bias)
-    return _lora.forward(
-        x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, dropout=_lora_dropout, matmul=_lora_matmul
-    )
-
-
-@register_kernel("lora_linear_4bit_backward", "triton")
-def lora_linear_4bit_backward(grad_out, x, w, lora_A, lora_B, scaling, dropout_p, seed, need_x, need_lora):
-    need_no_float64(grad_out=grad_out, x=x, lora_A=lora_A, lora_B=lora_B)
-    return _lora.backward(
-        grad_out,
-        x,
-        w,
-        lora_A,
-        lora_B,
-        scaling,
-        dropout_p,
-        seed,
-        need_x,
-        need_lora,
-        dropout=_lora_dropout,
-        matmul=_lora_matmul,
-    )
+_lora.register("triton", dropout=_lora_dropout, matmul=_lora_matmul)
 
 
 # ---- fused ReFT edits (triton_kernels/reft.py) ------------------------------------------------
