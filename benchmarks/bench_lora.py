@@ -25,7 +25,7 @@ from torch import nn
 
 import ftkernels as ftk
 
-from conftest import HAS_CUDA, QUICK, Timer
+from conftest import QUICK, Timer, device_marks
 
 N_OUT, K_IN, RANK, ALPHA, BLOCKSIZE = 4096, 4096, 16, 32, 64
 if QUICK:  # ftk bench --quick: a small layer; the token counts (and so the test ids) stay
@@ -39,14 +39,10 @@ except ImportError:  # the benchmarks still run, without their baseline
 
 # (device, dtype, tokens, what) cases of the targets above.
 CASES = [
-    pytest.param(("cpu", torch.float32, 512, "train"), id="cpu-fp32-512-train"),
-    pytest.param(("cpu", torch.bfloat16, 512, "train"), id="cpu-bf16-512-train"),
+    pytest.param(("cpu", torch.float32, 512, "train"), id="cpu-fp32-512-train", marks=device_marks("cpu")),
+    pytest.param(("cpu", torch.bfloat16, 512, "train"), id="cpu-bf16-512-train", marks=device_marks("cpu")),
 ] + [
-    pytest.param(
-        ("cuda", torch.bfloat16, t, what),
-        id=f"cuda-bf16-{t}-{what}",
-        marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"),
-    )
+    pytest.param(("cuda", torch.bfloat16, t, what), id=f"cuda-bf16-{t}-{what}", marks=device_marks("cuda"))
     for t, what in ((4096, "train"), (16, "train"), (1, "forward"))
 ]
 IMPLS = ["ftk-cpu", "ftk-cuda", "ftk-triton", "peft-bnb", "dense"]

@@ -26,7 +26,7 @@ from torch import nn
 import ftkernels as ftk
 from ftkernels.nn import LoReFT, reft_positions
 
-from conftest import HAS_CUDA, QUICK, Timer
+from conftest import QUICK, Timer, device_marks
 
 D, RANK = 4096, 4
 if QUICK:  # ftk bench --quick: narrow hidden states; batch x seq (and so the test ids) stay
@@ -34,12 +34,12 @@ if QUICK:  # ftk bench --quick: narrow hidden states; batch x seq (and so the te
 
 # (device, dtype, batch, seq, positions spec or None for all, what)
 CASES = [
-    pytest.param(("cpu", torch.float32, 16, 128, "f7+l7", "train"), id="cpu-fp32-16x128-f7+l7-train"),
+    pytest.param(
+        ("cpu", torch.float32, 16, 128, "f7+l7", "train"), id="cpu-fp32-16x128-f7+l7-train", marks=device_marks("cpu")
+    ),
 ] + [
     pytest.param(
-        ("cuda", torch.bfloat16, 8, 512, None, what),
-        id=f"cuda-bf16-8x512-all-{what}",
-        marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU"),
+        ("cuda", torch.bfloat16, 8, 512, None, what), id=f"cuda-bf16-8x512-all-{what}", marks=device_marks("cuda")
     )
     for what in ("forward", "train")
 ]

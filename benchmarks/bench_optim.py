@@ -21,7 +21,7 @@ import torch
 
 import ftkernels.optim as ftk_optim
 
-from conftest import HAS_CUDA, QUICK, Timer
+from conftest import DEVICES, QUICK, Timer
 
 try:
     import bitsandbytes as bnb
@@ -45,11 +45,6 @@ OPTIMIZERS = {
 }
 CUDA_ONLY = {"ftk-paged-adamw8bit", "bnb-paged-adamw8bit"}  # paging is a CUDA matter
 BASELINES = {"torch-foreach", "torch-fused", "bnb-adamw", "bnb-adamw8bit", "bnb-paged-adamw8bit"}
-
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU")),
-]
 
 
 @pytest.fixture(scope="module")

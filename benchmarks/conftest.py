@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,38 @@ HAS_CUDA = torch.cuda.is_available()
 # and the report run end to end in a minute or two; its figures are not the measurements.
 QUICK = os.environ.get("FTK_BENCH_QUICK") == "1"
 
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no GPU")),
-]
+# `ftk bench --device` (FTK_BENCH_DEVICE=cpu|cuda): only that device's benchmarks run. On a GPU
+# machine the CPU suites would otherwise take most of the time (~11 minutes on 2 cores).
+ONLY_DEVICE = os.environ.get("FTK_BENCH_DEVICE", "").strip().lower() or None
+if ONLY_DEVICE not in (None, "cpu", "cuda"):
+    raise ValueError(f"FTK_BENCH_DEVICE must be cpu or cuda, got {os.environ['FTK_BENCH_DEVICE']!r}")
+# `ftk bench --budget` (FTK_BENCH_DEADLINE, seconds since the epoch): a test that would start
+# after it is skipped, so a suite stops within one test of its share of the budget and keeps
+# the records of the tests that ran.
+_deadline = os.environ.get("FTK_BENCH_DEADLINE", "").strip()
+try:
+    DEADLINE = float(_deadline) if _deadline else None
+except ValueError:
+    raise ValueError(f"FTK_BENCH_DEADLINE must be seconds since the epoch, got {_deadline!r}") from None
+PAST_BUDGET = "past the time budget (ftk bench --budget)"
+
+
+def device_marks(device: str) -> list:
+    """Skip marks for a benchmark on ``device``: no GPU, or another device asked for."""
+    marks = []
+    if device == "cuda":
+        marks.append(pytest.mark.skipif(not HAS_CUDA, reason="no GPU"))
+    if ONLY_DEVICE is not None and device != ONLY_DEVICE:
+        marks.append(pytest.mark.skip(reason=f"FTK_BENCH_DEVICE={ONLY_DEVICE}"))
+    return marks
+
+
+DEVICES = [pytest.param(d, id=d, marks=device_marks(d)) for d in ("cpu", "cuda")]
+
+
+def pytest_runtest_setup(item):
+    if DEADLINE is not None and time.time() > DEADLINE:
+        pytest.skip(PAST_BUDGET)
 
 
 # NOTE: the CPU's last-level cache is 32 MiB here, as large as the 4096x4096 bf16 weight: an

