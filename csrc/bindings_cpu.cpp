@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "bindings_params.h"
+#include "ftk/cpu_util.h"
 #include "ftk/lora.h"
 #include "ftk/optim.h"
 #include "ftk/quant.h"
@@ -11,6 +12,45 @@
 
 namespace py = pybind11;
 using namespace pybind11::literals;
+
+// How this module was built: CMakeLists.txt passes these to this file only; a build without
+// CMake says "unknown".
+#ifndef FTK_BUILD_COMPILER
+#define FTK_BUILD_COMPILER "unknown"
+#endif
+#ifndef FTK_BUILD_TYPE
+#define FTK_BUILD_TYPE "unknown"
+#endif
+#ifndef FTK_BUILD_FLAGS
+#define FTK_BUILD_FLAGS "unknown"
+#endif
+
+namespace {
+
+// The instruction set every function may assume: the compiler's target, which -march raises.
+constexpr const char* kIsaBaseline =
+#if defined(__AVX512F__)
+    "avx512f";
+#elif defined(__AVX2__)
+    "avx2";
+#elif defined(__x86_64__)
+    "x86-64";
+#elif defined(__aarch64__)
+    "aarch64";
+#else
+    "generic";
+#endif
+
+const char* isa_name(ftk::CpuIsa isa) {
+  switch (isa) {
+    case ftk::CpuIsa::AVX512: return "avx512";
+    case ftk::CpuIsa::AVX2: return "avx2";
+    case ftk::CpuIsa::Base: break;
+  }
+  return "baseline";
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_ftk_cpu, m) {
   m.doc() = "ftkernels CPU kernels (parameter structs of raw pointers; use ftkernels.* instead)";
@@ -24,6 +64,26 @@ PYBIND11_MODULE(_ftk_cpu, m) {
     FTK_CHECK_ARG(level >= 0 && level <= 2, "level must be 0, 1 or 2");
     return static_cast<int>(ftk::set_cpu_isa_limit(static_cast<ftk::CpuIsa>(level)));
   }, "level"_a);
+
+  // Build facts for bug reports (`ftk doctor`): the kernels are compiled for the baseline and
+  // carry wider variants picked at run time: the blockwise quantization kernels by
+  // cpu_isa_in_use (nf4.cpp), the LoRA, ReFT and optimizer loops by GCC's target_clones.
+  py::dict info;
+  info["compiler"] = FTK_BUILD_COMPILER;
+  info["build_type"] = FTK_BUILD_TYPE;
+  info["flags"] = FTK_BUILD_FLAGS;
+#if defined(FTK_OPENMP)
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["isa_baseline"] = kIsaBaseline;
+  info["isa_variants_quant"] = ftk::cpu_isa_variants_quant();
+  info["isa_clones"] = FTK_CLONES_TARGETS;
+  m.attr("build_info") = info;
+  // The widest variant the blockwise quantization kernels run here ("avx512", "avx2" or
+  // "baseline"), after set_isa_limit.
+  m.def("cpu_isa", []() { return isa_name(ftk::cpu_isa_in_use()); });
 
   // Every launcher takes (params, num_threads): num_threads is torch.get_num_threads().
   m.def("quantize_4bit", &ftk::quantize_4bit_cpu, "params"_a, "num_threads"_a, release);

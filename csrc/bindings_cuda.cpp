@@ -8,6 +8,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -22,6 +23,18 @@
 
 namespace py = pybind11;
 using namespace pybind11::literals;
+
+// How this module was built: CMakeLists.txt passes these to this file only (the architectures
+// with ',' for ';', which CMake would split); a build without CMake says "unknown".
+#ifndef FTK_BUILD_COMPILER
+#define FTK_BUILD_COMPILER "unknown"
+#endif
+#ifndef FTK_BUILD_TYPE
+#define FTK_BUILD_TYPE "unknown"
+#endif
+#ifndef FTK_CUDA_ARCHITECTURES
+#define FTK_CUDA_ARCHITECTURES "unknown"
+#endif
 
 namespace {
 
@@ -40,6 +53,30 @@ PYBIND11_MODULE(_ftk_cuda, m) {
   ftk::bind::define_params(m);
   ftk::bind::define_constants(m);
   auto release = py::call_guard<py::gil_scoped_release>();
+
+  // Build facts for bug reports (`ftk doctor`): the CMake architecture list the kernels were
+  // compiled for ("80-real;...;90-virtual": SASS for each -real, PTX for each -virtual, both
+  // for a bare number) and the CUDA runtime linked in; a driver older than that runtime
+  // cannot run the module.
+  py::dict info;
+  std::string archs = FTK_CUDA_ARCHITECTURES;
+  std::replace(archs.begin(), archs.end(), ',', ';');
+  info["cuda_architectures"] = archs;
+  info["cudart_version"] = CUDART_VERSION;  // 1000 * major + 10 * minor, e.g. 12040
+  info["compiler"] = FTK_BUILD_COMPILER;
+  info["build_type"] = FTK_BUILD_TYPE;
+  m.attr("build_info") = info;
+
+  // The CUDA version the installed driver supports (same encoding), 0 without a driver;
+  // never raises.
+  m.def("driver_version", []() {
+    int version = 0;
+    if (cudaDriverGetVersion(&version) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return version;
+  });
 
   // Every launcher takes (params, stream): stream is torch.cuda.current_stream().cuda_stream.
   m.def("quantize_4bit", on_stream(&ftk::quantize_4bit_cuda), "params"_a, "stream"_a, release);

@@ -1,8 +1,11 @@
 """The named native ABI (csrc/bindings_params.h): every parameter struct is a keyword-only class
 whose fields are the C++ members, a bad field is a clear exception naming it, and the codes
-and limits ftkernels._formats mirrors equal the ones each compiled module exports."""
+and limits ftkernels._formats mirrors equal the ones each compiled module exports, and each
+module reports how it was built (build_info)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -311,3 +314,33 @@ def test_the_two_modules_keep_their_own_classes():
     assert type(p.w) is cuda.Weight4bit and p.w.cols == 8
     with pytest.raises(ValueError, match="out must not be null"):  # converted, then refused by check(p)
         cpu.dequantize_4bit(p, 1)
+
+
+BUILD_INFO_KEYS = {
+    "_ftk_cpu": {"compiler", "build_type", "flags", "openmp", "isa_baseline", "isa_variants_quant", "isa_clones"},
+    "_ftk_cuda": {"compiler", "build_type", "cuda_architectures", "cudart_version"},
+}
+
+
+def test_build_info_says_how_the_module_was_built(mod):
+    """The build facts `ftk doctor` prints, as CMakeLists.txt passed them."""
+    name = mod.__name__.rpartition(".")[2]
+    info = mod.build_info
+    assert set(info) == BUILD_INFO_KEYS[name]
+    assert all(isinstance(info[k], str) and info[k] for k in ("compiler", "build_type"))
+    if name == "_ftk_cpu":
+        assert isinstance(info["openmp"], bool) and isinstance(info["flags"], str)
+        assert info["isa_baseline"] in ("x86-64", "avx2", "avx512f", "aarch64", "generic")
+        # The widest variant the quantization kernels run follows the test-only ISA cap.
+        assert mod.cpu_isa() in ("avx512", "avx2", "baseline")
+        old = mod.set_isa_limit(0)
+        try:
+            assert mod.cpu_isa() == "baseline"
+        finally:
+            mod.set_isa_limit(old)
+    else:
+        # A CMake architecture list ("80-real;90-virtual"), with its ';' restored.
+        entries = info["cuda_architectures"].split(";")
+        assert all(re.fullmatch(r"\d+[af]?(-real|-virtual)?|all|all-major|native", e) for e in entries), entries
+        assert isinstance(info["cudart_version"], int) and info["cudart_version"] >= 11000
+        assert isinstance(mod.driver_version(), int) and mod.driver_version() >= 0  # 0: no driver; never raises

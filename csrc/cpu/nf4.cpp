@@ -426,6 +426,21 @@ FTK_VARIANTS(dequantize_blockwise_blocks, DequantizeBlockwiseParams, (dequantize
 CpuIsa set_cpu_isa_limit(CpuIsa limit) { return isa_limit.exchange(limit); }
 CpuIsa cpu_isa_limit() { return isa_limit.load(std::memory_order_relaxed); }
 
+CpuIsa cpu_isa_in_use() {
+#if FTK_X86
+  if (has_avx512bw()) return CpuIsa::AVX512;  // dequantize_4bit only; the rest stay on AVX2
+#endif
+  return has_avx2() ? CpuIsa::AVX2 : CpuIsa::Base;
+}
+
+const char* cpu_isa_variants_quant() {
+#if FTK_X86
+  return "avx2+f16c; dequantize_4bit also avx512f+avx512bw+avx512vl+f16c";
+#else
+  return "";
+#endif
+}
+
 void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads) {
   check(p);
   const int64_t nblocks = ceil_div(p.n, p.blocksize);

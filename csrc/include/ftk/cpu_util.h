@@ -43,8 +43,10 @@ inline bf16_t float_to_bf16(float f) {
 // (GCC's target_clones); elsewhere a plain function.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define FTK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FTK_CLONES_TARGETS "avx512f, avx2, default"  // named in the module's build_info
 #else
 #define FTK_CLONES
+#define FTK_CLONES_TARGETS ""
 #endif
 
 // Element loads and stores by storage type (bf16 travels as its raw 16 bits). Always inlined,

@@ -210,6 +210,10 @@ FTK_HD uint32_t quantize_8bit(const float* code, float x) {
 enum class CpuIsa : int { Base = 0, AVX2 = 1, AVX512 = 2 };
 CpuIsa set_cpu_isa_limit(CpuIsa limit);
 CpuIsa cpu_isa_limit();  // the current limit (other kernel files honour it too)
+// The widest set the 4-bit and 8-bit blockwise kernels run on this CPU under the limit (what
+// `ftk doctor` reports), and the variants compiled besides baseline x86-64 ("" elsewhere).
+CpuIsa cpu_isa_in_use();
+const char* cpu_isa_variants_quant();
 
 void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads);
 void dequantize_4bit_cpu(const Dequantize4bitParams& p, int num_threads);
