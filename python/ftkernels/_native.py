@@ -37,6 +37,18 @@ def _load(name: str):
         return mod
 
 
+MODULES = ("_ftk_cpu", "_ftk_cuda")
+
+
+def load_status(name: str) -> tuple[object | None, BaseException | None]:
+    """``(module, None)`` when the compiled module ``name`` imports, else ``(None, its import
+    error)``: what ``ftk doctor`` reports."""
+    if name not in MODULES:
+        raise ValueError(f"name must be one of {MODULES}, got {name!r}")
+    mod = _load(name)
+    return mod, (None if mod is not None else _errors.get(name))
+
+
 def cpu_available() -> bool:
     return _load("_ftk_cpu") is not None
 

@@ -27,6 +27,7 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 _KERNELS: dict[tuple[str, str], Callable] = {}
 _AVAILABLE: dict[str, Callable[[str], bool]] = {}
 _CHECKS: dict[str, Callable] = {}
+_KERNEL_OF: dict[str, str] = {}  # each defined op (``op.overload`` for an overload) -> the kernel it runs
 _override: str | None = None
 
 
@@ -83,6 +84,11 @@ def register_backend(backend: str, available: Callable[[str], bool]) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _AVAILABLE[backend] = available
+
+
+def has_kernel(kernel: str, backend: str) -> bool:
+    """Whether ``backend`` registered a kernel named ``kernel`` (:func:`defined_ops` names them)."""
+    return (kernel, backend) in _KERNELS
 
 
 def backend_available(backend: str, device_type: str) -> bool:
@@ -143,11 +149,19 @@ def define(name: str, schema: str, fake: Callable, check: Callable, kernel: str 
     LIB.define(f"{name}{schema}")
     torch.library.register_fake(f"ftk::{name}", fake, lib=LIB)
     _CHECKS[name] = check
+    _KERNEL_OF[name] = kernel or name.partition(".")[0]
     impl = _dispatch(name, kernel)
     # Backend-specific keys first; CompositeExplicitAutograd catches every other device
     # (mps, xpu, ...), which the reference backend serves.
     for key in ("CPU", "CUDA", "CompositeExplicitAutograd"):
         LIB.impl(name, impl, key)
+
+
+def defined_ops() -> dict[str, str]:
+    """Every op :func:`define` defined, in order, with the kernel it runs (the name that
+    :func:`select_backend` and :func:`has_kernel` take): ``loreft`` -> ``reft_forward``,
+    ``dequantize_4bit.out`` -> ``dequantize_4bit``."""
+    return dict(_KERNEL_OF)
 
 
 def arguments(op: str) -> type:
