@@ -390,19 +390,27 @@ def print_report(report: dict, out=None) -> None:
 
 def _print_selftest(st: dict, say) -> None:
     say("\n### self-test (against the reference backend; error: ||out-ref||/||ref||, codes: fraction differing)")
-    rows, seen = [], set()
+    rows, absent = [], {}
     for r in st["rows"]:
-        if r["result"] == "unavailable" and r["note"] != "no kernel":  # the whole backend: one row for all ops
-            if (r["device"], r["backend"]) not in seen:
-                seen.add((r["device"], r["backend"]))
-                rows.append(["every op", r["device"], r["backend"], "", r["result"], "", "", "", r["note"]])
+        if r["result"] == "unavailable" and r["note"] != "no kernel":  # the whole backend: one row, last
+            absent[r["device"], r["backend"]] = [
+                "every op",
+                r["device"],
+                r["backend"],
+                "",
+                r["result"],
+                "",
+                "",
+                "",
+                r["note"],
+            ]
             continue
         error, tolerance = _num(r["error"]), _num(r["tolerance"])
         rows.append(
             [r["op"], r["device"], r["backend"], r["dtype"], r["result"], error, tolerance, r["worst"], r["note"]]
         )
     header = ["op", "device", "backend", "dtype", "result", "worst error", "tolerance", "output", "note"]
-    say("\n".join(_table(header, rows)))
+    say("\n".join(_table(header, rows + list(absent.values()))))
     counts = {k: sum(r["result"] == k for r in st["rows"]) for k in ("pass", "fail", "unavailable")}
     say(
         f"\nself-test: {counts['pass']} passed, {counts['fail']} failed, {counts['unavailable']} unavailable "
