@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _native, _registry
-from .._formats import QUANT_TYPES, dropout_scale
+from .._formats import OPTIM_BLOCK, QUANT_TYPES, dropout_scale
 from ..backends import reference
 from ..functional import create_dynamic_map, dequantize_4bit, quantize_4bit
 
@@ -142,7 +142,7 @@ def _lora_inputs(device, dtype):
     g = _gen(6)
     shapes = {"x": (2, 5, k), "A": (RANK, k), "B": (n, RANK), "bias": (n,)}
     scales = {"x": 1.0, "A": k**-0.5, "B": 0.5, "bias": 1.0}
-    inputs = {k: (torch.randn(shape, generator=g) * scales[k]).to(device, dtype) for k, shape in shapes.items()}
+    inputs = {name: (torch.randn(size, generator=g) * scales[name]).to(device, dtype) for name, size in shapes.items()}
     return inputs, torch.randn(2, 5, n, generator=g).to(device, dtype)
 
 
@@ -249,8 +249,7 @@ def _run_lion(device, dtype, wide):
 
 def _run_adamw8bit(device, dtype, wide):
     param, grads = _steps(device, dtype, 10)
-    n = param.numel()
-    blocks = -(-n // 256)
+    blocks = -(-param.numel() // OPTIM_BLOCK)
     states = [torch.zeros(SHAPE, dtype=torch.uint8, device=device) for _ in range(2)]
     absmax = [torch.zeros(blocks, device=device) for _ in range(2)]
     codes = create_dynamic_map(device=device), create_dynamic_map(signed=False, device=device)
