@@ -143,7 +143,7 @@ def _eager_loreft(model):
     layers = decoder_layers(model)
     model.eager_reft = torch.nn.ModuleList([EagerLoReFT(d, RANK_REFT) for _ in layers]).to(DEVICE)
     for m in model.eager_reft:  # as pyreft: W, b in the model's dtype, R in fp32 (R·h casts h up)
-        m.learned_source.to(DTYPE)
+        m.learned_source.to(DTYPE)  # (an fp32 W on a bf16 h is a dtype error)
     state = {}
 
     def pre(mod, args, kwargs):

@@ -101,6 +101,7 @@ def _fn(impl, device, h, g, positions, what):
     torch.manual_seed(1)
     if impl == "eager":
         layer = EagerLoReFT(D, RANK).to(device)
+        layer.learned_source.to(h.dtype)  # as pyreft: W, b in the hidden states' dtype, R in fp32
 
         def run(hh):
             return _eager_step(layer, hh, positions)
