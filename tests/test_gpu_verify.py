@@ -298,14 +298,16 @@ def test_gpu_table_says_what_is_missing(tmp_path, capsys):
 # ---- ftk bench: the time budget and one device ----------------------------------------------------------
 
 
-def test_suite_shares_of_the_budget():
-    ops = ["nf4", "lora", "loreft", "optim", "finetune"]
-    deadline, kill = bench.suite_deadlines(ops, start=100.0, budget_s=100.0, now=100.0)
-    assert deadline == pytest.approx(110.0) and kill == pytest.approx(110.0 + bench.GRACE_S)  # 1 of 10
-    deadline, _ = bench.suite_deadlines(["finetune"], start=100.0, budget_s=100.0, now=150.0)
+def test_suite_shares_of_the_budget(monkeypatch):
+    monkeypatch.setattr(bench, "SUITE_WEIGHTS", {"a": 1.0, "b": 3.0})
+    deadline, kill = bench.suite_deadlines(["a", "b"], start=100.0, budget_s=100.0, now=100.0)
+    assert deadline == pytest.approx(125.0) and kill == pytest.approx(125.0 + bench.GRACE_S)  # 1 of 4
+    deadline, _ = bench.suite_deadlines(["b"], start=100.0, budget_s=100.0, now=150.0)
     assert deadline == pytest.approx(200.0)  # the last suite takes what is left
-    deadline, _ = bench.suite_deadlines(["optim", "finetune"], start=0.0, budget_s=10.0, now=30.0)
+    deadline, _ = bench.suite_deadlines(["a", "b"], start=0.0, budget_s=10.0, now=30.0)
     assert deadline == 30.0  # past the budget: no time
+    monkeypatch.undo()
+    assert set(bench.SUITE_WEIGHTS) == set(bench.OPS)  # every suite has a weight
     log = "SKIPPED [3] benchmarks/conftest.py:51: past the time budget (ftk bench --budget)\nSKIPPED [2] x: no GPU\n"
     assert bench.skipped_past_budget(log) == 3
 
