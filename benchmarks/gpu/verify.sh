@@ -299,13 +299,19 @@ sanitize() {
   return "$rc"
 }
 
+# Options of both tools: CUDA API errors are not reported (torch and its libraries probe driver
+# entry points that do not exist, which would count as errors; ftkernels' launchers check every
+# CUDA call themselves and raise, which fails the case); no limit on the wait for Python and
+# torch to start; every process.
+SANITIZER_OPTS=(--error-exitcode 1 --print-limit 50 --report-api-errors no --launch-timeout 0 --target-processes all)
+
 step_memcheck() {
-  sanitize memcheck "$1" PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool memcheck --error-exitcode 1 \
-    --print-limit 50 "$PYTHON" "$HERE/sanitize_cases.py" --device cuda
+  sanitize memcheck "$1" PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool memcheck "${SANITIZER_OPTS[@]}" \
+    "$PYTHON" "$HERE/sanitize_cases.py" --device cuda
 }
 
 step_racecheck() {
-  sanitize racecheck "$1" "$(sanitizer)" --tool racecheck --error-exitcode 1 --print-limit 50 --kernel-name kns=ftk \
+  sanitize racecheck "$1" "$(sanitizer)" --tool racecheck "${SANITIZER_OPTS[@]}" --kernel-name kns=ftk \
     "$PYTHON" "$HERE/sanitize_cases.py" --device cuda --subset racecheck
 }
 
