@@ -17,6 +17,14 @@ if not torch.cuda.is_available():
 import ftkernels  # noqa: E402
 from ftkernels._registry import backend_available  # noqa: E402
 
+# The CUDA kernels compiled for the host (tests/cuda_emu/): the cuda backend on CPU tensors, and
+# the only backend the backend-parametrised tests run (tests/test_cuda_emulated.py).
+CUDA_EMU = os.environ.get("FTK_CUDA_EMU_MODULE")
+if CUDA_EMU:
+    from cuda_emu.emulation import install  # noqa: E402
+
+    install(CUDA_EMU)
+
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
@@ -44,6 +52,8 @@ BACKEND_DEVICES = [
     _backend_param("cuda", "cuda"),
     _backend_param("triton", "cuda"),
 ]
+if CUDA_EMU:
+    BACKEND_DEVICES = [pytest.param(("cuda", "cpu"), id="cuda-emulated", marks=[pytest.mark.cuda_emulated])]
 
 
 @pytest.fixture(params=BACKEND_DEVICES)

@@ -98,7 +98,8 @@ void managed_free_cuda(void* ptr) {
     cudaGetLastError();
     return;
   }
-  FTK_CUDA_CHECK(err);
+  if (err != cudaSuccess)  // named by hand: FTK_CUDA_CHECK(err) would name the variable
+    throw std::runtime_error(std::string("ftkernels: cudaFree(ptr) failed: ") + cudaGetErrorString(err));
 }
 
 void managed_prefetch_cuda(const void* ptr, size_t bytes, int device, cudaStream_t stream) {
