@@ -7,8 +7,8 @@ by every backend) -> the kernel that ``backends/<name>.py`` registered with
 
 Backends: ``cuda`` (C++/CUDA module), ``triton``, ``cpu`` (C++ module) and ``reference``
 (pure torch, the test oracle, and the path for any device torch supports). The default for
-each device is the fastest measured one (docs/ARCHITECTURE.md, "Backends"); ``FTK_BACKEND``
-or :func:`set_backend` overrides it.
+each device is :data:`_DEFAULT_ORDER`'s first available backend (docs/ARCHITECTURE.md,
+"Backends"); ``FTK_BACKEND`` or :func:`set_backend` overrides it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def register_kernel(op: str, backend: str) -> Callable[[Callable], Callable]:
 
 
 def set_backend(name: str | None) -> None:
-    """Force one backend for every op (``None`` restores the measured defaults)."""
+    """Force one backend for every op (``None`` restores the defaults)."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
     global _override
@@ -97,7 +97,12 @@ def backend_available(backend: str, device_type: str) -> bool:
     return available is not None and bool(available(device_type))
 
 
-# Fastest first, as measured on the benchmarks (docs/ARCHITECTURE.md, "Backends").
+# The backends each device tries, first available first. CPU: measured, `cpu` is faster than
+# `reference` for every op (README, "Backends"). CUDA: NOT measured, since no GPU has run these
+# kernels yet; `cuda` comes first because it is the one written for the GPU (fused, no
+# run-time compilation), `triton` second. What decides it is `ftk bench --device cuda`
+# (benchmarks/gpu/verify.sh) op by op: the order becomes the faster backend's per op once those
+# figures exist.
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
