@@ -144,7 +144,8 @@ inline void context_make(Context* c, char* stack, size_t bytes, void (*entry)())
 
 // ---- one CTA: its threads as fibres, its barriers ---------------------------------------------
 
-constexpr size_t kStackBytes = size_t{512} << 10;  // a fibre's stack; -O0 with redzones needs ~20 KB
+// A fibre's stack: reserved, not committed, so generous against -O0 frames with redzones.
+constexpr size_t kStackBytes = size_t{512} << 10;
 
 struct Fiber {
   Context ctx;
