@@ -4,7 +4,7 @@ gpu           torch sees a CUDA GPU (exit 1 with one line saying so when it does
               its name, compute capability, memory, and torch's CUDA version.
 packages      the optional packages the tests and benchmarks look for, present or absent, with
               their versions and what a missing one costs (it turns tests or baselines into skips
-              or collection errors: there is no network on a lent GPU machine, so they come from
+              or collection errors: a GPU machine may have no network, so they come from
               --site).
 built DIR     the ftkernels that imports is the one installed in DIR and its CUDA module loads
               and runs (exit 1 naming what is wrong): without it every later step would test
