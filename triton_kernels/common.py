@@ -86,6 +86,26 @@ def from_f32(y, ty: tl.constexpr, EXACT_BF16: tl.constexpr):
         return y.to(ty)
 
 
+# ---- 4-bit block scales (quant.h) -----------------------------------------------------------
+
+
+@triton.jit
+def decode_absmax(
+    absmax, nested_absmax, nested_code, offset, b, mask, DOUBLE_QUANT: tl.constexpr, NESTED_BS: tl.constexpr
+):
+    """The fp32 absmax of blocks b (masked lanes: 0, or with double quantization the offset).
+    Double-quantized: code8[q] * nested_absmax[b / NESTED_BS] + offset with the product and the
+    sum each rounded to fp32, as bitsandbytes and the reference: a fused multiply-add rounds
+    once and changes the low bit of absmax for ~1 block in a few, which then scales every
+    element of the block, so every launch passes LAUNCH (enable_fp_fusion=False)."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax + b, mask=mask, other=0).to(tl.int32)
+        a = tl.load(nested_code + q) * tl.load(nested_absmax + b // NESTED_BS, mask=mask, other=0.0)
+        return a + tl.load(offset)
+    else:
+        return tl.load(absmax + b, mask=mask, other=0.0)
+
+
 # ---- 8-bit code search (quant.h) ------------------------------------------------------------
 
 

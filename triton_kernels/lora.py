@@ -45,7 +45,7 @@
 #     more mantissa bits than bf16; a 16-bit R is exact in tf32); with fp32 X it is ieee. It is
 #     r/K of the FLOPs (0.4% at r = 16, K = 4096), so the tf32 rate costs ~1%.
 #   * Launches pass common.LAUNCH, enable_fp_fusion=False (the double-quant absmax is a product
-#     then a sum, each rounded, as in nf4.py and the reference).
+#     then a sum, each rounded: common.decode_absmax).
 #
 # Tiles (_config). No GPU was at hand: sizes were chosen so that ptxas (sm_90a, compiled
 # without a device) reports no register spills, and their speed is to be re-measured on an H100.
@@ -66,7 +66,17 @@ import triton
 import triton.language as tl
 
 from .._formats import LORA_FORWARD, LORA_GRAD_INPUT
-from .common import LAUNCH, device_of, dropout_keep, dropout_key, from_f32, int32_bits, seed_words, to_f32
+from .common import (
+    LAUNCH,
+    decode_absmax,
+    device_of,
+    dropout_keep,
+    dropout_key,
+    from_f32,
+    int32_bits,
+    seed_words,
+    to_f32,
+)
 
 # Decode path threshold. The op reads N*K/2 bytes of W (plus 1/32 to 1/8 of that in absmax) and
 # does 2*M*N*K FLOPs: 4*M FLOP per byte of W. An H100 streams ~3.35 TB/s and does ~990 bf16
@@ -125,21 +135,6 @@ def _lora_dropout_kernel(
 
 
 @triton.jit
-def _absmax_of(
-    absmax, nested_absmax, nested_code, offset, b, mask, DOUBLE_QUANT: tl.constexpr, NESTED_BS: tl.constexpr
-):
-    """absmax of blocks b (masked lanes: finite garbage, zeroed by the caller)."""
-    if DOUBLE_QUANT:
-        # NOTE: product and sum rounded separately (no FMA: the launch disables fusion), as
-        # bitsandbytes and the reference; see the NOTE in nf4.py's _dequantize_4bit_kernel.
-        q = tl.load(absmax + b, mask=mask, other=0).to(tl.int32)
-        a = tl.load(nested_code + q) * tl.load(nested_absmax + b // NESTED_BS, mask=mask, other=0.0)
-        return a + tl.load(offset)
-    else:
-        return tl.load(absmax + b, mask=mask, other=0.0)
-
-
-@triton.jit
 def _w_tile(
     packed,
     absmax,
@@ -166,11 +161,11 @@ def _w_tile(
     cmask = (col0 + kk) < K
     first = rows.to(tl.int64) * K + col0  # flat index of each row's first element
     b0 = first // BS
-    a0 = _absmax_of(absmax, nested_absmax, nested_code, offset, b0, rmask, DOUBLE_QUANT, NESTED_BS)
+    a0 = decode_absmax(absmax, nested_absmax, nested_code, offset, b0, rmask, DOUBLE_QUANT, NESTED_BS)
     if ALIGNED:  # K % BS == 0 and COLS | BS: the row segment is inside block b0
         amax = a0[:, None]
     else:  # the segment may cross into block b0 + 1 (COLS <= BS: never further)
-        a1 = _absmax_of(
+        a1 = decode_absmax(
             absmax, nested_absmax, nested_code, offset, b0 + 1, rmask & (b0 + 1 < nblocks), DOUBLE_QUANT, NESTED_BS
         )
         local = (first % BS).to(tl.int32)[:, None] + kk[None, :]

@@ -33,7 +33,7 @@
 # 2^31), in-tile offsets are int32 (< 4096); masked lanes load 0.0, which is exactly the pad
 # element the format quantizes into the last low nibble (0 * rcp: index 7 for NF4, 0 for FP4,
 # 0 when the block's absmax is 0 or NaN); every launch passes common.LAUNCH (enable_fp_fusion=
-# False: see the NOTE in _dequantize_4bit_kernel). Launchers allocate nothing: outputs and code
+# False: see common.decode_absmax). Launchers allocate nothing: outputs and code
 # tables come from the caller. quant_type is _formats.QUANT_TYPE_CODE's value (ftk::QuantType),
 # turned into the kernel's constexpr NF4 by the launcher.
 
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .._formats import NESTED_BLOCKSIZE, QUANT_TYPE_CODE
-from .common import LAUNCH, code8_index, device_of, from_f32, to_f32
+from .common import LAUNCH, code8_index, decode_absmax, device_of, from_f32, to_f32
 
 TILE_4BIT = 4096  # elements per program: quantize_4bit, dequantize_4bit
 TILE_8BIT_DEQUANT = 4096
@@ -184,16 +184,7 @@ def _dequantize_4bit_kernel(
     rows = tl.arange(0, ROWS)
     rmask = rows * BS < rem
     blk = pid * ROWS + rows
-    if DOUBLE_QUANT:
-        # NOTE: absmax = code8[q] * nested_absmax + offset with the product and the sum each
-        # rounded to fp32, as bitsandbytes does (and the reference). A fused multiply-add
-        # rounds once and changes the low bit of absmax for ~1 block in a few, which then
-        # scales every element of the block: the launch passes enable_fp_fusion=False.
-        qa = tl.load(absmax + blk, mask=rmask, other=0).to(tl.int32)
-        amax = tl.load(nested_code + qa) * tl.load(nested_absmax + blk // NESTED_BS, mask=rmask, other=0.0)
-        amax = amax + tl.load(offset)
-    else:
-        amax = tl.load(absmax + blk, mask=rmask, other=0.0)
+    amax = decode_absmax(absmax, nested_absmax, nested_code, offset, blk, rmask, DOUBLE_QUANT, NESTED_BS)
     boffs = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
     rem_b = tl.minimum(nbytes - pid * (TILE // 2), TILE // 2).to(tl.int32)  # nbytes: see quantize
     b = tl.load(packed + pid * (TILE // 2) + boffs, mask=boffs < rem_b, other=0).to(tl.int32)
