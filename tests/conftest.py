@@ -157,6 +157,44 @@ def bnb_dequantize_4bit(A: torch.Tensor, quant_state) -> torch.Tensor:
     )
 
 
+def bnb_from_linear(
+    lin: torch.nn.Linear,
+    quant_type="nf4",
+    compress_statistics=True,
+    blocksize=64,
+    compute_dtype=torch.float32,
+    quantize=True,
+):
+    """A bitsandbytes Linear4bit quantized (by bitsandbytes, on the CPU) from ``lin``; with
+    quantize=False its weight stays a float Params4bit on no device."""
+    bnb = pytest.importorskip("bitsandbytes")
+    b = bnb.nn.Linear4bit(
+        lin.in_features,
+        lin.out_features,
+        bias=lin.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+    )
+    b.weight = bnb.nn.Params4bit(
+        lin.weight.detach().clone(),
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        module=b,
+    )
+    if lin.bias is not None:
+        b.bias = torch.nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    if quantize:
+        b = b.to("cpu")  # Params4bit quantizes when moved to a device
+    # NOTE: with AVX512-BF16, bitsandbytes repacks the weight at the first eval-mode no-grad
+    # forward and multiplies in bf16 (~4e-3 relative error); off, it dequantizes and multiplies
+    # in the compute dtype, as we do.
+    b.support_avx512bf16_for_cpu = False
+    return b
+
+
 @pytest.fixture
 def bnb_generic_dequantize(monkeypatch):
     """Routes bitsandbytes.functional.dequantize_4bit through bnb_dequantize_4bit for the test.

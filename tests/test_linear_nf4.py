@@ -14,7 +14,7 @@ from torch import nn
 import ftkernels
 from ftkernels.nn import LinearNF4, dequantized_weights
 
-from conftest import assert_layer_rejects_bad_input, make_linear
+from conftest import assert_layer_rejects_bad_input, bnb_from_linear, make_linear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -29,33 +29,6 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 def qs_json(sd: dict, quant_type: str = "nf4") -> dict:
     return json.loads(bytes(sd[f"weight.quant_state.bitsandbytes__{quant_type}"].tolist()).decode())
-
-
-def bnb_from_linear(lin: nn.Linear, quant_type="nf4", compress_statistics=True, blocksize=64):
-    """A bitsandbytes Linear4bit quantized (by bitsandbytes, on the CPU) from ``lin``."""
-    b = bnb.nn.Linear4bit(
-        lin.in_features,
-        lin.out_features,
-        bias=lin.bias is not None,
-        compute_dtype=torch.float32,
-        compress_statistics=compress_statistics,
-        quant_type=quant_type,
-    )
-    b.weight = bnb.nn.Params4bit(
-        lin.weight.detach().clone(),
-        requires_grad=False,
-        blocksize=blocksize,
-        compress_statistics=compress_statistics,
-        quant_type=quant_type,
-        module=b,
-    )
-    if lin.bias is not None:
-        b.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-    b = b.to("cpu")  # Params4bit quantizes when moved to a device
-    # NOTE: on CPUs with AVX512-BF16 bitsandbytes repacks the weight and multiplies in bf16
-    # (~4e-3 relative error); with this off it dequantizes and multiplies in fp32, as we do.
-    b.support_avx512bf16_for_cpu = False
-    return b
 
 
 def bnb_forward(b: bnb.nn.Linear4bit, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from ftkernels.integrations.transformers import quantize_model
 from ftkernels.nn import LoRALinear4bit
 from ftkernels.nn.lora_linear import LoRALinear
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_causal_lm, make_tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -157,17 +157,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(quantized):
 
 def test_qwen2_and_the_trainer(tmp_path):
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.Qwen2ForCausalLM(config)
+    model = make_tiny_causal_lm("qwen2", vocab_size=64)
     quantize_model(model, double_quant=True, skip=("lm_head",), progress=False)
     assert len(add_lora(model, r=4)) == 2 * 7
     ids = torch.arange(64).reshape(8, 8) % 10 + 3

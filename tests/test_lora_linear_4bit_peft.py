@@ -13,7 +13,7 @@ from torch import nn
 import ftkernels
 from ftkernels.nn import LinearNF4, LoRALinear4bit
 
-from conftest import bnb_dequantize_4bit, make_linear
+from conftest import bnb_dequantize_4bit, bnb_from_linear, make_linear
 from lora_oracle import (
     ADAPTER,
     U_BF16,
@@ -47,37 +47,6 @@ def bnb():
 @pytest.fixture
 def peft(bnb):
     return pytest.importorskip("peft")
-
-
-def bnb_from_linear(
-    lin: nn.Linear, quant_type="nf4", compress_statistics=True, blocksize=64, compute_dtype=torch.float32, quantize=True
-):
-    """A bitsandbytes Linear4bit quantized (by bitsandbytes, on the CPU) from ``lin``."""
-    bnb = pytest.importorskip("bitsandbytes")
-    b = bnb.nn.Linear4bit(
-        lin.in_features,
-        lin.out_features,
-        bias=lin.bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=compress_statistics,
-        quant_type=quant_type,
-    )
-    b.weight = bnb.nn.Params4bit(
-        lin.weight.detach().clone(),
-        requires_grad=False,
-        blocksize=blocksize,
-        compress_statistics=compress_statistics,
-        quant_type=quant_type,
-        module=b,
-    )
-    if lin.bias is not None:
-        b.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-    if quantize:
-        b = b.to("cpu")  # Params4bit quantizes when moved to a device
-    # NOTE: with AVX512-BF16, bitsandbytes repacks the weight at the first eval-mode no-grad
-    # forward and multiplies in bf16; off, it dequantizes and multiplies in the compute dtype.
-    b.support_avx512bf16_for_cpu = False
-    return b
 
 
 class _OneLayer(nn.Module):
