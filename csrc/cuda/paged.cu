@@ -98,8 +98,7 @@ void managed_free_cuda(void* ptr) {
     cudaGetLastError();
     return;
   }
-  if (err != cudaSuccess)  // named by hand: FTK_CUDA_CHECK(err) would name the variable
-    throw std::runtime_error(std::string("ftkernels: cudaFree(ptr) failed: ") + cudaGetErrorString(err));
+  check_cuda(err, "cudaFree(ptr)");  // the call, not the variable, in the message
 }
 
 void managed_prefetch_cuda(const void* ptr, size_t bytes, int device, cudaStream_t stream) {

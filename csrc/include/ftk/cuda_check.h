@@ -10,14 +10,18 @@
 #include <stdexcept>
 #include <string>
 
+namespace ftk {
+
+// The error of a CUDA runtime call, unless it succeeded: std::runtime_error naming the call.
+inline void check_cuda(cudaError_t err, const char* call) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("ftkernels: ") + call + " failed: " + cudaGetErrorString(err));
+}
+
+}  // namespace ftk
+
 // A CUDA runtime call that must succeed: throws std::runtime_error naming the call.
-#define FTK_CUDA_CHECK(call)                                                                 \
-  do {                                                                                       \
-    const cudaError_t ftk_err_ = (call);                                                     \
-    if (ftk_err_ != cudaSuccess)                                                             \
-      throw std::runtime_error(std::string("ftkernels: ") + #call + " failed: " +            \
-                               cudaGetErrorString(ftk_err_));                                \
-  } while (0)
+#define FTK_CUDA_CHECK(call) ::ftk::check_cuda((call), #call)
 
 // After every <<<...>>>: a bad configuration (or an earlier sticky error) is reported here,
 // with the kernel's name, instead of surfacing at some later unrelated call.
