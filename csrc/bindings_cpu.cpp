@@ -4,7 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "bindings_params.h"
-#include "ftk/cpu_util.h"
+#include "ftk/cpu_isa.h"
 #include "ftk/lora.h"
 #include "ftk/optim.h"
 #include "ftk/quant.h"
@@ -58,16 +58,24 @@ PYBIND11_MODULE(_ftk_cpu, m) {
   ftk::bind::define_constants(m);
   auto release = py::call_guard<py::gil_scoped_release>();
 
-  // Tests only: caps the instruction set (0 baseline x86-64, 1 AVX2, 2 AVX-512) so that
-  // every kernel variant runs on one machine; returns the previous cap.
+  // Caps the instruction-set level of every CPU kernel (0 baseline, 1 AVX2, 2 AVX-512;
+  // cpu_isa.h): FTK_CPU_ISA (ftkernels/_native.py), and tests that run each level on one
+  // machine. A cap above what the CPU has runs its widest level. Returns the previous cap.
   m.def("set_isa_limit", [](int level) {
     FTK_CHECK_ARG(level >= 0 && level <= 2, "level must be 0, 1 or 2");
     return static_cast<int>(ftk::set_cpu_isa_limit(static_cast<ftk::CpuIsa>(level)));
   }, "level"_a);
+  m.def("isa_limit", []() { return static_cast<int>(ftk::cpu_isa_limit()); });
+  // The level the kernels run at now ("avx512", "avx2" or "baseline"), and the widest this
+  // CPU has.
+  m.def("cpu_isa", []() { return isa_name(ftk::cpu_isa_level()); });
+  m.def("cpu_isa_max", []() { return isa_name(ftk::cpu_isa_max()); });
+  // A feature of this CPU by its /proc/cpuinfo name ("avx512_bf16", "amx_bf16"), whatever
+  // the cap.
+  m.def("cpu_has", [](const std::string& feature) { return ftk::cpu_has(feature.c_str()); }, "feature"_a);
 
   // Build facts for bug reports (`ftk doctor`): the kernels are compiled for the baseline and
-  // carry wider variants picked at run time: the blockwise quantization kernels by
-  // cpu_isa_in_use (nf4.cpp), the LoRA, ReFT and optimizer loops by GCC's target_clones.
+  // once more for each wider level (cpu_isa.h), the level picked at run time.
   py::dict info;
   info["compiler"] = FTK_BUILD_COMPILER;
   info["build_type"] = FTK_BUILD_TYPE;
@@ -78,18 +86,21 @@ PYBIND11_MODULE(_ftk_cpu, m) {
   info["openmp"] = false;
 #endif
   info["isa_baseline"] = kIsaBaseline;
-  info["isa_variants_quant"] = ftk::cpu_isa_variants_quant();
-  info["isa_clones"] = FTK_CLONES_TARGETS;
+#if FTK_X86
+  info["isa_levels"] = "baseline, avx2 (avx2+fma+f16c), avx512 (avx512f+avx512bw+avx512vl)";
+#else
+  info["isa_levels"] = "baseline";
+#endif
   m.attr("build_info") = info;
-  // The widest variant the blockwise quantization kernels run here ("avx512", "avx2" or
-  // "baseline"), after set_isa_limit.
-  m.def("cpu_isa", []() { return isa_name(ftk::cpu_isa_in_use()); });
 
   // Every launcher takes (params, num_threads): num_threads is torch.get_num_threads().
   m.def("quantize_4bit", &ftk::quantize_4bit_cpu, "params"_a, "num_threads"_a, release);
   m.def("dequantize_4bit", &ftk::dequantize_4bit_cpu, "params"_a, "num_threads"_a, release);
   // Elements [begin, end) of params.w into params.out (element begin first).
   m.def("dequantize_4bit_range", &ftk::dequantize_4bit_range_cpu, "params"_a, "begin"_a, "end"_a, "num_threads"_a,
+        release);
+  // Columns [col0, col1) of params.w into params.out, rows x (col1 - col0).
+  m.def("dequantize_4bit_cols", &ftk::dequantize_4bit_cols_cpu, "params"_a, "col0"_a, "col1"_a, "num_threads"_a,
         release);
   m.def("quantize_blockwise", &ftk::quantize_blockwise_cpu, "params"_a, "num_threads"_a, release);
   m.def("dequantize_blockwise", &ftk::dequantize_blockwise_cpu, "params"_a, "num_threads"_a, release);

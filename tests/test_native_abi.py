@@ -5,7 +5,11 @@ module reports how it was built (build_info)."""
 
 from __future__ import annotations
 
+import os
+import platform
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -317,7 +321,7 @@ def test_the_two_modules_keep_their_own_classes():
 
 
 BUILD_INFO_KEYS = {
-    "_ftk_cpu": {"compiler", "build_type", "flags", "openmp", "isa_baseline", "isa_variants_quant", "isa_clones"},
+    "_ftk_cpu": {"compiler", "build_type", "flags", "openmp", "isa_baseline", "isa_levels"},
     "_ftk_cuda": {"compiler", "build_type", "cuda_architectures", "cudart_version"},
 }
 
@@ -331,16 +335,45 @@ def test_build_info_says_how_the_module_was_built(mod):
     if name == "_ftk_cpu":
         assert isinstance(info["openmp"], bool) and isinstance(info["flags"], str)
         assert info["isa_baseline"] in ("x86-64", "avx2", "avx512f", "aarch64", "generic")
-        # The widest variant the quantization kernels run follows the test-only ISA cap.
-        assert mod.cpu_isa() in ("avx512", "avx2", "baseline")
+        # The level every CPU kernel runs at follows the cap (FTK_CPU_ISA), up to the CPU's widest.
+        levels = ("baseline", "avx2", "avx512")
+        assert mod.cpu_isa() in levels and mod.cpu_isa_max() in levels
         old = mod.set_isa_limit(0)
         try:
-            assert mod.cpu_isa() == "baseline"
+            assert mod.cpu_isa() == "baseline" and mod.isa_limit() == 0
+            mod.set_isa_limit(2)
+            assert mod.cpu_isa() == mod.cpu_isa_max()
         finally:
             mod.set_isa_limit(old)
+        flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else None
+        for feature in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"):
+            if flags is not None and platform.machine() == "x86_64":
+                assert mod.cpu_has(feature) == (feature in flags), feature
+        assert mod.cpu_has("no_such_feature") is False
     else:
         # A CMake architecture list ("80-real;90-virtual"), with its ';' restored.
         entries = info["cuda_architectures"].split(";")
         assert all(re.fullmatch(r"\d+[af]?(-real|-virtual)?|all|all-major|native", e) for e in entries), entries
         assert isinstance(info["cudart_version"], int) and info["cudart_version"] >= 11000
         assert isinstance(mod.driver_version(), int) and mod.driver_version() >= 0  # 0: no driver; never raises
+
+
+@pytest.mark.parametrize("value, level", [("baseline", "baseline"), ("AVX2", "avx2"), ("native", None), ("", None)])
+def test_ftk_cpu_isa_caps_the_cpu_kernels(value, level):
+    """FTK_CPU_ISA, read when the module loads, sets the level every CPU kernel runs at."""
+    if not _native.cpu_available():
+        pytest.skip("the CPU module is not built")
+    mod = _native.cpu()
+    if level == "avx2" and mod.cpu_isa_max() == "baseline":
+        level = "baseline"
+    code = "from ftkernels import _native; m = _native.cpu(); print(m.cpu_isa(), m.cpu_isa_max())"
+    env = {**os.environ, "FTK_CPU_ISA": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    got, widest = out.split()
+    assert got == (level or widest)
+
+
+def test_bad_ftk_cpu_isa_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("FTK_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="FTK_CPU_ISA must be one of baseline, avx2, avx512, native, got 'sse9'"):
+        _native.cpu_isa_limit_from_env()

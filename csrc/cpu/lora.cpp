@@ -4,10 +4,11 @@
 //
 // Dropout: out[m, k] = keep(m, k) ? in[m, k] * scale : 0 in fp32, rows split across threads.
 // Two mix32 hashes an element (~12 integer ops); the column loop is branch-free so it
-// vectorises (vpmulld), and is compiled for AVX-512, AVX2 and baseline x86-64 (target_clones):
+// vectorises (vpmulld), and is compiled for each instruction-set level (cpu_isa.h):
 // 512 x 4096 elements take ~1 ms on one core with AVX-512, against ~100 ms for the GEMMs.
 #include <cstring>
 
+#include "ftk/cpu_isa.h"
 #include "ftk/cpu_util.h"
 #include "ftk/lora.h"
 
@@ -17,7 +18,7 @@ namespace {
 using cpu::load_f32;
 
 template <typename T>
-FTK_CLONES void dropout_row(const T* in, float* out, int64_t cols, uint32_t row_key, uint32_t threshold,
+FTK_CPU_INLINE void dropout_row(const T* in, float* out, int64_t cols, uint32_t row_key, uint32_t threshold,
                             float scale) {
   for (int64_t k = 0; k < cols; ++k) {
     const float v = load_f32<T>(in, k) * scale;
@@ -26,12 +27,12 @@ FTK_CLONES void dropout_row(const T* in, float* out, int64_t cols, uint32_t row_
 }
 
 template <typename T>
-FTK_CLONES void widen_row(const T* in, float* out, int64_t cols) {
+FTK_CPU_INLINE void widen_row(const T* in, float* out, int64_t cols) {
   for (int64_t k = 0; k < cols; ++k) out[k] = load_f32<T>(in, k);
 }
 
 template <typename T>
-void lora_dropout_rows(const LoraDropoutParams& p, int64_t m0, int64_t m1) {
+FTK_CPU_INLINE void lora_dropout_rows(const LoraDropoutParams& p, int64_t m0, int64_t m1) {
   const T* in = static_cast<const T*>(p.in);
   const uint32_t key = dropout_key(p.dropout.seed);
   for (int64_t m = m0; m < m1; ++m) {
@@ -52,7 +53,9 @@ void lora_dropout_cpu(const LoraDropoutParams& p, int num_threads) {
   if (p.rows * p.cols == 0) return;
   const int threads = cpu::threads_for(p.rows * p.cols * 4, num_threads);  // ~4 copies' work an element
   cpu::parallel_for(p.rows, threads, [&](int64_t m0, int64_t m1) {
-    cpu::with_dtype(p.dtype, [&](auto tag) { lora_dropout_rows<decltype(tag)>(p, m0, m1); });
+    cpu::with_dtype(p.dtype, [&](auto tag) {
+      cpu::with_isa([&]() FTK_ISA_BODY { lora_dropout_rows<decltype(tag)>(p, m0, m1); });
+    });
   });
 }
 

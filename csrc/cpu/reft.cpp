@@ -12,6 +12,7 @@
 // build has no -ffast-math, so this is what lets the compiler vectorise them.
 #include <vector>
 
+#include "ftk/cpu_isa.h"
 #include "ftk/cpu_util.h"
 #include "ftk/reft.h"
 
@@ -23,7 +24,7 @@ using cpu::load_f32;
 
 constexpr int kLanes = 16;
 
-FTK_CLONES float dot(const float* a, const float* b, int64_t n) {
+FTK_CPU_INLINE float dot(const float* a, const float* b, int64_t n) {
   float acc[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -35,13 +36,13 @@ FTK_CLONES float dot(const float* a, const float* b, int64_t n) {
 }
 
 // y += a · x over n elements.
-FTK_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
+FTK_CPU_INLINE void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
 // out[j] = drop(in[j]) over a row of h (row_key from dropout.h); a plain widen without dropout.
 template <typename T>
-FTK_CLONES void widen_drop(const T* in, float* out, int64_t n, const Dropout& dr, uint32_t row_key) {
+FTK_CPU_INLINE void widen_drop(const T* in, float* out, int64_t n, const Dropout& dr, uint32_t row_key) {
   if (!dr.enabled) {
     for (int64_t j = 0; j < n; ++j) out[j] = load_f32<T>(in, j);
     return;
@@ -53,13 +54,13 @@ FTK_CLONES void widen_drop(const T* in, float* out, int64_t n, const Dropout& dr
 }
 
 template <typename T>
-FTK_CLONES void widen(const T* in, float* out, int64_t n) {
+FTK_CPU_INLINE void widen(const T* in, float* out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = load_f32<T>(in, j);
 }
 
 // dst[j] = base[j] + drop(e[j]) in dst's dtype (base and e fp32).
 template <typename T>
-FTK_CLONES void add_store(const float* base, const float* e, T* dst, int64_t n, const Dropout& dr,
+FTK_CPU_INLINE void add_store(const float* base, const float* e, T* dst, int64_t n, const Dropout& dr,
                           uint32_t row_key) {
   if (!dr.enabled) {
     for (int64_t j = 0; j < n; ++j) dst[j] = from_f32<T>(base[j] + e[j]);
@@ -77,7 +78,7 @@ inline int64_t slot_row(const int64_t* rows, int64_t i, int64_t n_rows) {
 }
 
 template <typename T>
-void forward_slots(const ReftForwardParams& p, int64_t i0, int64_t i1) {
+FTK_CPU_INLINE void forward_slots(const ReftForwardParams& p, int64_t i0, int64_t i1) {
   const int64_t d = p.d, r = p.r;
   std::vector<float> hf(d), e(d);
   const T* h = static_cast<const T*>(p.h);
@@ -100,7 +101,7 @@ void forward_slots(const ReftForwardParams& p, int64_t i0, int64_t i1) {
 
 // One chunk of slots; sums (2·r·d + r floats: dP, dQ, db) are this chunk's, or null.
 template <typename T>
-void backward_slots(const ReftBackwardParams& p, int64_t i0, int64_t i1, float* sums) {
+FTK_CPU_INLINE void backward_slots(const ReftBackwardParams& p, int64_t i0, int64_t i1, float* sums) {
   const int64_t d = p.d, r = p.r;
   std::vector<float> gd(d), hf(sums ? d : 0), e(p.dh ? d : 0), s(r);
   const T* grad = static_cast<const T*>(p.grad);
@@ -137,7 +138,9 @@ void reft_forward_cpu(const ReftForwardParams& p, int num_threads) {
   const int threads = cpu::threads_for(p.n_slots * p.d * p.r, num_threads);
   cpu::with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cpu::parallel_for(p.n_slots, threads, [&](int64_t i0, int64_t i1) { forward_slots<T>(p, i0, i1); });
+    cpu::parallel_for(p.n_slots, threads, [&](int64_t i0, int64_t i1) {
+      cpu::with_isa([&]() FTK_ISA_BODY { forward_slots<T>(p, i0, i1); });
+    });
   });
 }
 
@@ -155,7 +158,8 @@ void reft_backward_cpu(const ReftBackwardParams& p, int num_threads) {
       cpu::parallel_for(chunks, threads, [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t i0 = c * len, i1 = std::min(p.n_slots, i0 + len);
-          if (i0 < i1) backward_slots<T>(p, i0, i1, params ? sums.data() + c * sum_floats : nullptr);
+          float* chunk_sums = params ? sums.data() + c * sum_floats : nullptr;
+          if (i0 < i1) cpu::with_isa([&]() FTK_ISA_BODY { backward_slots<T>(p, i0, i1, chunk_sums); });
         }
       });
     });

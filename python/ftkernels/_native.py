@@ -11,6 +11,7 @@ against each module's ``constants``).
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 
 import torch
@@ -33,8 +34,25 @@ def _load(name: str):
         except ImportError as e:  # not built, or its shared libraries are missing
             _errors[name] = e
             return None
+        if name == "_ftk_cpu":
+            mod.set_isa_limit(cpu_isa_limit_from_env())
         _modules[name] = mod
         return mod
+
+
+# FTK_CPU_ISA: the widest instruction-set level the CPU kernels may use (csrc/include/ftk/
+# cpu_isa.h), for measuring each level on one machine and for working around a CPU or an
+# emulator that misreports its features. "native" (the default) is the widest this CPU has; a
+# level above that runs the widest there is.
+CPU_ISA_LEVELS = {"baseline": 0, "avx2": 1, "avx512": 2, "native": 2}
+
+
+def cpu_isa_limit_from_env() -> int:
+    raw = os.environ.get("FTK_CPU_ISA", "")
+    value = raw.strip().lower() or "native"
+    if value not in CPU_ISA_LEVELS:
+        raise ValueError(f"FTK_CPU_ISA must be one of {', '.join(CPU_ISA_LEVELS)}, got {raw!r}")
+    return CPU_ISA_LEVELS[value]
 
 
 MODULES = ("_ftk_cpu", "_ftk_cuda")

@@ -39,18 +39,8 @@ inline bf16_t float_to_bf16(float f) {
 #define FTK_CPU_INLINE inline
 #endif
 
-// A function compiled for AVX-512, AVX2 and baseline x86-64, the variant picked at load time
-// (GCC's target_clones); elsewhere a plain function.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FTK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define FTK_CLONES_TARGETS "avx512f, avx2, default"  // named in the module's build_info
-#else
-#define FTK_CLONES
-#define FTK_CLONES_TARGETS ""
-#endif
-
 // Element loads and stores by storage type (bf16 travels as its raw 16 bits). Always inlined,
-// so each ISA variant of a kernel (target_clones, target("avx2")) vectorises them its own way.
+// so each instruction-set copy of a kernel (cpu_isa.h) vectorises them its own way.
 template <typename T> FTK_CPU_INLINE float load_f32(const T* p, int64_t i);
 template <> FTK_CPU_INLINE float load_f32<float>(const float* p, int64_t i) { return p[i]; }
 template <> FTK_CPU_INLINE float load_f32<f16_t>(const f16_t* p, int64_t i) { return static_cast<float>(p[i]); }

@@ -204,22 +204,16 @@ FTK_HD uint32_t quantize_8bit(const float* code, float x) {
    -0.25f}
 
 // ---- launchers -----------------------------------------------------------------------------
-// CPU: num_threads workers (the caller passes torch.get_num_threads()). Each kernel uses the
-// widest of these instruction sets that the CPU has, up to the limit (default: all), which
-// tests lower to run every path on one machine; returns the previous limit.
-enum class CpuIsa : int { Base = 0, AVX2 = 1, AVX512 = 2 };
-CpuIsa set_cpu_isa_limit(CpuIsa limit);
-CpuIsa cpu_isa_limit();  // the current limit (other kernel files honour it too)
-// The widest set the 4-bit and 8-bit blockwise kernels run on this CPU under the limit (what
-// `ftk doctor` reports), and the variants compiled besides baseline x86-64 ("" elsewhere).
-CpuIsa cpu_isa_in_use();
-const char* cpu_isa_variants_quant();
-
+// CPU: num_threads workers (the caller passes torch.get_num_threads()), each kernel at the
+// instruction-set level of cpu_isa.h.
 void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads);
 void dequantize_4bit_cpu(const Dequantize4bitParams& p, int num_threads);
 // Elements [begin, end) only, into p.out (holding element begin at index 0); p.w.numel() is
 // the whole tensor's size, which places the last, partial block.
 void dequantize_4bit_range_cpu(const Dequantize4bitParams& p, int64_t begin, int64_t end, int num_threads);
+// Columns [col0, col1) of the rows x cols weight into p.out as a rows x (col1 - col0) matrix:
+// a column tile, for the fused LoRA's 16-bit grad-input product (dY·W tile by tile over K).
+void dequantize_4bit_cols_cpu(const Dequantize4bitParams& p, int64_t col0, int64_t col1, int num_threads);
 void quantize_blockwise_cpu(const QuantizeBlockwiseParams& p, int num_threads);
 void dequantize_blockwise_cpu(const DequantizeBlockwiseParams& p, int num_threads);
 

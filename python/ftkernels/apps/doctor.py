@@ -43,7 +43,7 @@ OPTIONAL = (
 # The CPU flags the kernels (csrc/cpu) dispatch on, and those torch's own CPU kernels use for
 # bf16 and int8 (the reference backend's matmuls).
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_bf16")
-ENV_VARS = ("FTK_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+ENV_VARS = ("FTK_BACKEND", "FTK_CPU_ISA", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 SMI_TIMEOUT_S = 10
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # which ftkernels this is
 
@@ -174,9 +174,6 @@ def cpu() -> dict:
         out["torch_capability"] = torch.backends.cpu.get_cpu_capability()
     except Exception as e:
         out["torch_capability"] = f"unknown ({first_line(e)})"
-    # The target_clones variant GCC's loader picks: the first of these the CPU has (csrc/cpu).
-    if flags:
-        out["clone_variant"] = next((isa for isa in ("avx512f", "avx2") if isa in flags), "default")
     return out
 
 
@@ -225,7 +222,11 @@ def native(gpu_list: list[dict]) -> dict:
         entry["build_info"] = dict(info) if info is not None else None
         try:
             if name == "_ftk_cpu":
-                entry["cpu_isa"] = mod.cpu_isa() if hasattr(mod, "cpu_isa") else None
+                entry["cpu_isa"] = mod.cpu_isa()
+                entry["cpu_isa_max"] = mod.cpu_isa_max()
+                from ..backends import cpu as cpu_backend
+
+                entry["lora_gemm16"] = sorted(str(dt).removeprefix("torch.") for dt in cpu_backend.gemm16_dtypes())
             else:
                 entry["driver_version"] = mod.driver_version() if hasattr(mod, "driver_version") else None
                 archs = (info or {}).get("cuda_architectures")
@@ -330,14 +331,16 @@ def _cpu_kernel_lines(c: dict, entry: dict) -> list[str]:
     info = entry.get("build_info") if entry.get("built") else None
     if info is None:
         return []
-    variants = f"baseline and {info['isa_variants_quant']}" if info["isa_variants_quant"] else "baseline only"
+    level, widest = entry.get("cpu_isa") or "unknown", entry.get("cpu_isa_max") or "unknown"
+    capped = f" (capped by FTK_CPU_ISA; this CPU has {widest})" if level != widest else ""
+    gemm16 = entry.get("lora_gemm16")
     lines = [
-        f"{'CPU kernels':<14} compiled for {info['isa_baseline']}, with wider variants chosen at run time:",
-        f"{'':<14} blockwise quantization: {entry.get('cpu_isa') or 'unknown'} here ({variants})",
+        f"{'CPU kernels':<14} compiled for {info['isa_baseline']} and the levels {info['isa_levels']}",
+        f"{'':<14} running at: {level}{capped}",
     ]
-    if info["isa_clones"]:
-        here = c.get("clone_variant", "chosen at load time")
-        lines.append(f"{'':<14} LoRA, ReFT, optimizer loops: {here} here (target_clones {info['isa_clones']})")
+    if gemm16 is not None:
+        say = ", ".join(gemm16) if gemm16 else "none (16-bit inputs widened to fp32)"
+        lines.append(f"{'':<14} 16-bit GEMMs for lora_linear_4bit: {say}")
     return lines
 
 
