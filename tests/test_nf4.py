@@ -126,6 +126,38 @@ def test_blockwise_8bit_matches_reference(backend_device, shape, dtype, blocksiz
     assert_same_bits(out, run("reference", ftk.dequantize_blockwise, ref_q, ref_qs), "dequantized")
 
 
+def _midpoint_cases(code: torch.Tensor) -> torch.Tensor:
+    """Every code value, every midpoint (fp32, as the search computes it) and the floats on
+    either side of each, in blocks of 256 that each hold 1.0, so x * (1 / absmax) is x."""
+    mids = (code[1:] + code[:-1]) * 0.5
+    vals = torch.cat([code, mids, torch.nextafter(mids, mids - 1), torch.nextafter(mids, mids + 1)]).clamp(-1, 1)
+    vals = torch.cat([vals, torch.full((-vals.numel() % 255,), 0.5)]).view(-1, 255)
+    return torch.cat([torch.ones(vals.shape[0], 1), vals], dim=1).flatten()
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_cpu_isa_blockwise_8bit_at_every_midpoint(cpu_isa, signed):
+    # The vector code searches (csrc/cpu/code_search.h) count thresholds instead of searching
+    # the code; at an exact midpoint the tie must go where quantize_8bit sends it.
+    code = ftk.functional.create_dynamic_map(signed=signed)
+    A = _midpoint_cases(code)
+    A = torch.cat([A, torch.tensor([float("nan"), 0.0, -0.0, 1.0, 1e-30, -1e-30] + [0.25] * 7)])
+    q, qs = run("cpu", ftk.quantize_blockwise, A, code=code, blocksize=256)
+    ref_q, _ = run("reference", ftk.quantize_blockwise, A, code=code, blocksize=256)
+    assert_same_bits(q, ref_q, "codes")
+
+
+def test_cpu_blockwise_8bit_unsorted_code_takes_the_exact_search(cpu_isa):
+    # A code the vector search's premises do not hold for (not increasing) is searched as
+    # quantize_8bit searches it, at every level.
+    code = ftk.functional.create_dynamic_map(signed=True)
+    code = torch.cat([code[:100], code[100:110].flip(0), code[110:]])
+    A = sample((5, 300), torch.float32, seed=9)
+    q, _ = run("cpu", ftk.quantize_blockwise, A, code=code, blocksize=256)
+    ref_q, _ = run("reference", ftk.quantize_blockwise, A, code=code, blocksize=256)
+    assert_same_bits(q, ref_q, "codes")
+
+
 def test_double_quantization_layout():
     A = sample((128, 256), torch.bfloat16)
     packed, qs = ftk.quantize_4bit(A)  # defaults: blocksize 64, double quantization, nf4

@@ -1,6 +1,6 @@
 """The fused optimizer steps (ftk::adamw_step, lion_step, adamw8bit_step) on every backend
 against the pure-torch reference and torch.optim.AdamW: values, opcheck, torch.compile, the
-8-bit CPU vector and scalar paths. The optimizer classes are in test_optimizers.py. Mirrors
+8-bit CPU paths of every instruction-set level. The optimizer classes are in test_optimizers.py. Mirrors
 csrc/cpu/optim.cpp, csrc/cuda/optim.cu, triton_kernels/optim.py and _ops/optim.py."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import torch
 
 import ftkernels as ftk
 from ftkernels import _formats
+
+from conftest import assert_same_bits
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -175,25 +177,38 @@ def test_torch_compile_fullgraph_step():
     assert torch.equal(p, p2) and torch.equal(m, m2) and torch.equal(v, v2)
 
 
-def test_8bit_cpu_vector_and_scalar_paths_agree_bit_for_bit():
-    # Whole blocks take the AVX-512 path where the CPU has it; capped to the baseline ISA they
-    # take the scalar one. Same codes, same absmax, same parameters.
+@pytest.mark.parametrize(
+    "param_dtype,grad_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+    ids=["fp32", "bf16-param", "fp16-grad"],
+)
+def test_8bit_cpu_isa_levels_agree_bit_for_bit(param_dtype, grad_dtype):
+    # Whole blocks take the AVX-512 or AVX2 path where the CPU has it (each level capped in
+    # turn), partial ones and the baseline level the scalar one: same codes, same absmax, same
+    # parameters. Gradients over 12 decades, an all-zero block and a partial last block.
     from ftkernels import _native
 
+    if not _native.cpu_available():
+        pytest.skip("the CPU module is not built")
     n = 256 * 6 + 100
     code1, code2 = _codes("cpu")
     gen = torch.Generator().manual_seed(5)
-    grads = [torch.randn(n, generator=gen) * torch.logspace(-6, 0, n) for _ in range(8)]
+    grads = [torch.randn(n, generator=gen) * torch.logspace(-12, 0, n) for _ in range(8)]
+    for grad in grads[:2]:
+        grad[256:512] = 0.0
     runs = []
-    for level in (2, 0):
+    for level in (2, 1, 0):
         previous = _native.cpu().set_isa_limit(level)
         try:
-            p = torch.linspace(-1, 1, n).to(torch.bfloat16)
+            p = torch.linspace(-1, 1, n).to(param_dtype)
             st = [torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8), torch.zeros(7), torch.zeros(7)]
             for t, grad in enumerate(grads, 1):
+                grad = grad.to(grad_dtype)
                 torch.ops.ftk.adamw8bit_step(p, grad, *st, code1, code2, 1e-3, 0.9, 0.999, 1e-8, 0.01, t)
             runs.append((p, *st))
         finally:
             _native.cpu().set_isa_limit(previous)
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    *vector, scalar = runs
+    for level, run in zip(("avx512", "avx2"), vector):
+        for name, a, b in zip(("param", "state1", "state2", "absmax1", "absmax2"), run, scalar):
+            assert_same_bits(a, b, f"{level} {name}")

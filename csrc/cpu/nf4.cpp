@@ -8,20 +8,22 @@
 // dtype, then each byte writes two table entries: one load and two stores per byte.
 //
 // Speed (4096x4096 bf16, 2 threads, see benchmarks/bench_nf4.py): the loops are written to
-// auto-vectorise, and each kernel is compiled for baseline x86-64 and for AVX2+F16C, the
-// dequantize also for AVX-512BW, the widest the CPU has picked at run time (quantize 22 ms,
+// auto-vectorise and are compiled for each instruction-set level (cpu_isa.h); the 4-bit
+// dequantize has hand-written AVX2 (pshufb) and AVX-512BW (vpermw) kernels (quantize 22 ms,
 // dequantize 1.7 ms from DRAM, 1.3x the time of a copy of the same bytes). Threads come from
 // torch's OpenMP pool (cpu_util.h). -ffp-contract=off (CMakeLists.txt) keeps every product
 // rounded before any sum, so the bytes equal the reference's and bitsandbytes' CUDA kernels'.
-#include <atomic>
 #include <cmath>
 #include <cstring>
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#endif
 
+#include "ftk/cpu_isa.h"
 #include "ftk/cpu_util.h"
 #include "ftk/quant.h"
+#include "code_search.h"
+
+#if FTK_X86
+#include <immintrin.h>
+#endif
 
 namespace ftk {
 namespace {
@@ -29,23 +31,8 @@ namespace {
 using cpu::bf16_t;
 using cpu::f16_t;
 
-// The widest instruction set the kernels may use (tests lower it to cover every path).
-std::atomic<CpuIsa> isa_limit{CpuIsa::AVX512};
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define FTK_X86 1
-#define FTK_INLINE __attribute__((always_inline)) inline
-#define FTK_AVX2 __attribute__((target("avx2,f16c")))
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return ok && isa_limit.load(std::memory_order_relaxed) >= CpuIsa::AVX2;
-}
-#else
-#define FTK_X86 0
-#define FTK_INLINE inline
-#define FTK_AVX2
-bool has_avx2() { return false; }
-#endif
+#define FTK_INLINE FTK_CPU_INLINE
+#define FTK_AVX2 FTK_TARGET_AVX2
 
 constexpr int64_t kMaxBlock = 4096;
 
@@ -295,12 +282,7 @@ FTK_AVX2 void dequantize_4bit_blocks_simd(const DequantJob& job, int64_t b0, int
 // blocksize 64 (4096x4096 bf16 into a warm buffer: 0.91 ms against 1.37 ms). Streaming
 // stores were tried for large outputs and dropped: no faster into an existing buffer
 // (1.56 ms against 1.53 ms from DRAM) and slower into a fresh one (8.3 ms against 7.4 ms).
-#define FTK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
-bool has_avx512bw() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
-  return ok && isa_limit.load(std::memory_order_relaxed) >= CpuIsa::AVX512;
-}
+#define FTK_AVX512 FTK_TARGET_AVX512
 
 // The block's 16 outputs code[k] * absmax, rounded once to the output dtype, in the low
 // lanes of a register (16-bit: 16 words; fp32: 16 floats).
@@ -394,52 +376,72 @@ FTK_INLINE void dequantize_blockwise_range(const DequantizeBlockwiseParams& p, i
   }
 }
 
-// ---- dispatch: dtype x quant type x ISA --------------------------------------------------
-
-// Each body is instantiated twice: as is, and inside an AVX2+F16C function where the
-// always-inline body is vectorised for 256-bit registers.
-#define FTK_VARIANTS2(NAME, PARAMS, AVX2_BODY, BASE_BODY)                                    \
-  template <typename T, QuantType Q>                                                         \
-  FTK_AVX2 void NAME##_avx2(const PARAMS& p, int64_t b0, int64_t b1) { AVX2_BODY; }          \
-  template <typename T, QuantType Q>                                                         \
-  void NAME##_base(const PARAMS& p, int64_t b0, int64_t b1) { BASE_BODY; }                   \
-  template <typename T, QuantType Q>                                                         \
-  void NAME(const PARAMS& p, int64_t b0, int64_t b1) {                                       \
-    if (has_avx2()) NAME##_avx2<T, Q>(p, b0, b1); else NAME##_base<T, Q>(p, b0, b1);         \
-  }
-#define FTK_VARIANTS(NAME, PARAMS, BODY) FTK_VARIANTS2(NAME, PARAMS, BODY, BODY)
-
-FTK_VARIANTS(quantize_4bit_blocks, Quantize4bitParams, (quantize_4bit_range<T, Q>(p, b0, b1)))
 #if FTK_X86
-FTK_VARIANTS2(dequantize_4bit_blocks, DequantJob, (dequantize_4bit_blocks_simd<T, Q>(p, b0, b1)),
-              (dequantize_4bit_range<T, Q>(p, b0, b1)))
-#else
-FTK_VARIANTS(dequantize_4bit_blocks, DequantJob, (dequantize_4bit_range<T, Q>(p, b0, b1)))
+// ---- 8-bit quantize with the vector code search (code_search.h) -----------------------------
+// Whole vectors of a block take search16/search8, the rest of the block quantize_8bit; the
+// scaled value x * (1 / absmax) is computed as quantize_blockwise_range computes it.
+template <typename T>
+FTK_AVX512 void quantize_blockwise_blocks_avx512(const QuantizeBlockwiseParams& p, const cpu::SearchTables& t,
+                                                 int64_t b0, int64_t b1) {
+  const T* A = static_cast<const T*>(p.A);
+  alignas(64) float x[kMaxBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * p.blocksize;
+    const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
+    const float absmax = load_block<T>(A, start, len, x);
+    p.absmax[b] = absmax;
+    const float s = 1.0f / absmax;
+    const __m512 sv = _mm512_set1_ps(s);
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+      const __m512i c = cpu::search16(t, _mm512_mul_ps(_mm512_load_ps(x + i), sv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p.out + start + i), _mm512_cvtepi32_epi8(c));
+    }
+    for (; i < len; ++i) p.out[start + i] = static_cast<uint8_t>(quantize_8bit(p.code, x[i] * s));
+  }
+}
+
+template <typename T>
+FTK_AVX2 void quantize_blockwise_blocks_avx2(const QuantizeBlockwiseParams& p, const cpu::SearchTables& t,
+                                             int64_t b0, int64_t b1) {
+  const T* A = static_cast<const T*>(p.A);
+  alignas(64) float x[kMaxBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t start = b * p.blocksize;
+    const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
+    const float absmax = load_block<T>(A, start, len, x);
+    p.absmax[b] = absmax;
+    const float s = 1.0f / absmax;
+    const __m256 sv = _mm256_set1_ps(s);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+      const __m256i c = cpu::search8(t, _mm256_mul_ps(_mm256_load_ps(x + i), sv));
+      // 8 int32 (0..255) to 8 bytes: pack to 16 then 8 bits within each 128-bit lane
+      const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(p.out + start + i), _mm_packus_epi16(w, w));
+    }
+    for (; i < len; ++i) p.out[start + i] = static_cast<uint8_t>(quantize_8bit(p.code, x[i] * s));
+  }
+}
+#endif  // FTK_X86
+
+// ---- dispatch: dtype x quant type x ISA --------------------------------------------------
+// The loops above are compiled once per level (cpu::with_isa); dequantize_4bit has hand-written
+// AVX2 and AVX-512 kernels besides.
+
+template <typename OutT, QuantType Q>
+void dequantize_4bit_blocks(const DequantJob& job, int64_t b0, int64_t b1) {
+#if FTK_X86
+  switch (cpu_isa_level()) {
+    case CpuIsa::AVX512: dequantize_4bit_blocks_avx512<OutT, Q>(job, b0, b1); return;
+    case CpuIsa::AVX2: dequantize_4bit_blocks_simd<OutT, Q>(job, b0, b1); return;
+    case CpuIsa::Base: break;
+  }
 #endif
-FTK_VARIANTS(quantize_blockwise_blocks, QuantizeBlockwiseParams, (quantize_blockwise_range<T>(p, b0, b1)))
-FTK_VARIANTS(dequantize_blockwise_blocks, DequantizeBlockwiseParams, (dequantize_blockwise_range<T>(p, b0, b1)))
-#undef FTK_VARIANTS
-#undef FTK_VARIANTS2
+  dequantize_4bit_range<OutT, Q>(job, b0, b1);
+}
 
 }  // namespace
-
-CpuIsa set_cpu_isa_limit(CpuIsa limit) { return isa_limit.exchange(limit); }
-CpuIsa cpu_isa_limit() { return isa_limit.load(std::memory_order_relaxed); }
-
-CpuIsa cpu_isa_in_use() {
-#if FTK_X86
-  if (has_avx512bw()) return CpuIsa::AVX512;  // dequantize_4bit only; the rest stay on AVX2
-#endif
-  return has_avx2() ? CpuIsa::AVX2 : CpuIsa::Base;
-}
-
-const char* cpu_isa_variants_quant() {
-#if FTK_X86
-  return "avx2+f16c; dequantize_4bit also avx512f+avx512bw+avx512vl+f16c";
-#else
-  return "";
-#endif
-}
 
 void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads) {
   check(p);
@@ -448,8 +450,10 @@ void quantize_4bit_cpu(const Quantize4bitParams& p, int num_threads) {
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
-      if (p.quant_type == QuantType::NF4) quantize_4bit_blocks<T, QuantType::NF4>(p, b0, b1);
-      else quantize_4bit_blocks<T, QuantType::FP4>(p, b0, b1);
+      cpu::with_isa([&]() FTK_ISA_BODY {
+        if (p.quant_type == QuantType::NF4) quantize_4bit_range<T, QuantType::NF4>(p, b0, b1);
+        else quantize_4bit_range<T, QuantType::FP4>(p, b0, b1);
+      });
     });
   });
 }
@@ -458,34 +462,50 @@ void dequantize_4bit_cpu(const Dequantize4bitParams& p, int num_threads) {
   dequantize_4bit_range_cpu(p, 0, p.w.numel(), num_threads);
 }
 
+namespace {
+
+// Blocks [first, last) of job whose range cuts at most the first and the last: those go element
+// by element (dequantize_clipped), the whole blocks between to the kernels in parallel.
+template <typename T>
+void dequantize_job(const DequantJob& job, int threads) {
+  const Weight4bit& w = job.w;
+  int64_t first = job.begin / w.blocksize, last = ceil_div(job.end, w.blocksize);
+  const float* code = code_4bit(w.quant_type);
+  if (first < last && block_is_clipped(job, first)) dequantize_clipped<T>(job, first++, code);
+  if (first < last && block_is_clipped(job, last - 1)) dequantize_clipped<T>(job, --last, code);
+  cpu::parallel_for(last - first, threads, [&](int64_t b0, int64_t b1) {
+    if (w.quant_type == QuantType::NF4) dequantize_4bit_blocks<T, QuantType::NF4>(job, first + b0, first + b1);
+    else dequantize_4bit_blocks<T, QuantType::FP4>(job, first + b0, first + b1);
+  });
+}
+
+}  // namespace
+
 void dequantize_4bit_range_cpu(const Dequantize4bitParams& p, int64_t begin, int64_t end, int num_threads) {
   check(p);
   const Weight4bit& w = p.w;
   FTK_CHECK_ARG(0 <= begin && begin <= end && end <= w.numel(), "the element range must lie within [0, n]");
   if (begin == end) return;
-  const DequantJob job{w, p.out, w.numel(), begin, end};
-  int64_t first = begin / w.blocksize, last = ceil_div(end, w.blocksize);  // blocks [first, last)
   const int threads = cpu::threads_for(end - begin, num_threads);
+  with_dtype(p.dtype, [&](auto tag) { dequantize_job<decltype(tag)>(DequantJob{w, p.out, w.numel(), begin, end}, threads); });
+}
+
+void dequantize_4bit_cols_cpu(const Dequantize4bitParams& p, int64_t col0, int64_t col1, int num_threads) {
+  check(p);
+  const Weight4bit& w = p.w;
+  const int64_t rows = w.rows, cols = w.cols;
+  FTK_CHECK_ARG(0 <= col0 && col0 <= col1 && col1 <= cols, "the column range must lie within [0, cols]");
+  const int64_t width = col1 - col0;
+  if (width == 0 || rows == 0) return;
+  const int threads = cpu::threads_for(rows * width, num_threads);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    // A range that starts or ends inside a block (a LoRA row tile) cuts at most its first and
-    // last block: those go element by element here, the whole blocks between to the kernels.
-    const float* code = code_4bit(w.quant_type);
-    if (first < last && block_is_clipped(job, first)) dequantize_clipped<T>(job, first++, code);
-    if (first < last && block_is_clipped(job, last - 1)) dequantize_clipped<T>(job, --last, code);
-    const int64_t nblocks = last - first;
-#if FTK_X86
-    if (has_avx512bw()) {
-      cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
-        if (w.quant_type == QuantType::NF4) dequantize_4bit_blocks_avx512<T, QuantType::NF4>(job, first + b0, first + b1);
-        else dequantize_4bit_blocks_avx512<T, QuantType::FP4>(job, first + b0, first + b1);
-      });
-      return;
-    }
-#endif
-    cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
-      if (w.quant_type == QuantType::NF4) dequantize_4bit_blocks<T, QuantType::NF4>(job, first + b0, first + b1);
-      else dequantize_4bit_blocks<T, QuantType::FP4>(job, first + b0, first + b1);
+    // One row's segment a job, rows split across threads (a segment is a few blocks).
+    cpu::parallel_for(rows, threads, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const DequantJob job{w, static_cast<T*>(p.out) + r * width, w.numel(), r * cols + col0, r * cols + col1};
+        dequantize_job<T>(job, 1);
+      }
     });
   });
 }
@@ -497,7 +517,15 @@ void quantize_blockwise_cpu(const QuantizeBlockwiseParams& p, int num_threads) {
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
-      quantize_blockwise_blocks<T, QuantType::NF4>(p, b0, b1);
+#if FTK_X86
+      const CpuIsa level = cpu_isa_level();
+      if (level != CpuIsa::Base) {
+        const cpu::SearchTables t = cpu::search_tables(p.code);
+        if (t.exact && level == CpuIsa::AVX512) return quantize_blockwise_blocks_avx512<T>(p, t, b0, b1);
+        if (t.exact) return quantize_blockwise_blocks_avx2<T>(p, t, b0, b1);
+      }
+#endif
+      cpu::with_isa([&]() FTK_ISA_BODY { quantize_blockwise_range<T>(p, b0, b1); });
     });
   });
 }
@@ -509,7 +537,7 @@ void dequantize_blockwise_cpu(const DequantizeBlockwiseParams& p, int num_thread
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
-      dequantize_blockwise_blocks<T, QuantType::NF4>(p, b0, b1);
+      cpu::with_isa([&]() FTK_ISA_BODY { dequantize_blockwise_range<T>(p, b0, b1); });
     });
   });
 }
