@@ -61,6 +61,20 @@ def backend_device(request):
     return request.param
 
 
+def force_cpu_gemm16(monkeypatch, on: bool) -> None:
+    """The CPU backend's 16-bit GEMMs for bf16/fp16 lora_linear_4bit forced on (W's tiles in the
+    input's dtype, torch's 16-bit GEMM) or off (widened to fp32), whatever this CPU has."""
+    from ftkernels.backends import cpu as cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "_gemm16", frozenset({torch.bfloat16, torch.float16}) if on else frozenset())
+
+
+@pytest.fixture(params=[True, False], ids=["gemm16", "gemm32"])
+def cpu_gemm16(request, monkeypatch):
+    force_cpu_gemm16(monkeypatch, request.param)
+    return request.param
+
+
 def canonical_bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view for exact comparison; every NaN mapped to one NaN (payloads differ)."""
     if t.is_floating_point():

@@ -118,6 +118,22 @@ def test_matches_fp64_oracle(backend_device, shape, dtype):
         assert_close_to_oracle(case, case.run(p, backend=backend), p, what=f"{backend} nested={nested} p={p}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DT_ID.get)
+@pytest.mark.parametrize("shape", [(17, 64, 65), (40, 200, 130)], ids=lambda s: "x".join(map(str, s)))
+def test_cpu_16bit_gemms_on_and_off_match_fp64_oracle(cpu_gemm16, shape, dtype, monkeypatch):
+    # On: W's tiles in the input's dtype (rounded as torch's own layer rounds W) into torch's
+    # 16-bit GEMM, column tiles for dY·W; off: everything widened to fp32. Tiles of 16 KB so that
+    # both products run over several tiles, the last one partial.
+    from ftkernels.backends import cpu as cpu_backend
+
+    if not _native.cpu_available():
+        pytest.skip("the CPU module is not built")
+    monkeypatch.setattr(cpu_backend, "_TILE_BYTES", 16 << 10)
+    for nested, p, bias in ((True, 0.0, True), (False, 0.25, False)):
+        case = Case(shape, dtype, nested=nested, bias=bias)
+        assert_close_to_oracle(case, case.run(p, backend="cpu"), p, what=f"gemm16={cpu_gemm16} p={p}")
+
+
 @pytest.mark.parametrize("r", [1, 16, 256])
 @pytest.mark.parametrize("quant_type, blocksize", [("nf4", 32), ("fp4", 128), ("nf4", 4096)])
 def test_ranks_blocksizes_and_fp4(backend_device, r, quant_type, blocksize):

@@ -22,12 +22,13 @@ from .._registry import register_kernel
 
 
 def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as fp32. On the CPU both sides go to fp32 first (torch's bf16 CPU GEMM is ~400x
-    slower there), and a tall, r-column product is computed as its transpose (bᵀ·aᵀ)ᵀ: MKL's
-    sgemm took 0.92 ms for (1024 x 1536)·(1536 x 8) and 0.33 ms for the same product
-    transposed, 1.28 against 0.38 ms for (1536 x 1024)·(1024 x 8). On a GPU a 16-bit a keeps
-    its dtype (b is cast to it) and the tensor cores accumulate in fp32, so no M x K fp32 copy
-    of x is made."""
+    """a @ b as fp32. On the CPU both sides go to fp32 first, 16-bit GEMMs or not: these rank-r
+    products are ~1% of the layer's FLOPs, and in bf16 their roundings doubled dB's error
+    against torch's own bf16 layer. A tall, r-column product is computed as its transpose
+    (bᵀ·aᵀ)ᵀ: MKL's sgemm took 0.92 ms for (1024 x 1536)·(1536 x 8) and 0.33 ms for the same
+    product transposed, 1.28 against 0.38 ms for (1536 x 1024)·(1024 x 8). On a GPU a 16-bit a
+    keeps its dtype (b is cast to it) and the tensor cores accumulate in fp32, so no M x K fp32
+    copy of x is made."""
     if a.device.type == "cpu":
         a, b = a.float(), b.float()
         return (b.T @ a.T).T if 8 * b.shape[1] <= a.shape[0] else a @ b
@@ -62,13 +63,14 @@ def backward(
     return dx, dA, dB
 
 
-def register(backend: str, *, dropout: Callable, matmul: Callable, widen_to_fp32: bool = False) -> None:
+def register(backend: str, *, dropout: Callable, matmul: Callable, widen: Callable[[torch.dtype], bool] | None = None):
     """Registers lora_linear_4bit and its backward for ``backend``, composed from its two kernels.
-    ``widen_to_fp32``: x and dy are widened to fp32 once, before every product that reads them
-    (the CPU backend, whose kernels compute in fp32), and dx is rounded back to x's dtype."""
+    ``widen(dtype)``: whether x and dy of that dtype are widened to fp32 once, before every
+    product that reads them (the CPU backend without 16-bit GEMMs for the dtype), dx then
+    rounded back to x's dtype; None: never."""
 
     def wide(t: torch.Tensor) -> torch.Tensor:
-        return t.float() if widen_to_fp32 else t
+        return t.float() if widen is not None and t.dtype != torch.float32 and widen(t.dtype) else t
 
     @register_kernel("lora_linear_4bit", backend)
     def lora_linear_4bit(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):

@@ -52,40 +52,71 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
 
 
 # ---- fused LoRA over a 4-bit weight ----------------------------------------------------------
-# The big products run tile by tile: _TILE_BYTES of weight rows dequantized to fp32 by the C++
-# kernel (dequantize_4bit_range), straight into torch's fp32 GEMM. The tile stays in the
-# 32 MiB L3 while the GEMM streams it, so no weight-sized fp32 copy is ever made (64 MiB at
-# 4096 x 4096) and the dequantize costs ~1 ms against ~100 ms for each 512 x 4096 x 4096 GEMM.
-# The GEMM is torch's (oneDNN/MKL sgemm at ~165 GFLOP/s on 2 cores, near the FMA peak): a
+# The big products run tile by tile: _TILE_BYTES of the weight dequantized by the C++ kernels
+# (dequantize_4bit_range, _cols), straight into torch's GEMM. The tile stays in the 32 MiB L3
+# while the GEMM streams it, so no weight-sized copy is ever made (64 MiB in fp32 at 4096 x
+# 4096) and the dequantize costs ~1 ms against ~100 ms for each 512 x 4096 x 4096 fp32 GEMM.
+# The GEMM is torch's (oneDNN/MKL at ~165 GFLOP/s in fp32 on 2 cores, near the FMA peak): a
 # hand-written one here could only lose. Measured (512 x 4096 x 4096 fp32, benchmarks/
 # bench_lora.py): 8 MiB tiles were as fast as one whole-weight GEMM, and 4 MiB ones within 2%.
-# bf16/fp16 inputs are widened to fp32 first: torch's 16-bit CPU GEMM is
-# ~400x slower than fp32 on CPUs without AVX512-BF16/AMX, and fp16 is 3x slower even here.
-# NOTE: on this machine (AVX512-BF16) torch's bf16 GEMM is 3x faster than fp32 (512 x 4096 x
-# 4096: 39 ms against 112 ms), so PEFT+bitsandbytes in bf16 (~100 ms a step) beats this path
-# (~200 ms). A bf16-tile variant was tried: 139 ms, still slower (the fp32 rank-r terms and the
-# widening of x and dY cost ~40 ms) and W rounded to bf16; see the README.
+#
+# Which GEMM a 16-bit input gets is chosen once per process from the CPU (gemm16_dtypes):
+# - with AVX512-BF16 or AMX-BF16 (AVX512-FP16 or AMX-FP16 for fp16) torch's 16-bit GEMM runs on
+#   them, 3x faster than fp32 here (512 x 4096 x 4096 bf16: 39-45 ms against 112-160 ms). The
+#   tiles are then dequantized to the input's dtype, as bitsandbytes and the GPU kernels round W,
+#   each output element comes out of one GEMM (column tiles of W for dY·W, so no partial sums
+#   are rounded to 16 bits), its C the rank-r term (rounded to the dtype), added in fp32
+#   before the GEMM's one rounding;
+# - without them torch's 16-bit CPU GEMM is ~400x slower than fp32 (fp16 3x even on this
+#   AVX512-BF16 machine), so x and dY are widened to fp32 once and everything runs in fp32.
+# FTK_CPU_ISA below avx512 turns the 16-bit GEMMs off too, as on a CPU without AVX-512.
 
 _TILE_BYTES = 8 << 20
 
+# dtype -> the CPU features any one of which makes torch's GEMM in that dtype fast.
+_GEMM16_FEATURES = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+_gemm16: frozenset | None = None
 
-def _tile_rows(rows: int, cols: int) -> int:
-    return max(1, min(rows, _TILE_BYTES // (4 * max(cols, 1))))
+
+def gemm16_dtypes() -> frozenset:
+    """The 16-bit dtypes whose lora_linear_4bit products run as torch GEMMs in that dtype here
+    (the rest are widened to fp32): fixed on first use from the CPU's features and the
+    FTK_CPU_ISA level, what `ftk doctor` reports."""
+    global _gemm16
+    if _gemm16 is None:
+        mod = _native.cpu()
+        at_avx512 = mod.cpu_isa() == "avx512"
+        _gemm16 = frozenset(
+            dt for dt, feats in _GEMM16_FEATURES.items() if at_avx512 and any(mod.cpu_has(f) for f in feats)
+        )
+    return _gemm16
 
 
-def _weight_tiles(w):
-    """(first row, fp32 rows x K tile) over the weight, one reused buffer (so one params struct:
-    every tile starts at the buffer's start)."""
+def _tiles(w, dtype, by_cols: bool):
+    """(first index, tile) over the weight in ``dtype``: rows x K row tiles (by_cols False) or
+    N x width column tiles, a multiple of the block size wide; one reused buffer (so one params
+    struct: every tile starts at the buffer's start)."""
     n, k = w.shape
-    step = _tile_rows(n, k)
-    buf = torch.empty(step * k, dtype=torch.float32)
+    item = torch.empty((), dtype=dtype).element_size()
     mod = _native.cpu()
+    if by_cols:
+        step = max(1, _TILE_BYTES // (item * max(n, 1)))
+        step = min(k, max(w.blocksize, step // w.blocksize * w.blocksize))
+        buf = torch.empty(n * step, dtype=dtype)
+    else:
+        step = max(1, min(n, _TILE_BYTES // (item * max(k, 1))))
+        buf = torch.empty(step * k, dtype=dtype)
     params = _native.dequantize_4bit_params(mod, w, buf)
-    for n0 in range(0, n, step):
-        rows = min(step, n - n0)
-        tile = buf[: rows * k]
-        mod.dequantize_4bit_range(params, n0 * k, (n0 + rows) * k, torch.get_num_threads())
-        yield n0, tile.view(rows, k)
+    threads = torch.get_num_threads()
+    for i0 in range(0, k if by_cols else n, step):
+        if by_cols:
+            width = min(step, k - i0)
+            mod.dequantize_4bit_cols(params, i0, i0 + width, threads)
+            yield i0, buf[: n * width].view(n, width)
+        else:
+            rows = min(step, n - i0)
+            mod.dequantize_4bit_range(params, i0 * k, (i0 + rows) * k, threads)
+            yield i0, buf[: rows * k].view(rows, k)
 
 
 def _lora_dropout(t: torch.Tensor, p: float, seed, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,25 +129,32 @@ def _lora_dropout(t: torch.Tensor, p: float, seed, out: torch.Tensor | None = No
 
 
 def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
-    """The big product and its rank-r epilogue in fp32 (X is fp32: the kernels below widen it).
-    The epilogue's s·L·Rᵀ (or s·drop'(L·R)) starts out, and every tile's GEMM accumulates into it."""
+    """The big product and its rank-r epilogue: X fp32 (widened), or 16-bit with tiles of W in
+    X's dtype (gemm16_dtypes). The epilogue's s·L·Rᵀ (or s·drop'(L·R)) starts out in fp32 (in
+    X's dtype for a 16-bit X), and every tile's GEMM accumulates into it."""
     R32 = R.float()
     if mode == _formats.LORA_FORWARD:
-        out = (
+        epi = (
             torch.addmm(bias.float(), L, R32.T, alpha=scaling) if bias is not None else torch.mm(L, R32.T).mul_(scaling)
         )
-        for n0, tile in _weight_tiles(w):
-            out[:, n0 : n0 + tile.shape[0]].addmm_(X, tile.T)
     else:
-        out = torch.mm(L, R32).mul_(scaling)
+        epi = torch.mm(L, R32).mul_(scaling)
         if seed is not None:
-            _lora_dropout(out, p, seed, out=out)
-        for n0, tile in _weight_tiles(w):
+            _lora_dropout(epi, p, seed, out=epi)
+    out = epi if X.dtype == torch.float32 else epi.to(X.dtype)
+    if mode == _formats.LORA_FORWARD:  # out[:, n0:n1] += X · W[n0:n1]ᵀ
+        for n0, tile in _tiles(w, X.dtype, by_cols=False):
+            out[:, n0 : n0 + tile.shape[0]].addmm_(X, tile.T)
+    elif X.dtype == torch.float32:  # out += X[:, n0:n1] · W[n0:n1], fp32 partial sums
+        for n0, tile in _tiles(w, X.dtype, by_cols=False):
             out.addmm_(X[:, n0 : n0 + tile.shape[0]], tile)
+    else:  # out[:, k0:k1] += X · W[:, k0:k1]: one GEMM, one rounding, an element
+        for k0, tile in _tiles(w, X.dtype, by_cols=True):
+            out[:, k0 : k0 + tile.shape[1]].addmm_(X, tile)
     return out
 
 
-_lora.register("cpu", dropout=_lora_dropout, matmul=_lora_matmul, widen_to_fp32=True)
+_lora.register("cpu", dropout=_lora_dropout, matmul=_lora_matmul, widen=lambda dtype: dtype not in gemm16_dtypes())
 
 
 # ---- fused ReFT edits (csrc/cpu/reft.cpp) ----------------------------------------------------
