@@ -129,3 +129,28 @@ def test_ftk_bench_quick_end_to_end(tmp_path, monkeypatch):
     assert (out / "raw" / "nf4.json").is_file()
     if report["charts"]:
         assert (out / "speedup.png").is_file() and (out / "ceiling.png").is_file()
+
+
+def test_cpu_isa_levels_cap_ours_and_torchs_kernels(tmp_path, monkeypatch):
+    # --cpu-isa all: one run a level this CPU has, each suite with FTK_CPU_ISA and torch's own
+    # caps in its environment, the level and the CPU's flags in each report.
+    seen = []
+
+    def fake_suite(cmd, cwd, env, timeout):
+        seen.append({k: env.get(k) for k in ("FTK_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")})
+        return 0, ""
+
+    monkeypatch.setattr(bench, "_run_suite", fake_suite)
+    monkeypatch.setattr(bench, "charts", lambda results, out: [])
+    assert cli.main(["bench", "--ops", "nf4", "--cpu-isa", "all", "--out", str(tmp_path)]) == 0
+    levels = bench.cpu_isa_levels_here()
+    assert [s["FTK_CPU_ISA"] for s in seen] == levels
+    if "avx2" in levels:
+        assert seen[levels.index("avx2")]["ATEN_CPU_CAPABILITY"] == "avx2"
+        assert seen[levels.index("avx2")]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    for level in levels:
+        header = json.loads((tmp_path / level / "report.json").read_text())["header"]
+        assert header["cpu_isa"] == level and isinstance(header["cpu_flags"], list)
+        assert f"CPU kernels at {level}" in (tmp_path / level / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--ops", "nf4", "--cpu-isa", "sse9", "--out", str(tmp_path)])

@@ -149,6 +149,11 @@ def markdown(results: dict[str, dict[str, dict]], present: dict[str, bool], head
         f"{header['date']} · torch {header['torch']}"
         + (f" (CUDA {header['cuda']})" if header.get("cuda") else "")
         + f" · {header['threads']} CPU threads · `{header['command']}`"
+        + (
+            f" · CPU kernels at {header['cpu_isa']} (flags: {' '.join(header['cpu_flags']) or 'none of note'})"
+            if "cpu_isa" in header
+            else ""
+        )
         + (" · **quick mode: small shapes, not measurements**" if header.get("quick") else ""),
         "",
         "Baselines:",
@@ -250,6 +255,51 @@ def charts(results: dict[str, dict[str, dict]], out: Path) -> list[Path]:
     return written
 
 
+# `--cpu-isa LEVEL`: the suites run with ftkernels' CPU kernels capped at LEVEL (FTK_CPU_ISA) and
+# torch's own kernels capped alike (ATen's vector kernels, oneDNN's GEMMs, MKL), so that each
+# level's ratios are those of a CPU that has only that level. "native" caps nothing.
+CPU_ISA_ENV = {
+    "baseline": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512"},
+    "native": {},
+}
+# The x86 flags a report records with its level (what decides each kernel's path).
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_fp16",
+)
+
+
+def cpu_isa_levels_here() -> list[str]:
+    """The levels this CPU runs, narrowest first (the CPU module's widest, and those below)."""
+    from .. import _native
+
+    widest = _native.cpu().cpu_isa_max() if _native.cpu_available() else "baseline"
+    levels = ["baseline", "avx2", "avx512"]
+    return levels[: levels.index(widest) + 1]
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in ISA_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -284,23 +334,28 @@ def run(
     echo=print,
     device: str | None = None,
     budget_s: float | None = None,
+    cpu_isa: str = "native",
 ) -> dict:
     """Runs each op's suite into out/raw/, then writes report.md, report.json and the charts.
 
     ``device`` ("cpu" or "cuda"; None: every device present) restricts the suites to that
     device's benchmarks. ``budget_s`` bounds the whole run: each suite gets its SUITE_WEIGHTS
     share of the time left when it starts, starts no test past it and is killed GRACE_S later.
+    ``cpu_isa`` caps ftkernels' and torch's CPU kernels at that level (CPU_ISA_ENV).
     """
     ops = list(ops)
     if device not in (None, "cpu", "cuda"):
         raise ValueError(f"device must be None, 'cpu' or 'cuda', got {device!r}")
     if budget_s is not None and not 0 < budget_s < float("inf"):
         raise ValueError(f"budget_s must be a positive, finite number of seconds, got {budget_s!r}")
+    if cpu_isa not in CPU_ISA_ENV:
+        raise ValueError(f"cpu_isa must be one of {', '.join(CPU_ISA_ENV)}, got {cpu_isa!r}")
     bench_dir = benchmarks_dir()
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FTK_BENCH_RESULTS": str(raw), "FTK_BENCH_QUICK": "1" if quick else "0"}
     env.pop("FTK_BENCH_DEADLINE", None)  # set per suite below, only with a budget
+    env.update({"FTK_CPU_ISA": cpu_isa, **CPU_ISA_ENV[cpu_isa]})
     if device is not None:
         env["FTK_BENCH_DEVICE"] = device
     results, failed, past_budget = {}, [], {}
@@ -341,6 +396,8 @@ def run(
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_isa": cpu_isa,
+        "cpu_flags": _cpu_flags(),
         "quick": quick,
         "budget_s": budget_s,
         "past_budget": {op: n for op, n in past_budget.items() if n},
@@ -348,7 +405,8 @@ def run(
         + (" --quick" if quick else "")
         + f" --ops {','.join(ops)}"
         + (f" --device {device}" if device else "")
-        + (f" --budget {budget_s:g}" if budget_s is not None else ""),
+        + (f" --budget {budget_s:g}" if budget_s is not None else "")
+        + (f" --cpu-isa {cpu_isa}" if cpu_isa != "native" else ""),
     }
     report = {"header": header, "baselines_present": present, "failed": failed, "results": results}
     try:

@@ -392,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time limit of the whole run: each suite gets a share and skips the tests past it (default: none)",
     )
+    b.add_argument(
+        "--cpu-isa",
+        default="native",
+        metavar="LEVELS",
+        help="comma-separated CPU instruction-set levels from baseline,avx2,avx512,native, or 'all' (every level "
+        "this CPU has): one run each, ftkernels' and torch's CPU kernels capped at it, into DIR/<level>/ when "
+        "more than one (default: native)",
+    )
     b.set_defaults(func=cmd_bench)
     return parser
 
@@ -408,12 +416,21 @@ def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--budget must be a positive, finite number of seconds, got {args.budget:g}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU here")
-    try:
-        report = bench.run(ops, Path(args.out), quick=args.quick, device=args.device, budget_s=args.budget)
-    except FileNotFoundError as e:
-        parser.error(str(e))
-    print(f"written: {args.out}/report.md, report.json, raw/, " + (", ".join(report["charts"]) or "no charts"))
-    return 1 if report["failed"] else 0
+    levels = bench.cpu_isa_levels_here() if args.cpu_isa == "all" else [x.strip() for x in args.cpu_isa.split(",")]
+    if not levels or any(level not in bench.CPU_ISA_ENV for level in levels):
+        parser.error(
+            f"--cpu-isa must be 'all' or a comma-separated list from baseline,avx2,avx512,native, got {args.cpu_isa!r}"
+        )
+    failed = False
+    for level in levels:
+        out = Path(args.out) / level if len(levels) > 1 else Path(args.out)
+        try:
+            report = bench.run(ops, out, quick=args.quick, device=args.device, budget_s=args.budget, cpu_isa=level)
+        except FileNotFoundError as e:
+            parser.error(str(e))
+        print(f"written: {out}/report.md, report.json, raw/, " + (", ".join(report["charts"]) or "no charts"))
+        failed = failed or bool(report["failed"])
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
