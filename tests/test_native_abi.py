@@ -377,3 +377,36 @@ def test_bad_ftk_cpu_isa_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("FTK_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="FTK_CPU_ISA must be one of baseline, avx2, avx512, native, got 'sse9'"):
         _native.cpu_isa_limit_from_env()
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_cpu_sources_build_for_other_architectures():
+    """The CPU module passes no x86-only compiler option, and its non-x86 path (every kernel
+    at the baseline level, no intrinsics) compiles: FTK_GENERIC_CPU selects it on x86 too."""
+    import shutil
+
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert not re.search(r"-m(arch|tune|cpu|avx|sse|fma|f16c|bmi|prefer-vector-width)\b", cmake)
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None or not (REPO / "csrc").is_dir():
+        pytest.skip("needs a C++ compiler and the sources")
+    procs = [
+        subprocess.Popen(
+            [
+                cxx,
+                "-std=c++17",
+                "-fsyntax-only",
+                "-Werror",
+                "-DFTK_GENERIC_CPU",
+                f"-I{REPO / 'csrc/include'}",
+                str(src),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for src in sorted((REPO / "csrc/cpu").glob("*.cpp"))
+    ]
+    errors = [p.communicate()[1] for p in procs if p.wait() != 0]
+    assert not errors, errors[0]

@@ -1,11 +1,12 @@
 // The instruction-set level of the CPU kernels (cpu_isa.h): what this CPU has, and the limit.
 #include <atomic>
 #include <cstring>
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <cpuid.h>
-#endif
 
 #include "ftk/cpu_isa.h"
+
+#if FTK_X86
+#include <cpuid.h>
+#endif
 
 namespace ftk {
 namespace {

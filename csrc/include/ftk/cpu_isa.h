@@ -31,7 +31,9 @@ CpuIsa cpu_isa_level();  // min(limit, max): the level every kernel runs at
 // false for a name this build does not probe, and off x86.
 bool cpu_has(const char* feature);
 
-#if defined(__GNUC__) && defined(__x86_64__)
+// FTK_GENERIC_CPU compiles the non-x86 code on x86 too (tests/test_native_abi.py checks that
+// the other architectures' path compiles).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(FTK_GENERIC_CPU)
 #define FTK_X86 1
 #define FTK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define FTK_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
