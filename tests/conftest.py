@@ -62,11 +62,12 @@ def backend_device(request):
 
 
 def force_cpu_gemm16(monkeypatch, on: bool) -> None:
-    """The CPU backend's 16-bit GEMMs for bf16/fp16 lora_linear_4bit forced on (W's tiles in the
-    input's dtype, torch's 16-bit GEMM) or off (widened to fp32), whatever this CPU has."""
-    from ftkernels.backends import cpu as cpu_backend
+    """The CPU's 16-bit GEMMs for bf16/fp16 (lora_linear_4bit's tiles of W in the input's dtype
+    into torch's 16-bit GEMM, LinearNF4's matmul) forced on, or off (widened to fp32), whatever
+    this CPU has."""
+    from ftkernels import _native
 
-    monkeypatch.setattr(cpu_backend, "_gemm16", frozenset({torch.bfloat16, torch.float16}) if on else frozenset())
+    monkeypatch.setattr(_native, "_gemm16", frozenset({torch.bfloat16, torch.float16}) if on else frozenset())
 
 
 @pytest.fixture(params=[True, False], ids=["gemm16", "gemm32"])

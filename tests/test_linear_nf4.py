@@ -14,7 +14,7 @@ from torch import nn
 import ftkernels
 from ftkernels.nn import LinearNF4, dequantized_weights
 
-from conftest import assert_layer_rejects_bad_input, bnb_from_linear, make_linear
+from conftest import assert_layer_rejects_bad_input, bnb_from_linear, force_cpu_gemm16, make_linear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
@@ -128,7 +128,11 @@ def test_forward_float64_input_is_exact_dequantize_then_linear():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("compute_dtype", [None, torch.float16, torch.bfloat16], ids=["cd-none", "cd-fp16", "cd-bf16"])
-def test_cpu_matmul_never_runs_in_half_precision(monkeypatch, dtype, compute_dtype):
+@pytest.mark.parametrize("gemm16", [False, True], ids=["gemm32", "gemm16"])
+def test_cpu_matmul_runs_in_half_precision_only_with_16bit_gemms(monkeypatch, dtype, compute_dtype, gemm16):
+    # Without 16-bit GEMMs in the CPU (no AVX512-BF16/AMX) the matmul is widened to fp32;
+    # with them it runs in the compute dtype.
+    force_cpu_gemm16(monkeypatch, gemm16)
     seen = []
     real_linear = F.linear
 
@@ -140,7 +144,8 @@ def test_cpu_matmul_never_runs_in_half_precision(monkeypatch, dtype, compute_dty
     monkeypatch.setattr(torch.nn.functional, "linear", spy)
     out = q(torch.randn(3, 96).to(dtype))
     assert out.dtype == dtype
-    assert seen == [(torch.float32, torch.float32, torch.float32)]
+    mm = (compute_dtype or dtype) if gemm16 else torch.float32
+    assert seen == [(mm, mm, mm)]
 
 
 def test_compute_dtype_sets_the_matmul_dtype_and_output_keeps_input_dtype():

@@ -84,6 +84,26 @@ def cpu():
     return mod
 
 
+# dtype -> the CPU features any one of which makes torch's GEMM in that dtype fast.
+_GEMM16_FEATURES = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+_gemm16: frozenset | None = None
+
+
+def cpu_gemm16_dtypes() -> frozenset:
+    """The 16-bit dtypes whose CPU matmuls (lora_linear_4bit's, LinearNF4's) run as torch GEMMs
+    in that dtype here: those with AVX512-BF16/AMX-BF16 (AVX512-FP16/AMX-FP16 for fp16) at the
+    avx512 level. The others are widened to fp32: torch's 16-bit CPU GEMM is ~400x slower than
+    fp32 without them. Fixed on first use; what `ftk doctor` reports; empty without the module."""
+    global _gemm16
+    if _gemm16 is None:
+        mod = _load("_ftk_cpu")
+        at_avx512 = mod is not None and mod.cpu_isa() == "avx512"
+        _gemm16 = frozenset(
+            dt for dt, feats in _GEMM16_FEATURES.items() if at_avx512 and any(mod.cpu_has(f) for f in feats)
+        )
+    return _gemm16
+
+
 def cuda():
     mod = _load("_ftk_cuda")
     if mod is None:

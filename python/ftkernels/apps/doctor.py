@@ -224,9 +224,7 @@ def native(gpu_list: list[dict]) -> dict:
             if name == "_ftk_cpu":
                 entry["cpu_isa"] = mod.cpu_isa()
                 entry["cpu_isa_max"] = mod.cpu_isa_max()
-                from ..backends import cpu as cpu_backend
-
-                entry["lora_gemm16"] = sorted(str(dt).removeprefix("torch.") for dt in cpu_backend.gemm16_dtypes())
+                entry["lora_gemm16"] = sorted(str(dt).removeprefix("torch.") for dt in _native.cpu_gemm16_dtypes())
             else:
                 entry["driver_version"] = mod.driver_version() if hasattr(mod, "driver_version") else None
                 archs = (info or {}).get("cuda_architectures")
@@ -340,7 +338,7 @@ def _cpu_kernel_lines(c: dict, entry: dict) -> list[str]:
     ]
     if gemm16 is not None:
         say = ", ".join(gemm16) if gemm16 else "none (16-bit inputs widened to fp32)"
-        lines.append(f"{'':<14} 16-bit GEMMs for lora_linear_4bit: {say}")
+        lines.append(f"{'':<14} 16-bit GEMMs (lora_linear_4bit, LinearNF4): {say}")
     return lines
 
 

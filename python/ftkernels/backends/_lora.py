@@ -58,6 +58,8 @@ def backward(
     if need_lora:
         x2 = x.reshape(-1, k)
         xd = dropout(x2, dropout_p, seed) if seed is not None else x2
+        if xd.device.type == "cpu":  # mm32 widens on the CPU: widen each side once, not per product
+            xd, dy = xd.float(), dy.float()
         dA = (mm32(xd.T, g).T * scaling).to(lora_A.dtype).contiguous()  # x's side first: no fp32 copy of x
         dB = (mm32(dy.T, mm32(xd, lora_A.T)) * scaling).to(lora_B.dtype)
     return dx, dA, dB

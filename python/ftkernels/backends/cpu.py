@@ -60,7 +60,7 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
 # hand-written one here could only lose. Measured (512 x 4096 x 4096 fp32, benchmarks/
 # bench_lora.py): 8 MiB tiles were as fast as one whole-weight GEMM, and 4 MiB ones within 2%.
 #
-# Which GEMM a 16-bit input gets is chosen once per process from the CPU (gemm16_dtypes):
+# Which GEMM a 16-bit input gets is chosen once per process from the CPU (_native.cpu_gemm16_dtypes):
 # - with AVX512-BF16 or AMX-BF16 (AVX512-FP16 or AMX-FP16 for fp16) torch's 16-bit GEMM runs on
 #   them, 3x faster than fp32 here (512 x 4096 x 4096 bf16: 39-45 ms against 112-160 ms). The
 #   tiles are then dequantized to the input's dtype, as bitsandbytes and the GPU kernels round W,
@@ -72,24 +72,6 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
 # FTK_CPU_ISA below avx512 turns the 16-bit GEMMs off too, as on a CPU without AVX-512.
 
 _TILE_BYTES = 8 << 20
-
-# dtype -> the CPU features any one of which makes torch's GEMM in that dtype fast.
-_GEMM16_FEATURES = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
-_gemm16: frozenset | None = None
-
-
-def gemm16_dtypes() -> frozenset:
-    """The 16-bit dtypes whose lora_linear_4bit products run as torch GEMMs in that dtype here
-    (the rest are widened to fp32): fixed on first use from the CPU's features and the
-    FTK_CPU_ISA level, what `ftk doctor` reports."""
-    global _gemm16
-    if _gemm16 is None:
-        mod = _native.cpu()
-        at_avx512 = mod.cpu_isa() == "avx512"
-        _gemm16 = frozenset(
-            dt for dt, feats in _GEMM16_FEATURES.items() if at_avx512 and any(mod.cpu_has(f) for f in feats)
-        )
-    return _gemm16
 
 
 def _tiles(w, dtype, by_cols: bool):
@@ -130,7 +112,7 @@ def _lora_dropout(t: torch.Tensor, p: float, seed, out: torch.Tensor | None = No
 
 def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     """The big product and its rank-r epilogue: X fp32 (widened), or 16-bit with tiles of W in
-    X's dtype (gemm16_dtypes). The epilogue's s·L·Rᵀ (or s·drop'(L·R)) starts out in fp32 (in
+    X's dtype (_native.cpu_gemm16_dtypes). The epilogue's s·L·Rᵀ (or s·drop'(L·R)) starts out in fp32 (in
     X's dtype for a 16-bit X), and every tile's GEMM accumulates into it."""
     R32 = R.float()
     if mode == _formats.LORA_FORWARD:
@@ -154,7 +136,9 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     return out
 
 
-_lora.register("cpu", dropout=_lora_dropout, matmul=_lora_matmul, widen=lambda dtype: dtype not in gemm16_dtypes())
+_lora.register(
+    "cpu", dropout=_lora_dropout, matmul=_lora_matmul, widen=lambda dtype: dtype not in _native.cpu_gemm16_dtypes()
+)
 
 
 # ---- fused ReFT edits (csrc/cpu/reft.cpp) ----------------------------------------------------

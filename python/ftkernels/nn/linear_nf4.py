@@ -24,15 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _native
 from .._checks import need_blocksize, need_quant_type
 from .._formats import FLOAT_DTYPES, NESTED_BLOCKSIZE
 from ..functional import create_dynamic_map, dequantize_4bit, get_4bit_type, quantize_4bit
 from ..quant_state import QuantState
 
 # NOTE: torch's CPU matmul in bf16 (and fp16) has no fast kernel on most CPUs: bf16 `x @ W` on
-# our 2-core CI machine runs ~400x slower than the same matmul in fp32. On the CPU we therefore
-# always multiply in fp32 and cast the result back; the dequantized weight is exact in fp32
-# (an NF4 code times an fp32 scale, rounded once to the weight's dtype).
+# a CPU without AVX512-BF16 or AMX runs ~400x slower than the same matmul in fp32. On such a CPU
+# (_native.cpu_gemm16_dtypes) we multiply in fp32 and cast the result back; the dequantized
+# weight is exact in fp32 (an NF4 code times an fp32 scale, rounded once to the weight's dtype).
 _SLOW_ON_CPU = (torch.float16, torch.bfloat16)
 
 
@@ -168,7 +169,7 @@ class LinearNF4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_layer_input(x, self.in_features, self.weight.device)
         mm_dtype = self.compute_dtype or x.dtype
-        if x.device.type == "cpu" and mm_dtype in _SLOW_ON_CPU:
+        if x.device.type == "cpu" and mm_dtype in _SLOW_ON_CPU and mm_dtype not in _native.cpu_gemm16_dtypes():
             mm_dtype = torch.float32
         w = self._dense.get(mm_dtype) if self._dense is not None else None
         if w is None:
