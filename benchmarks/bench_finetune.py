@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -53,8 +54,12 @@ COMPARE = {
     "ftk-loreft-hf-loss": {"eager": "eager-loreft"},
 }
 DEVICE = ONLY_DEVICE or ("cuda" if HAS_CUDA else "cpu")
-# fp32 on the CPU (no fast bf16 GEMM there); bf16 on a GPU, QLoRA's compute dtype.
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+# bf16 on a GPU, QLoRA's compute dtype; on the CPU fp32, or bf16 with FTK_BENCH_DTYPE=bf16 (a CPU
+# with 16-bit GEMMs, AVX512-BF16 or AMX: without them torch's bf16 GEMM takes minutes a step).
+_dtype = os.environ.get("FTK_BENCH_DTYPE", "").strip().lower() or ("bf16" if DEVICE == "cuda" else "fp32")
+if _dtype not in ("fp32", "bf16"):
+    raise ValueError(f"FTK_BENCH_DTYPE must be fp32 or bf16, got {os.environ['FTK_BENCH_DTYPE']!r}")
+DTYPE = torch.bfloat16 if _dtype == "bf16" else torch.float32
 
 # SmolLM2-135M-Instruct's config.json (LlamaForCausalLM, 134.5M parameters with the embedding
 # tied to the head); the GGUF file's header gives the same (tests/test_gpu_verify.py compares).
@@ -257,6 +262,7 @@ def prepared(base_model):
 def test_finetune_step(benchmark, loaded, prepared, impl):
     base_model, model_name = loaded
     benchmark.group = f"finetune-{DEVICE}"
+    benchmark.extra_info["dtype"] = _dtype
     benchmark.extra_info["tokens"] = BATCH * SEQ
     benchmark.extra_info["model"] = model_name
     benchmark.extra_info["report"] = ["model"]
@@ -293,6 +299,7 @@ def test_finetune_interleaved(benchmark, base_model, prepared):
                 times[impl].append(time.perf_counter() - start)
 
     benchmark.group = f"finetune-{DEVICE}-interleaved"
+    benchmark.extra_info["dtype"] = _dtype
     benchmark.pedantic(rounds, rounds=1, warmup_rounds=0)
     median = {impl: statistics.median(t) for impl, t in times.items()}
     info = {f"{impl}_median_s": t for impl, t in median.items()}

@@ -92,7 +92,9 @@ FTK_TARGET_AVX512 FTK_CPU_INLINE __m512i search16(const SearchTables& t, __m512 
 // 20M parameters: trees up to 32 entries (gathers for 64 and 128) 100 ms; up to 16, 156 ms;
 // up to 64, 107 ms; up to 128 (no gather), 130-150 ms. A gather of 8 floats costs ~11 cycles
 // there, against ~1 for a vpermps; the 35-instruction tree of 128 entries costs more still.
-// With no search at all the step takes 34 ms: the two searches are two thirds of it.
+// With no search at all the step takes 34 ms: the two searches are two thirds of it. Loading
+// each lane's 32-byte row of the last three levels' thresholds and transposing the 8 rows
+// (instead of the two gathers) measured 96 ms against 92 ms, and was dropped.
 constexpr int kPermuteBits = 5;
 
 // table[path] for a table of 2^Bits entries, 3 < Bits: the two halves looked up, then the one
