@@ -112,18 +112,22 @@ def _lora_dropout(t: torch.Tensor, p: float, seed, out: torch.Tensor | None = No
 
 def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     """The big product and its rank-r epilogue: X fp32 (widened), or 16-bit with tiles of W in
-    X's dtype (_native.cpu_gemm16_dtypes). The epilogue's s·L·Rᵀ (or s·drop'(L·R)) starts out in fp32 (in
-    X's dtype for a 16-bit X), and every tile's GEMM accumulates into it."""
-    R32 = R.float()
+    X's dtype (_native.cpu_gemm16_dtypes). The epilogue's s·L·Rᵀ (+ bias), or s·drop'(L·R),
+    starts out in X's dtype, a GEMM of its own (L rounded to X's dtype, as torch's own 16-bit
+    layer rounds x·Aᵀ), and every tile's GEMM accumulates into it."""
+    dt = X.dtype
     if mode == _formats.LORA_FORWARD:
-        epi = (
-            torch.addmm(bias.float(), L, R32.T, alpha=scaling) if bias is not None else torch.mm(L, R32.T).mul_(scaling)
+        Rt = R.T.to(dt)
+        out = (
+            torch.addmm(bias.to(dt), L.to(dt), Rt, alpha=scaling)
+            if bias is not None
+            else torch.mm(L.mul(scaling).to(dt), Rt)
         )
-    else:
-        epi = torch.mm(L, R32).mul_(scaling)
-        if seed is not None:
-            _lora_dropout(epi, p, seed, out=epi)
-    out = epi if X.dtype == torch.float32 else epi.to(X.dtype)
+    elif seed is None:
+        out = torch.mm(L.mul(scaling).to(dt), R.to(dt))
+    else:  # the dropout mask applies to the fp32 product (lora.h), then one rounding
+        out = _lora_dropout(torch.mm(L, R.float()).mul_(scaling), p, seed)
+        out = out if dt == torch.float32 else out.to(dt)
     if mode == _formats.LORA_FORWARD:  # out[:, n0:n1] += X · W[n0:n1]ᵀ
         for n0, tile in _tiles(w, X.dtype, by_cols=False):
             out[:, n0 : n0 + tile.shape[0]].addmm_(X, tile.T)
