@@ -3,8 +3,10 @@ against torch.optim.AdamW (foreach, fused) and bitsandbytes' optimizers, same ru
 parameters and gradients; the bytes of optimizer state per parameter are recorded with each.
 
 Targets:
-  CPU: ftkernels' 8-bit AdamW step no slower than torch.optim.AdamW(foreach=True) in fp32
-      (speedup_vs_torch-foreach >= 1 for ftk-adamw8bit).
+  CPU: ftkernels' 8-bit AdamW step at least 1.2x faster than torch.optim.AdamW(foreach=True)
+      in fp32 at every instruction-set level from AVX2 up (ftk bench --cpu-isa all), judged by
+      test_optim_interleaved (the two steps in alternating rounds: torch's foreach step swings by
+      2x between runs here, its temporaries' page faults).
   GPU: PagedAdamW8bit at least as fast as bitsandbytes' PagedAdamW8bit
       (speedup_vs_bnb-paged-adamw8bit >= 1); paging overhead under 5% while the states fit
       on the GPU (ftk-paged-adamw8bit within 1.05x of ftk-adamw8bit).
@@ -15,6 +17,8 @@ Run: pytest benchmarks/bench_optim.py --benchmark-json=benchmarks/results/optim-
 from __future__ import annotations
 
 import gc
+import statistics
+import time
 
 import pytest
 import torch
@@ -101,4 +105,43 @@ def test_optim_step(benchmark, params_by_device, device, impl):
     bytes_moved = n * (2 * 4 + 4) + 2 * _state_bytes(opt)
     Timer(benchmark, device)(opt.step, bytes_moved=bytes_moved, rounds=5 if device == "cpu" else 20)
     del opt
+    gc.collect()
+
+
+INTERLEAVED_ROUNDS = 2 if QUICK else 9
+
+
+@pytest.mark.parametrize("device", [p for p in DEVICES if p.values[0] == "cpu"])
+def test_optim_interleaved(benchmark, params_by_device, device):
+    """ftk-adamw8bit and torch-foreach in alternating rounds, each on its own copy of the
+    parameters and gradients, each round after the cache flush; the ratio of the medians."""
+    base = params_by_device(device)
+    impls = ("ftk-adamw8bit", "torch-foreach")
+    copies = {}
+    for impl in impls:
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in base]
+        for p, b in zip(ps, base):
+            p.grad = b.grad.clone()
+        opt = OPTIMIZERS[impl](ps)
+        opt.step()  # the states, untimed
+        copies[impl] = opt
+    timer = Timer(benchmark, device)
+    times = {impl: [] for impl in impls}
+
+    def rounds():
+        for _ in range(INTERLEAVED_ROUNDS):
+            for impl, opt in copies.items():
+                timer.flush()
+                start = time.perf_counter()
+                opt.step()
+                times[impl].append(time.perf_counter() - start)
+
+    benchmark.group = f"optim-{device}-interleaved"
+    benchmark.pedantic(rounds, rounds=1, warmup_rounds=0)
+    median = {impl: statistics.median(t) for impl, t in times.items()}
+    info = {f"{impl}_median_ms": t * 1e3 for impl, t in median.items()}
+    info["ftk-adamw8bit_speedup_vs_torch-foreach"] = median["torch-foreach"] / median["ftk-adamw8bit"]
+    benchmark.extra_info.update(info)
+    benchmark.extra_info["report"] = sorted(info)
+    copies.clear()
     gc.collect()
