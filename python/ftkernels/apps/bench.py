@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import plots
+from . import doctor, plots
 
 OPS = ("nf4", "lora", "loreft", "optim", "finetune")
 
@@ -264,19 +264,6 @@ CPU_ISA_ENV = {
     "avx512": {"ATEN_CPU_CAPABILITY": "avx512"},
     "native": {},
 }
-# The x86 flags a report records with its level (what decides each kernel's path).
-ISA_FLAGS = (
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_bf16",
-    "amx_fp16",
-)
 
 
 def cpu_isa_levels_here() -> list[str]:
@@ -294,7 +281,7 @@ def _cpu_flags() -> list[str]:
             for line in f:
                 if line.startswith("flags"):
                     have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in ISA_FLAGS if flag in have]
+                    return [flag for flag in doctor.CPU_FLAGS if flag in have]
     except OSError:
         pass
     return []

@@ -42,7 +42,18 @@ OPTIONAL = (
 )
 # The CPU flags the kernels (csrc/cpu) dispatch on, and those torch's own CPU kernels use for
 # bf16 and int8 (the reference backend's matmuls).
-CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_bf16")
+CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_fp16",
+)
 ENV_VARS = ("FTK_BACKEND", "FTK_CPU_ISA", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 SMI_TIMEOUT_S = 10
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # which ftkernels this is

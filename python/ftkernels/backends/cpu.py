@@ -65,8 +65,7 @@ def dequantize_blockwise(A, absmax, code, blocksize, dtype):
 #   them, 3x faster than fp32 here (512 x 4096 x 4096 bf16: 39-45 ms against 112-160 ms). The
 #   tiles are then dequantized to the input's dtype, as bitsandbytes and the GPU kernels round W,
 #   each output element comes out of one GEMM (column tiles of W for dY·W, so no partial sums
-#   are rounded to 16 bits), its C the rank-r term (rounded to the dtype), added in fp32
-#   before the GEMM's one rounding;
+#   are rounded to 16 bits), which adds it to the rank-r term already there (addmm_, beta 1);
 # - without them torch's 16-bit CPU GEMM is ~400x slower than fp32 (fp16 3x even on this
 #   AVX512-BF16 machine), so x and dY are widened to fp32 once and everything runs in fp32.
 # FTK_CPU_ISA below avx512 turns the 16-bit GEMMs off too, as on a CPU without AVX-512.
@@ -126,7 +125,8 @@ def _lora_matmul(mode, X, w, bias, L, R, scaling, p, seed):
     elif seed is None:
         out = torch.mm(L.mul(scaling).to(dt), R.to(dt))
     else:  # the dropout mask applies to the fp32 product (lora.h), then one rounding
-        out = _lora_dropout(torch.mm(L, R.float()).mul_(scaling), p, seed)
+        out = torch.mm(L, R.float()).mul_(scaling)
+        _lora_dropout(out, p, seed, out=out)
         out = out if dt == torch.float32 else out.to(dt)
     if mode == _formats.LORA_FORWARD:  # out[:, n0:n1] += X · W[n0:n1]ᵀ
         for n0, tile in _tiles(w, X.dtype, by_cols=False):
