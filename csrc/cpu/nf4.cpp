@@ -31,9 +31,6 @@ namespace {
 using cpu::bf16_t;
 using cpu::f16_t;
 
-#define FTK_INLINE FTK_CPU_INLINE
-#define FTK_AVX2 FTK_TARGET_AVX2
-
 constexpr int64_t kMaxBlock = 4096;
 
 // The 16-entry code of each 4-bit type, aligned for whole-register loads.
@@ -47,7 +44,7 @@ using cpu::with_dtype;
 // Loads block [start, start+len) into x as fp32 and returns its absmax; NaN anywhere makes
 // the absmax NaN (a max alone would skip it and hide the NaN as a finite block).
 template <typename T>
-FTK_INLINE float load_block(const T* A, int64_t start, int64_t len, float* x) {
+FTK_CPU_INLINE float load_block(const T* A, int64_t start, int64_t len, float* x) {
   float m = 0.0f;
   uint32_t nan = 0;
   for (int64_t i = 0; i < len; ++i) {
@@ -63,7 +60,7 @@ FTK_INLINE float load_block(const T* A, int64_t start, int64_t len, float* x) {
 // ---- 4-bit -------------------------------------------------------------------------------
 
 template <typename T, QuantType Q>
-FTK_INLINE void quantize_4bit_range(const Quantize4bitParams& p, int64_t b0, int64_t b1) {
+FTK_CPU_INLINE void quantize_4bit_range(const Quantize4bitParams& p, int64_t b0, int64_t b1) {
   const T* A = static_cast<const T*>(p.A);
   alignas(64) float x[kMaxBlock];
   alignas(64) uint8_t q[kMaxBlock];
@@ -85,7 +82,7 @@ FTK_INLINE void quantize_4bit_range(const Quantize4bitParams& p, int64_t b0, int
 }
 
 // The fp32 absmax of block b: stored, or decoded from its 8-bit code (double quantization).
-FTK_INLINE float block_absmax(const Weight4bit& w, int64_t b) {
+FTK_CPU_INLINE float block_absmax(const Weight4bit& w, int64_t b) {
   if (w.absmax) return w.absmax[b];
   // NOTE: two roundings, product then sum, as bitsandbytes computes them (no FMA here).
   const float scaled = w.nested_code[w.absmax_q[b]] * w.nested_absmax[b / w.nested_blocksize];
@@ -114,13 +111,13 @@ struct DequantBlock {
 };
 
 template <typename OutT>
-FTK_INLINE DequantBlock<OutT> dequant_block(const DequantJob& j, int64_t b) {
+FTK_CPU_INLINE DequantBlock<OutT> dequant_block(const DequantJob& j, int64_t b) {
   const int64_t start = b * j.w.blocksize;
   const int64_t len = j.n - start < j.w.blocksize ? j.n - start : j.w.blocksize;
   return {j.w.packed + start / 2, static_cast<OutT*>(j.out) + (start - j.begin), len};
 }
 
-FTK_INLINE bool block_is_clipped(const DequantJob& j, int64_t b) {
+FTK_CPU_INLINE bool block_is_clipped(const DequantJob& j, int64_t b) {
   const int64_t start = b * j.w.blocksize;
   const int64_t block_end = start + j.w.blocksize < j.n ? start + j.w.blocksize : j.n;
   return start < j.begin || block_end > j.end;
@@ -146,7 +143,7 @@ void dequantize_clipped(const DequantJob& j, int64_t b, const float* code) {
 // Outputs of the block from packed byte j on, through the 16-entry table: the whole block in
 // the scalar kernel, the tail past the last full vector in the SIMD ones.
 template <typename OutT>
-FTK_INLINE void dequantize_from_lut(const OutT* lut, const DequantBlock<OutT>& blk, int64_t j) {
+FTK_CPU_INLINE void dequantize_from_lut(const OutT* lut, const DequantBlock<OutT>& blk, int64_t j) {
   for (; j < blk.len / 2; ++j) {
     const uint8_t byte = blk.src[j];
     blk.dst[2 * j] = lut[byte >> 4];
@@ -156,7 +153,7 @@ FTK_INLINE void dequantize_from_lut(const OutT* lut, const DequantBlock<OutT>& b
 }
 
 template <typename OutT, QuantType Q>
-FTK_INLINE void dequantize_4bit_range(const DequantJob& job, int64_t b0, int64_t b1) {
+FTK_CPU_INLINE void dequantize_4bit_range(const DequantJob& job, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
   for (int64_t b = b0; b < b1; ++b) {
     const float absmax = block_absmax(job.w, b);
@@ -177,10 +174,10 @@ FTK_INLINE void dequantize_4bit_range(const DequantJob& job, int64_t b0, int64_t
 
 // Byte planes of 16 values: planes[k] holds byte k of each value.
 template <typename OutT>
-FTK_AVX2 FTK_INLINE void block_planes(const float* code, float absmax, __m128i* planes, OutT* lut);
+FTK_TARGET_AVX2 FTK_CPU_INLINE void block_planes(const float* code, float absmax, __m128i* planes, OutT* lut);
 
 template <>
-FTK_AVX2 FTK_INLINE void block_planes<bf16_t>(const float* code, float absmax, __m128i* planes, bf16_t* lut) {
+FTK_TARGET_AVX2 FTK_CPU_INLINE void block_planes<bf16_t>(const float* code, float absmax, __m128i* planes, bf16_t* lut) {
   const __m256 am = _mm256_set1_ps(absmax);
   __m256i r[2];
   for (int h = 0; h < 2; ++h) {
@@ -203,7 +200,7 @@ FTK_AVX2 FTK_INLINE void block_planes<bf16_t>(const float* code, float absmax, _
 }
 
 template <>
-FTK_AVX2 FTK_INLINE void block_planes<f16_t>(const float* code, float absmax, __m128i* planes, f16_t* lut) {
+FTK_TARGET_AVX2 FTK_CPU_INLINE void block_planes<f16_t>(const float* code, float absmax, __m128i* planes, f16_t* lut) {
   const __m256 am = _mm256_set1_ps(absmax);
   const __m128i h0 = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(code), am), _MM_FROUND_TO_NEAREST_INT);
   const __m128i h1 = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(code + 8), am), _MM_FROUND_TO_NEAREST_INT);
@@ -216,7 +213,7 @@ FTK_AVX2 FTK_INLINE void block_planes<f16_t>(const float* code, float absmax, __
 }
 
 template <>
-FTK_AVX2 FTK_INLINE void block_planes<float>(const float* code, float absmax, __m128i* planes, float* lut) {
+FTK_TARGET_AVX2 FTK_CPU_INLINE void block_planes<float>(const float* code, float absmax, __m128i* planes, float* lut) {
   const __m256 am = _mm256_set1_ps(absmax);
   const __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(code), am), v1 = _mm256_mul_ps(_mm256_loadu_ps(code + 8), am);
   _mm256_storeu_ps(lut, v0);
@@ -236,7 +233,7 @@ FTK_AVX2 FTK_INLINE void block_planes<float>(const float* code, float absmax, __
 
 // 16 indices -> 16 outputs at dst.
 template <typename OutT>
-FTK_AVX2 FTK_INLINE void lookup16(const __m128i* planes, __m128i idx, OutT* dst) {
+FTK_TARGET_AVX2 FTK_CPU_INLINE void lookup16(const __m128i* planes, __m128i idx, OutT* dst) {
   __m128i* d = reinterpret_cast<__m128i*>(dst);
   if constexpr (sizeof(OutT) == 2) {
     const __m128i lo = _mm_shuffle_epi8(planes[0], idx), hi = _mm_shuffle_epi8(planes[1], idx);
@@ -255,7 +252,7 @@ FTK_AVX2 FTK_INLINE void lookup16(const __m128i* planes, __m128i idx, OutT* dst)
 }
 
 template <typename OutT, QuantType Q>
-FTK_AVX2 void dequantize_4bit_blocks_simd(const DequantJob& job, int64_t b0, int64_t b1) {
+FTK_TARGET_AVX2 void dequantize_4bit_blocks_simd(const DequantJob& job, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
   const __m128i nibble = _mm_set1_epi8(0x0F);
   for (int64_t b = b0; b < b1; ++b) {
@@ -282,15 +279,14 @@ FTK_AVX2 void dequantize_4bit_blocks_simd(const DequantJob& job, int64_t b0, int
 // blocksize 64 (4096x4096 bf16 into a warm buffer: 0.91 ms against 1.37 ms). Streaming
 // stores were tried for large outputs and dropped: no faster into an existing buffer
 // (1.56 ms against 1.53 ms from DRAM) and slower into a fresh one (8.3 ms against 7.4 ms).
-#define FTK_AVX512 FTK_TARGET_AVX512
 
 // The block's 16 outputs code[k] * absmax, rounded once to the output dtype, in the low
 // lanes of a register (16-bit: 16 words; fp32: 16 floats).
 template <typename OutT>
-FTK_AVX512 FTK_INLINE __m512i block_table(const float* code, float absmax);
+FTK_TARGET_AVX512 FTK_CPU_INLINE __m512i block_table(const float* code, float absmax);
 
 template <>
-FTK_AVX512 FTK_INLINE __m512i block_table<bf16_t>(const float* code, float absmax) {
+FTK_TARGET_AVX512 FTK_CPU_INLINE __m512i block_table<bf16_t>(const float* code, float absmax) {
   const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax));
   const __m512i u = _mm512_castps_si512(v);
   // round to nearest even as cpu::float_to_bf16, a NaN to its quiet pattern
@@ -302,25 +298,25 @@ FTK_AVX512 FTK_INLINE __m512i block_table<bf16_t>(const float* code, float absma
 }
 
 template <>
-FTK_AVX512 FTK_INLINE __m512i block_table<f16_t>(const float* code, float absmax) {
+FTK_TARGET_AVX512 FTK_CPU_INLINE __m512i block_table<f16_t>(const float* code, float absmax) {
   const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax));
   return _mm512_zextsi256_si512(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 template <>
-FTK_AVX512 FTK_INLINE __m512i block_table<float>(const float* code, float absmax) {
+FTK_TARGET_AVX512 FTK_CPU_INLINE __m512i block_table<float>(const float* code, float absmax) {
   return _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax)));
 }
 
 // 16 packed bytes -> their 32 nibbles as bytes in element order (high nibble first).
-FTK_AVX512 FTK_INLINE __m256i nibbles32(const uint8_t* src) {
+FTK_TARGET_AVX512 FTK_CPU_INLINE __m256i nibbles32(const uint8_t* src) {
   const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   const __m256i lo = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x0F)), 8);
   return _mm256_or_si256(_mm256_srli_epi16(w, 4), lo);
 }
 
 template <typename OutT, QuantType Q>
-FTK_AVX512 void dequantize_4bit_blocks_avx512(const DequantJob& job, int64_t b0, int64_t b1) {
+FTK_TARGET_AVX512 void dequantize_4bit_blocks_avx512(const DequantJob& job, int64_t b0, int64_t b1) {
   const float* code = code_4bit(Q);
   for (int64_t b = b0; b < b1; ++b) {
     const float absmax = block_absmax(job.w, b);
@@ -351,8 +347,37 @@ FTK_AVX512 void dequantize_4bit_blocks_avx512(const DequantJob& job, int64_t b0,
 
 // ---- 8-bit -------------------------------------------------------------------------------
 
+#if FTK_X86
+// The codes of the whole vectors of a block's x[0, len) scaled by s, by the vector code search
+// (code_search.h, t.exact); returns how many elements that was.
+FTK_TARGET_AVX512 int64_t codes_avx512(const cpu::SearchTables& t, const float* x, float s, int64_t len, uint8_t* out) {
+  const __m512 sv = _mm512_set1_ps(s);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm512_cvtepi32_epi8(cpu::search16(t, _mm512_mul_ps(_mm512_load_ps(x + i), sv))));
+  return i;
+}
+
+FTK_TARGET_AVX2 int64_t codes_avx2(const cpu::SearchTables& t, const float* x, float s, int64_t len, uint8_t* out) {
+  const __m256 sv = _mm256_set1_ps(s);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256i c = cpu::search8(t, _mm256_mul_ps(_mm256_load_ps(x + i), sv));
+    // 8 int32 (0..255) to 8 bytes: pack to 16 then 8 bits within each 128-bit lane
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(w, w));
+  }
+  return i;
+}
+#endif  // FTK_X86
+
+// Blocks [b0, b1): absmax, then each element's code: the vector search of `level` (AVX2 or
+// AVX-512) for whole vectors when t (the code's search tables, exact) is given, quantize_8bit
+// for the rest.
 template <typename T>
-FTK_INLINE void quantize_blockwise_range(const QuantizeBlockwiseParams& p, int64_t b0, int64_t b1) {
+void quantize_blockwise_range(const QuantizeBlockwiseParams& p, const cpu::SearchTables* t, CpuIsa level, int64_t b0,
+                              int64_t b1) {
   const T* A = static_cast<const T*>(p.A);
   alignas(64) float x[kMaxBlock];
   for (int64_t b = b0; b < b1; ++b) {
@@ -361,12 +386,18 @@ FTK_INLINE void quantize_blockwise_range(const QuantizeBlockwiseParams& p, int64
     const float absmax = load_block<T>(A, start, len, x);
     p.absmax[b] = absmax;
     const float s = 1.0f / absmax;
-    for (int64_t i = 0; i < len; ++i) p.out[start + i] = static_cast<uint8_t>(quantize_8bit(p.code, x[i] * s));
+    int64_t i = 0;
+#if FTK_X86
+    if (t) i = level == CpuIsa::AVX512 ? codes_avx512(*t, x, s, len, p.out + start) : codes_avx2(*t, x, s, len, p.out + start);
+#else
+    (void)t, (void)level;
+#endif
+    for (; i < len; ++i) p.out[start + i] = static_cast<uint8_t>(quantize_8bit(p.code, x[i] * s));
   }
 }
 
 template <typename OutT>
-FTK_INLINE void dequantize_blockwise_range(const DequantizeBlockwiseParams& p, int64_t b0, int64_t b1) {
+FTK_CPU_INLINE void dequantize_blockwise_range(const DequantizeBlockwiseParams& p, int64_t b0, int64_t b1) {
   OutT* out = static_cast<OutT*>(p.out);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * p.blocksize;
@@ -375,55 +406,6 @@ FTK_INLINE void dequantize_blockwise_range(const DequantizeBlockwiseParams& p, i
     for (int64_t i = 0; i < len; ++i) out[start + i] = from_f32<OutT>(p.code[p.A[start + i]] * absmax);
   }
 }
-
-#if FTK_X86
-// ---- 8-bit quantize with the vector code search (code_search.h) -----------------------------
-// Whole vectors of a block take search16/search8, the rest of the block quantize_8bit; the
-// scaled value x * (1 / absmax) is computed as quantize_blockwise_range computes it.
-template <typename T>
-FTK_AVX512 void quantize_blockwise_blocks_avx512(const QuantizeBlockwiseParams& p, const cpu::SearchTables& t,
-                                                 int64_t b0, int64_t b1) {
-  const T* A = static_cast<const T*>(p.A);
-  alignas(64) float x[kMaxBlock];
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t start = b * p.blocksize;
-    const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
-    const float absmax = load_block<T>(A, start, len, x);
-    p.absmax[b] = absmax;
-    const float s = 1.0f / absmax;
-    const __m512 sv = _mm512_set1_ps(s);
-    int64_t i = 0;
-    for (; i + 16 <= len; i += 16) {
-      const __m512i c = cpu::search16(t, _mm512_mul_ps(_mm512_load_ps(x + i), sv));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p.out + start + i), _mm512_cvtepi32_epi8(c));
-    }
-    for (; i < len; ++i) p.out[start + i] = static_cast<uint8_t>(quantize_8bit(p.code, x[i] * s));
-  }
-}
-
-template <typename T>
-FTK_AVX2 void quantize_blockwise_blocks_avx2(const QuantizeBlockwiseParams& p, const cpu::SearchTables& t,
-                                             int64_t b0, int64_t b1) {
-  const T* A = static_cast<const T*>(p.A);
-  alignas(64) float x[kMaxBlock];
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t start = b * p.blocksize;
-    const int64_t len = p.n - start < p.blocksize ? p.n - start : p.blocksize;
-    const float absmax = load_block<T>(A, start, len, x);
-    p.absmax[b] = absmax;
-    const float s = 1.0f / absmax;
-    const __m256 sv = _mm256_set1_ps(s);
-    int64_t i = 0;
-    for (; i + 8 <= len; i += 8) {
-      const __m256i c = cpu::search8(t, _mm256_mul_ps(_mm256_load_ps(x + i), sv));
-      // 8 int32 (0..255) to 8 bytes: pack to 16 then 8 bits within each 128-bit lane
-      const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(p.out + start + i), _mm_packus_epi16(w, w));
-    }
-    for (; i < len; ++i) p.out[start + i] = static_cast<uint8_t>(quantize_8bit(p.code, x[i] * s));
-  }
-}
-#endif  // FTK_X86
 
 // ---- dispatch: dtype x quant type x ISA --------------------------------------------------
 // The loops above are compiled once per level (cpu::with_isa); dequantize_4bit has hand-written
@@ -514,18 +496,14 @@ void quantize_blockwise_cpu(const QuantizeBlockwiseParams& p, int num_threads) {
   check(p);
   const int64_t nblocks = ceil_div(p.n, p.blocksize);
   const int threads = cpu::threads_for(p.n * 8, num_threads);  // the search costs ~8 steps an element
+  // The vector search from AVX2 up, for a code it is exact for (code_search.h).
+  const CpuIsa level = cpu_isa_level();
+  const bool vector = FTK_X86 && level != CpuIsa::Base;
+  const cpu::SearchTables t = vector ? cpu::search_tables(p.code) : cpu::SearchTables{};
+  const cpu::SearchTables* tables = vector && t.exact ? &t : nullptr;
   with_dtype(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
     cpu::parallel_for(nblocks, threads, [&](int64_t b0, int64_t b1) {
-#if FTK_X86
-      const CpuIsa level = cpu_isa_level();
-      if (level != CpuIsa::Base) {
-        const cpu::SearchTables t = cpu::search_tables(p.code);
-        if (t.exact && level == CpuIsa::AVX512) return quantize_blockwise_blocks_avx512<T>(p, t, b0, b1);
-        if (t.exact) return quantize_blockwise_blocks_avx2<T>(p, t, b0, b1);
-      }
-#endif
-      cpu::with_isa([&]() FTK_ISA_BODY { quantize_blockwise_range<T>(p, b0, b1); });
+      quantize_blockwise_range<decltype(tag)>(p, tables, level, b0, b1);
     });
   });
 }

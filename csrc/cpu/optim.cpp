@@ -70,13 +70,10 @@ inline float requantize(const float* x, int64_t len, const float* code, uint8_t*
 }
 
 #if FTK_X86
-#define FTK_AVX512 FTK_TARGET_AVX512
-#define FTK_AVX2 FTK_TARGET_AVX2
-
 using cpu::SearchTables;
 
 // requantize() for a whole block of 256 (a partial last block takes the scalar path).
-FTK_AVX512 FTK_CPU_INLINE float requantize_block_avx512(const float* x, const SearchTables& t,
+FTK_TARGET_AVX512 float requantize_block_avx512(const float* x, const SearchTables& t,
                                                         uint8_t* q) {
   __m512 acc = _mm512_setzero_ps();
   for (int j = 0; j < kOptimBlock; j += 16)  // max(|x|, acc) keeps acc where x is NaN, as fmax
@@ -92,7 +89,7 @@ FTK_AVX512 FTK_CPU_INLINE float requantize_block_avx512(const float* x, const Se
 
 // adamw8bit_update for a whole block on fp32 arrays (g in, x the param in and out), with the
 // same operations in the same order; the table lookups are gathers.
-FTK_AVX512 FTK_CPU_INLINE void adamw8bit_update_avx512(const Optim8bitParams& p, int64_t start, const float* g,
+FTK_TARGET_AVX512 void adamw8bit_update_avx512(const Optim8bitParams& p, int64_t start, const float* g,
                                                        float* x, float* m, float* v) {
   const OptimHyper& h = p.hyper;
   const __m512 a1 = _mm512_set1_ps(p.absmax1[start / kOptimBlock]), a2 = _mm512_set1_ps(p.absmax2[start / kOptimBlock]);
@@ -118,7 +115,7 @@ FTK_AVX512 FTK_CPU_INLINE void adamw8bit_update_avx512(const Optim8bitParams& p,
 
 // ---- AVX2: 8 lanes ------------------------------------------------------------------------
 
-FTK_AVX2 FTK_CPU_INLINE float requantize_block_avx2(const float* x, const SearchTables& t,
+FTK_TARGET_AVX2 float requantize_block_avx2(const float* x, const SearchTables& t,
                                                     uint8_t* q) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 acc = _mm256_setzero_ps();
@@ -143,7 +140,7 @@ FTK_AVX2 FTK_CPU_INLINE float requantize_block_avx2(const float* x, const Search
   return amax;
 }
 
-FTK_AVX2 FTK_CPU_INLINE void adamw8bit_update_avx2(const Optim8bitParams& p, int64_t start, const float* g, float* x,
+FTK_TARGET_AVX2 void adamw8bit_update_avx2(const Optim8bitParams& p, int64_t start, const float* g, float* x,
                                                    float* m, float* v) {
   const OptimHyper& h = p.hyper;
   const __m256 a1 = _mm256_set1_ps(p.absmax1[start / kOptimBlock]), a2 = _mm256_set1_ps(p.absmax2[start / kOptimBlock]);
@@ -219,30 +216,20 @@ FTK_CPU_INLINE void narrow_block(const Optim8bitParams& p, int64_t start, const 
 }
 
 #if FTK_X86
+// A whole block at the AVX2 or AVX-512 level: widened, stepped and requantized in L1.
 template <typename P, typename G>
-FTK_AVX512 void block_avx512(const Optim8bitParams& p, int64_t b, const SearchTables& t1, const SearchTables& t2,
-                             BlockScratch& s) {
+void block_vector(const Optim8bitParams& p, int64_t b, const SearchTables& t1, const SearchTables& t2, BlockScratch& s,
+                  CpuIsa level) {
   const int64_t start = b * kOptimBlock;
+  const bool avx512 = level == CpuIsa::AVX512;
   float* x;
   const float* g;
-  widen_block<P, G>(p, start, s, x, g);
-  adamw8bit_update_avx512(p, start, g, x, s.m, s.v);
-  narrow_block<P>(p, start, s);
-  p.absmax1[b] = requantize_block_avx512(s.m, t1, p.state1 + start);
-  p.absmax2[b] = requantize_block_avx512(s.v, t2, p.state2 + start);
-}
-
-template <typename P, typename G>
-FTK_AVX2 void block_avx2(const Optim8bitParams& p, int64_t b, const SearchTables& t1, const SearchTables& t2,
-                         BlockScratch& s) {
-  const int64_t start = b * kOptimBlock;
-  float* x;
-  const float* g;
-  widen_block<P, G>(p, start, s, x, g);
-  adamw8bit_update_avx2(p, start, g, x, s.m, s.v);
-  narrow_block<P>(p, start, s);
-  p.absmax1[b] = requantize_block_avx2(s.m, t1, p.state1 + start);
-  p.absmax2[b] = requantize_block_avx2(s.v, t2, p.state2 + start);
+  cpu::with_isa([&]() FTK_ISA_BODY { widen_block<P, G>(p, start, s, x, g); });
+  if (avx512) adamw8bit_update_avx512(p, start, g, x, s.m, s.v);
+  else adamw8bit_update_avx2(p, start, g, x, s.m, s.v);
+  cpu::with_isa([&]() FTK_ISA_BODY { narrow_block<P>(p, start, s); });
+  p.absmax1[b] = avx512 ? requantize_block_avx512(s.m, t1, p.state1 + start) : requantize_block_avx2(s.m, t1, p.state1 + start);
+  p.absmax2[b] = avx512 ? requantize_block_avx512(s.v, t2, p.state2 + start) : requantize_block_avx2(s.v, t2, p.state2 + start);
 }
 #endif
 
@@ -252,18 +239,15 @@ void adamw8bit_blocks(const Optim8bitParams& p, int64_t b0, int64_t b1) {
   const CpuIsa level = cpu_isa_level();
 #if FTK_X86
   const SearchTables t1 = cpu::search_tables(p.code1), t2 = cpu::search_tables(p.code2);
-  const bool vector = t1.exact && t2.exact;  // else every block takes the scalar search
+  // whole blocks on vectors from AVX2 up, for codes the vector search is exact for
+  const bool vector = level != CpuIsa::Base && t1.exact && t2.exact;
 #endif
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t start = b * kOptimBlock;
     const int64_t len = std::min<int64_t>(kOptimBlock, p.n - start);
 #if FTK_X86
-    if (vector && len == kOptimBlock && level == CpuIsa::AVX512) {
-      block_avx512<P, G>(p, b, t1, t2, s);
-      continue;
-    }
-    if (vector && len == kOptimBlock && level == CpuIsa::AVX2) {
-      block_avx2<P, G>(p, b, t1, t2, s);
+    if (vector && len == kOptimBlock) {
+      block_vector<P, G>(p, b, t1, t2, s, level);
       continue;
     }
 #endif
