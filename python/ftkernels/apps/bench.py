@@ -270,21 +270,8 @@ def cpu_isa_levels_here() -> list[str]:
     """The levels this CPU runs, narrowest first (the CPU module's widest, and those below)."""
     from .. import _native
 
-    widest = _native.cpu().cpu_isa_max() if _native.cpu_available() else "baseline"
-    levels = ["baseline", "avx2", "avx512"]
-    return levels[: levels.index(widest) + 1]
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in doctor.CPU_FLAGS if flag in have]
-    except OSError:
-        pass
-    return []
+    widest = _native.CPU_ISA_LEVELS[_native.cpu().cpu_isa_max() if _native.cpu_available() else "baseline"]
+    return [name for name, n in _native.CPU_ISA_LEVELS.items() if name != "native" and n <= widest]
 
 
 def _cpu_name() -> str:
@@ -384,7 +371,7 @@ def run(
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_isa": cpu_isa,
-        "cpu_flags": _cpu_flags(),
+        "cpu_flags": doctor.cpu()["flags"],
         "quick": quick,
         "budget_s": budget_s,
         "past_budget": {op: n for op, n in past_budget.items() if n},

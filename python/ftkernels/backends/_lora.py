@@ -21,6 +21,11 @@ from .._checks import need_no_float64
 from .._registry import register_kernel
 
 
+def _cpu_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t as mm32 multiplies it: fp32 on the CPU, as it is elsewhere."""
+    return t.float() if t.device.type == "cpu" else t
+
+
 def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b as fp32. On the CPU both sides go to fp32 first, 16-bit GEMMs or not: these rank-r
     products are ~1% of the layer's FLOPs, and in bf16 their roundings doubled dB's error
@@ -30,7 +35,7 @@ def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     keeps its dtype (b is cast to it) and the tensor cores accumulate in fp32, so no M x K fp32
     copy of x is made."""
     if a.device.type == "cpu":
-        a, b = a.float(), b.float()
+        a, b = _cpu_fp32(a), _cpu_fp32(b)
         return (b.T @ a.T).T if 8 * b.shape[1] <= a.shape[0] else a @ b
     if a.dtype in (torch.float32, torch.float64):
         return a.float() @ b.float()
@@ -58,8 +63,7 @@ def backward(
     if need_lora:
         x2 = x.reshape(-1, k)
         xd = dropout(x2, dropout_p, seed) if seed is not None else x2
-        if xd.device.type == "cpu":  # mm32 widens on the CPU: widen each side once, not per product
-            xd, dy = xd.float(), dy.float()
+        xd, dy = _cpu_fp32(xd), _cpu_fp32(dy)  # widened once for the four products, not in each
         dA = (mm32(xd.T, g).T * scaling).to(lora_A.dtype).contiguous()  # x's side first: no fp32 copy of x
         dB = (mm32(dy.T, mm32(xd, lora_A.T)) * scaling).to(lora_B.dtype)
     return dx, dA, dB
