@@ -5,15 +5,32 @@ Each parameter is updated by one fused op (``torch.ops.ftk.adamw_step``, ``lion_
 math). These are ordinary ``torch.optim.Optimizer`` s: param groups, lr schedulers, closures,
 ``zero_grad``, and ``state_dict`` / ``load_state_dict`` with an identical trajectory after a
 resume. Parameters may be fp32, bf16 or fp16 (each its own); states are fp32, or 8-bit for
-``AdamW8bit`` where a parameter has at least ``min_8bit_size`` elements (bitsandbytes' rule:
-smaller ones, biases and norms, keep fp32 states, where 8 bits would save little and cost
-accuracy).
+``AdamW8bit`` (and ``AdamW(optim_bits=8)``) where a parameter has at least ``min_8bit_size``
+elements (bitsandbytes' rule: smaller ones, biases and norms, keep fp32 states, where 8 bits
+would save little and cost accuracy).
 
-Paged (``paged=True``, the ``Paged*`` classes): on a CUDA parameter the states are allocated in
+Constructors take bitsandbytes' (0.50) arguments for the same-named class, in its order and
+with its defaults: ``amsgrad``, ``optim_bits``, ``args``, ``min_8bit_size``, ``is_paged``, and,
+keyword-only, ``percentile_clipping`` and ``block_wise`` of bitsandbytes up to 0.49 (0.50 dropped
+them). What has bitsandbytes' meaning: ``optim_bits=8`` (8-bit AdamW states, as ``AdamW8bit``),
+``min_8bit_size``, ``is_paged=True`` (the ``Paged*`` behaviour), ``args`` (a namespace whose
+``optim_bits``, ``min_8bit_size``, ``max_unorm``, ``skip_zeros`` override the keywords), and
+``percentile_clipping`` (below). What is refused with a ValueError naming the argument:
+``amsgrad=True`` (bitsandbytes' 32-bit AdamW ignores it silently), 8-bit Lion states,
+``block_wise=False`` with 8-bit states (ours are blockwise only), ``args.max_unorm > 0`` and
+``args.skip_zeros=True``.
+
+Percentile clipping (``percentile_clipping=k < 100``), bitsandbytes' rule, per parameter: a
+window of the last 100 squared gradient norms (all 100 slots set to the first step's), the
+current one stored in slot ``step % 100``; when the current norm exceeds the square root of the
+window's k-th smallest value (0-based), the gradient is scaled down to it. Computed on the
+gradient's device without a host sync; at the default 100 nothing is computed.
+
+Paged (``is_paged=True``, the ``Paged*`` classes): on a CUDA parameter the states are allocated in
 managed memory (``ftkernels.optim.paged_empty``), which the driver moves between GPU and host
 under memory pressure; before each parameter's step the next parameter's states are prefetched
 to the GPU on the current stream, so the copy overlaps the running step and nothing
-synchronises. On CPU parameters ``paged`` changes nothing.
+synchronises. On CPU parameters paging changes nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +46,11 @@ from ..functional import create_dynamic_map
 from .paged import paged_empty, prefetch
 
 __all__ = ["AdamW", "AdamW8bit", "Lion", "PagedAdamW", "PagedAdamW8bit", "PagedLion"]
+
+GNORM_WINDOW = 100  # bitsandbytes' percentile clipping: the last 100 steps' gradient norms
+# What bitsandbytes 0.50 reads from its args namespace at each step (Optimizer8bit.get_config).
+ARGS_ATTRIBUTES = ("optim_bits", "min_8bit_size", "max_unorm", "skip_zeros")
+_UNPAGED_KEYS = frozenset({"step", "gnorm_vec"})  # 100 floats: too small to page, never prefetched
 
 
 def _need_hyper(lr, betas, eps, weight_decay) -> None:
@@ -51,6 +73,56 @@ def _need_hyper(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid weight_decay value: weight_decay must be >= 0, got {weight_decay!r}")
 
 
+def _int_in(owner: str, name: str, v, lo: int, hi: float, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{owner}: {name} must be an int {what}, got {v!r}")
+    return v
+
+
+def _need_bool(owner: str, name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {v!r}")
+    return v
+
+
+def _from_args(owner: str, args, percentile_clipping, block_wise) -> dict:
+    """bitsandbytes' ``args``: a namespace whose fields replace the keyword arguments. 0.50 reads
+    ARGS_ATTRIBUTES at every step (a missing one fails there); releases up to 0.49 also read
+    percentile_clipping and block_wise, honoured here when present."""
+    if isinstance(args, dict):
+        raise TypeError(
+            f"{owner}: args must be an object with attributes (bitsandbytes reads args.optim_bits etc.), got a dict; "
+            "pass types.SimpleNamespace(**d), or the values as keyword arguments"
+        )
+    missing = [a for a in ARGS_ATTRIBUTES if not hasattr(args, a)]
+    if missing:
+        raise TypeError(
+            f"{owner}: args must have the attributes {', '.join(ARGS_ATTRIBUTES)} (bitsandbytes' optimizer "
+            f"namespace, which replaces the keyword arguments); {type(args).__name__} lacks {', '.join(missing)}. "
+            "Pass args=None and the values as keyword arguments instead"
+        )
+    max_unorm = args.max_unorm
+    if isinstance(max_unorm, bool) or not isinstance(max_unorm, (int, float)):
+        raise TypeError(f"{owner}: args.max_unorm must be a number, got {max_unorm!r}")
+    if max_unorm > 0:  # bitsandbytes' test: 0 or below is off
+        raise ValueError(
+            f"{owner}: args.max_unorm={max_unorm!r} (bitsandbytes' update-norm clipping) is not implemented; "
+            "set it to 0.0, or use percentile_clipping to clip gradients"
+        )
+    if args.skip_zeros:
+        raise ValueError(
+            f"{owner}: args.skip_zeros={args.skip_zeros!r} (bitsandbytes' skipping of zero gradients) is not "
+            "implemented; set it to False"
+        )
+    named = {"args.optim_bits": args.optim_bits, "args.min_8bit_size": args.min_8bit_size}
+    for name, keyword in (("percentile_clipping", percentile_clipping), ("block_wise", block_wise)):
+        if hasattr(args, name):
+            named[f"args.{name}"] = getattr(args, name)
+        else:
+            named[name] = keyword
+    return named
+
+
 class _FusedOptimizer(torch.optim.Optimizer):
     """The shared loop: state creation (paged or not, 8-bit or not), prefetch, one op a param."""
 
@@ -64,18 +136,56 @@ class _FusedOptimizer(torch.optim.Optimizer):
         eps: float,
         weight_decay: float,
         *,
+        amsgrad: bool = False,
         optim_bits: int = 32,
+        args=None,
         min_8bit_size: int = 4096,
         paged: bool = False,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
     ):
+        owner = type(self).__name__
         _need_hyper(lr, betas, eps, weight_decay)
-        if optim_bits not in (8, 32):
-            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits!r}")
-        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        if _need_bool(owner, "amsgrad", amsgrad):
+            raise ValueError(
+                f"{owner}: amsgrad=True is not implemented (the fused step keeps no running maximum of the "
+                "second moment); use amsgrad=False, or torch.optim.AdamW(amsgrad=True)"
+            )
+        paged = _need_bool(owner, "is_paged", paged)
+        named = {
+            "optim_bits": optim_bits,
+            "min_8bit_size": min_8bit_size,
+            "percentile_clipping": percentile_clipping,
+            "block_wise": block_wise,
+        }
+        if args is not None:
+            named = _from_args(owner, args, percentile_clipping, block_wise)
+        (bits_name, bits), (size_name, size), (clip_name, clip), (blockwise_name, blockwise) = named.items()
+        if isinstance(bits, bool) or bits not in (8, 32):
+            raise ValueError(f"{owner}: {bits_name} must be 8 or 32 (the optimizer state's bits), got {bits!r}")
+        size = _int_in(owner, size_name, size, 0, math.inf, ">= 0 (elements)")
+        clip = _int_in(owner, clip_name, clip, 0, 100, "in [0, 100] (100: no clipping)")
+        blockwise = _need_bool(owner, blockwise_name, blockwise)
+        if bits == 8 and self._kind == "lion":
+            raise ValueError(
+                f"{owner}: {bits_name}=8 (8-bit Lion states) is not implemented; use {bits_name}=32 (an fp32 "
+                "state, 4 bytes a parameter), or AdamW8bit for 8-bit states"
+            )
+        if bits == 8 and not blockwise:
+            raise ValueError(
+                f"{owner}: {blockwise_name}=False (one absmax per tensor) is not implemented: the 8-bit states "
+                f"are blockwise only (an absmax per {OPTIM_BLOCK} elements, bitsandbytes' default); use "
+                f"{blockwise_name}=True"
+            )
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self.optim_bits, self.min_8bit_size, self.paged = optim_bits, min_8bit_size, bool(paged)
+        self.optim_bits, self.min_8bit_size, self.paged = bits, size, paged
+        self.percentile_clipping, self.block_wise = clip, blockwise
+
+    @property
+    def is_paged(self) -> bool:
+        """bitsandbytes' name for ``paged``."""
+        return self.paged
 
     # ---- states ----------------------------------------------------------------------------
 
@@ -105,7 +215,22 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 state["exp_avg_sq"] = self._zeros(p, p.shape, torch.float32)
 
     def _state_tensors(self, state: dict) -> list[torch.Tensor]:
-        return [v for k, v in state.items() if isinstance(v, torch.Tensor) and k != "step"]
+        return [v for k, v in state.items() if isinstance(v, torch.Tensor) and k not in _UNPAGED_KEYS]
+
+    def _clipped(self, grad: torch.Tensor, state: dict) -> torch.Tensor:
+        """grad scaled by bitsandbytes' percentile rule (the module docstring), as fp32: the steps
+        take any float gradient, and bitsandbytes scales in fp32 inside its kernel. No host sync."""
+        g = grad.float()
+        sq = g.square().sum()
+        slot = state["step"] % GNORM_WINDOW
+        window = state.get("gnorm_vec")
+        if window is None:  # the first clipped step (or a resume saved without clipping): every slot
+            window = state["gnorm_vec"] = sq.expand(GNORM_WINDOW).contiguous()
+        else:
+            window[slot] = sq
+        current = window[slot].sqrt()
+        bound = torch.kthvalue(window, self.percentile_clipping + 1).values.sqrt()
+        return g * torch.where(current > bound, bound / current, torch.ones_like(current))
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -148,6 +273,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, lr: float) -> None:
         beta1, beta2 = group["betas"]
         eps, wd, step = group["eps"], group["weight_decay"], state["step"]
+        if self.percentile_clipping < 100:
+            grad = self._clipped(grad, state)
         target = p if p.is_contiguous() else p.contiguous()
         if "state1" in state:
             codes = _codes(p.device)
@@ -192,6 +319,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             for k, v in st.items():
                 if k == "step":
                     self.state[p][k] = int(v.item()) if isinstance(v, torch.Tensor) else int(v)
+                elif k in _UNPAGED_KEYS:
+                    self.state[p][k] = v.to(device=p.device, copy=True)
                 elif isinstance(v, torch.Tensor):
                     self.state[p][k] = self._alloc(p, v.shape, v.dtype).copy_(v)
 
@@ -200,8 +329,8 @@ class _Codes:
     """The two 8-bit maps on a device, and the code each stores for 0."""
 
     def __init__(self, device):
-        self.signed = create_dynamic_map(device=device)
-        self.unsigned = create_dynamic_map(signed=False, device=device)
+        self.signed = create_dynamic_map().to(device)
+        self.unsigned = create_dynamic_map(signed=False).to(device)
         zero = torch.zeros(1, device=device)
         self.zero1 = int(quantize_8bit(self.signed, zero).item())
         self.zero2 = int(quantize_8bit(self.unsigned, zero).item())
@@ -217,7 +346,9 @@ def _codes(device: torch.device) -> _Codes:
 
 
 class AdamW(_FusedOptimizer):
-    """AdamW with a fused step (torch.optim.AdamW's update, fp32 states)."""
+    """AdamW with a fused step (torch.optim.AdamW's update): fp32 states, or 8-bit ones with
+    ``optim_bits=8`` (then as :class:`AdamW8bit`). bitsandbytes' AdamW arguments; see the
+    module docstring."""
 
     _kind = "adamw"
 
@@ -228,9 +359,38 @@ class AdamW(_FusedOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        paged: bool = False,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args=None,
+        min_8bit_size: int = 4096,
+        is_paged: bool = False,
+        *,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, paged=paged)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad=amsgrad,
+            optim_bits=optim_bits,
+            args=args,
+            min_8bit_size=min_8bit_size,
+            paged=is_paged,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+        )
+
+
+def _need_default_bits(owner: str, optim_bits) -> None:
+    # bitsandbytes' 8-bit classes keep optim_bits in their signature at 32 and refuse any other value.
+    if isinstance(optim_bits, bool) or optim_bits != 32:
+        raise ValueError(
+            f"{owner}: optim_bits must stay 32 (kept for bitsandbytes' signature; {owner} always keeps 8-bit "
+            f"states), got {optim_bits!r}; use AdamW(optim_bits=...) to choose the state's bits"
+        )
 
 
 class AdamW8bit(_FusedOptimizer):
@@ -246,15 +406,36 @@ class AdamW8bit(_FusedOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args=None,
         min_8bit_size: int = 4096,
-        paged: bool = False,
+        is_paged: bool = False,
+        *,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, min_8bit_size=min_8bit_size, paged=paged)
+        _need_default_bits(type(self).__name__, optim_bits)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad=amsgrad,
+            optim_bits=8,
+            args=args,
+            min_8bit_size=min_8bit_size,
+            paged=is_paged,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+        )
 
 
 class Lion(_FusedOptimizer):
     """Lion (Chen et al. 2023) with a fused step; one fp32 state. Its lr is typically 3-10x
-    smaller than AdamW's and its weight decay 3-10x larger."""
+    smaller than AdamW's and its weight decay 3-10x larger. bitsandbytes' Lion arguments;
+    ``optim_bits=8`` is refused (no 8-bit Lion step)."""
 
     _kind = "lion"
 
@@ -263,10 +444,28 @@ class Lion(_FusedOptimizer):
         params: Iterable,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        paged: bool = False,
+        weight_decay: float = 0,
+        optim_bits: int = 32,
+        args=None,
+        min_8bit_size: int = 4096,
+        is_paged: bool = False,
+        *,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
     ):
-        super().__init__(params, lr, betas, 0.0, weight_decay, paged=paged)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            0.0,
+            weight_decay,
+            optim_bits=optim_bits,
+            args=args,
+            min_8bit_size=min_8bit_size,
+            paged=is_paged,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+        )
 
 
 class PagedAdamW(AdamW):
@@ -279,8 +478,28 @@ class PagedAdamW(AdamW):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args=None,
+        min_8bit_size: int = 4096,
+        *,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, paged=True)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            optim_bits,
+            args,
+            min_8bit_size,
+            True,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+        )
 
 
 class PagedAdamW8bit(AdamW8bit):
@@ -293,15 +512,55 @@ class PagedAdamW8bit(AdamW8bit):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args=None,
         min_8bit_size: int = 4096,
+        *,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size=min_8bit_size, paged=True)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            optim_bits,
+            args,
+            min_8bit_size,
+            True,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+        )
 
 
 class PagedLion(Lion):
     """Lion with its state in CUDA managed memory (see the module docstring)."""
 
     def __init__(
-        self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0,
+        optim_bits: int = 32,
+        args=None,
+        min_8bit_size: int = 4096,
+        *,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
     ):
-        super().__init__(params, lr, betas, weight_decay, paged=True)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            weight_decay,
+            optim_bits,
+            args,
+            min_8bit_size,
+            True,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+        )
