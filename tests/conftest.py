@@ -227,6 +227,43 @@ def bnb_generic_dequantize(monkeypatch):
 # ---- a small Transformers model ------------------------------------------------------------
 
 
+def load_bnb_4bit(path, double: bool = True):
+    """The model saved in path, loaded by Transformers with BitsAndBytesConfig(load_in_4bit): NF4,
+    compute dtype fp32, double quantization unless double is False."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ftkernels.integrations.hf_compat import dtype_kwarg
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, **dtype_kwarg(torch.float32))
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False  # see bnb_from_linear
+    return model
+
+
+@pytest.fixture
+def count_fused_lora(monkeypatch):
+    """The calls patch_peft's layers make to the fused op (a list that grows by one each)."""
+    import ftkernels.integrations.dropin as dropin
+
+    calls = []
+    real = dropin.lora_linear_4bit
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dropin, "lora_linear_4bit", counting)
+    return calls
+
+
 def make_tiny_llama(tie_word_embeddings: bool = True, vocab_size: int = 128, seed: int = 0):
     """A 2-layer Llama (hidden 64, MLP 128: every row a whole number of 64-blocks) with random
     weights, float32, eval mode. Built in milliseconds; nothing is downloaded."""

@@ -199,6 +199,63 @@ def supports_fused_lm_loss(model: nn.Module) -> bool:
     return _serves(model) is not None
 
 
+class _Swap:
+    """Puts the fused loss in place of model's head and ``loss_function`` (``enter``) and puts
+    them back (``exit``): the property's setter keeps the function in the instance
+    (``_loss_function`` in 4.48-5.x), so whatever it writes is restored as it was and no
+    private name is assumed."""
+
+    def __init__(self, model: nn.Module, name: str, chunk_rows: int | None):
+        self.model, self.name, self.head = model, name, getattr(model, name)
+        self.chunk_rows = chunk_rows
+        self.calls = {"labels": False, "fused": False}
+        self.saved: dict | None = None
+
+    def loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **_):
+        self.calls["fused"] = True
+        if shift_labels is None:  # tokens < n predict n, as ForCausalLMLoss
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        head = self.head
+        return linear_cross_entropy(
+            logits,
+            head.weight,
+            head.bias,
+            shift_labels.to(logits.device),
+            ignore_index,
+            num_items_in_batch,
+            self.chunk_rows,
+        )
+
+    def enter(self) -> None:
+        model = self.model
+        self.saved = dict(model.__dict__)
+        setattr(model, self.name, _Hidden())
+        model.loss_function = self.loss
+        self.written = {k for k in model.__dict__ if k not in self.saved or model.__dict__[k] is not self.saved[k]} - {
+            "_modules"
+        }
+
+    def exit(self) -> None:
+        if self.saved is None:
+            return
+        model, saved = self.model, self.saved
+        setattr(model, self.name, self.head)
+        for k in self.written:
+            if k in saved:
+                model.__dict__[k] = saved[k]
+            else:
+                del model.__dict__[k]
+        self.saved = None
+
+    def check(self, mod) -> None:
+        if self.calls["labels"] and not self.calls["fused"]:
+            raise RuntimeError(
+                f"fused_lm_loss: {type(mod).__name__}.forward was given labels but did not call "
+                "self.loss_function, so its loss would be over hidden states; call it outside "
+                "the fused_lm_loss block"
+            )
+
+
 @contextlib.contextmanager
 def fused_lm_loss(model: nn.Module, chunk_rows: int | None = None) -> Iterator[bool]:
     """Inside the block, ``model(input_ids, labels=...)`` computes the loss with
@@ -213,35 +270,16 @@ def fused_lm_loss(model: nn.Module, chunk_rows: int | None = None) -> Iterator[b
     if name is None:
         yield False
         return
-    head = getattr(model, name)
-    calls = {"labels": False, "fused": False}
-
-    def loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
-        calls["fused"] = True
-        if shift_labels is None:  # tokens < n predict n, as ForCausalLMLoss
-            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        return linear_cross_entropy(
-            logits, head.weight, head.bias, shift_labels.to(logits.device), ignore_index, num_items_in_batch, chunk_rows
-        )
+    swap = _Swap(model, name, chunk_rows)
 
     def before(mod, args, kwargs):
-        calls["labels"] = forward_arguments(mod, args, kwargs).get("labels") is not None
-        calls["fused"] = False
+        swap.calls["labels"] = forward_arguments(mod, args, kwargs).get("labels") is not None
+        swap.calls["fused"] = False
 
     def after(mod, args, kwargs, output):
-        if calls["labels"] and not calls["fused"]:
-            raise RuntimeError(
-                f"fused_lm_loss: {type(mod).__name__}.forward was given labels but did not call "
-                "self.loss_function, so its loss would be over hidden states; call it outside "
-                "the fused_lm_loss block"
-            )
+        swap.check(mod)
 
-    # The property's setter keeps the function in the instance (``_loss_function`` in 4.48-5.x):
-    # whatever it writes is put back as it was, so no private name is assumed.
-    saved = dict(model.__dict__)
-    setattr(model, name, _Hidden())
-    model.loss_function = loss
-    written = {k for k in model.__dict__ if k not in saved or model.__dict__[k] is not saved[k]} - {"_modules"}
+    swap.enter()
     hooks = [
         model.register_forward_pre_hook(before, with_kwargs=True),
         model.register_forward_hook(after, with_kwargs=True),
@@ -251,9 +289,54 @@ def fused_lm_loss(model: nn.Module, chunk_rows: int | None = None) -> Iterator[b
     finally:
         for h in hooks:
             h.remove()
-        setattr(model, name, head)
-        for k in written:
-            if k in saved:
-                model.__dict__[k] = saved[k]
-            else:
-                del model.__dict__[k]
+        swap.exit()
+
+
+class FusedLossHandle:
+    """What :func:`fuse_lm_loss_when_training` returns: ``remove()`` takes its hooks off."""
+
+    def __init__(self, hooks):
+        self._hooks = hooks
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def fuse_lm_loss_when_training(model: nn.Module, chunk_rows: int | None = None) -> FusedLossHandle:
+    """From now on, each forward of ``model`` in training mode that is given ``labels`` computes
+    its loss as inside :func:`fused_lm_loss` (its ``logits`` output is then the hidden states);
+    every other forward (eval mode, no labels, as Trainer's label smoothing and
+    ``compute_loss_func`` call it, or a call with TRL's own ``fused_lm_head``) runs as usual
+    and returns the logits. ``handle.remove()`` ends it; ``handle.active`` is False when the
+    model cannot be served (``supports_fused_lm_loss``)."""
+    name = _serves(model)
+    if name is None:
+        return FusedLossHandle([])
+    swap = _Swap(model, name, chunk_rows)
+
+    def before(mod, args, kwargs):
+        swap.calls["fused"] = False
+        call = forward_arguments(mod, args, kwargs)
+        swap.calls["labels"] = (
+            mod.training and call.get("labels") is not None and not kwargs.get("fused_lm_head", False)
+        )
+        if swap.calls["labels"]:
+            swap.enter()
+
+    def after(mod, args, kwargs, output):
+        swap.exit()
+        swap.check(mod)
+
+    return FusedLossHandle(
+        [
+            model.register_forward_pre_hook(before, with_kwargs=True),
+            # always_call: the head is put back when the forward raises too
+            model.register_forward_hook(after, with_kwargs=True, always_call=True),
+        ]
+    )
