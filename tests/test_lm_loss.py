@@ -217,3 +217,36 @@ def test_fused_loss_other_architectures(arch):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(got_grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_fuse_when_training_only_serves_training_forwards_given_labels(monkeypatch):
+    from ftkernels.integrations import loss as loss_mod
+    from ftkernels.integrations.loss import fuse_lm_loss_when_training
+
+    model = make_tiny_llama()
+    add_lora(model, r=4, alpha=8)
+    batch = _batch()
+    model.train()
+    want, want_grads = _loss_and_grads(model, batch, fused=False)
+    with torch.no_grad():
+        want_logits = model(batch["input_ids"]).logits
+    calls = []
+    real = loss_mod.linear_cross_entropy
+    monkeypatch.setattr(loss_mod, "linear_cross_entropy", lambda *a: calls.append(1) or real(*a))
+    handle = fuse_lm_loss_when_training(model, chunk_rows=7)
+    assert handle.active
+    got, got_grads = _loss_and_grads(model, batch, fused=False)
+    assert calls == [1]
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # no labels: the logits, as Trainer's label smoothing needs them
+        torch.testing.assert_close(model(batch["input_ids"]).logits, want_logits)
+        model.eval()  # eval with labels: the logits too
+        assert model(**batch).logits.shape[-1] == model.config.vocab_size
+        model.train()
+    assert calls == [1]
+    handle.remove()
+    assert not handle.active and type(model.lm_head) is torch.nn.Linear
+    model(**batch)
+    assert calls == [1]
