@@ -107,7 +107,7 @@ def _step(device, dtype, tokens, what, impl, W):
         fn = lambda: model(x)  # noqa: E731
     else:
         backend = impl.removeprefix("ftk-")
-        packed, qs = ftk.quantize_4bit(W.to(device, dtype), blocksize=BLOCKSIZE, compress_statistics=True)
+        packed, qs = ftk.quantize_nf4(W.to(device, dtype), blocksize=BLOCKSIZE, compress_statistics=True)
         A = (torch.randn(RANK, K_IN, generator=gen) / K_IN**0.5).to(device, dtype).requires_grad_()
         B = (torch.randn(N_OUT, RANK, generator=gen) * 0.02).to(device, dtype).requires_grad_()
 

@@ -126,7 +126,7 @@ def test_quantize(timer, benchmark, weights, device, mode, impl):
 
         def fn():
             with ftk.use_backend(impl):
-                return ftk.quantize_4bit(A, BLOCKSIZE, True, "nf4")
+                return ftk.quantize_nf4(A, blocksize=BLOCKSIZE, compress_statistics=True)
 
     timer(fn, bytes_moved=QUANT_BYTES, rounds=5 if device == "cpu" else 20)
 
@@ -149,7 +149,7 @@ def test_dequantize(timer, benchmark, weights, device, mode, impl):
     elif impl == "torchao":
         fn = to_nf4(A, BLOCKSIZE, 256).get_original_weight
     else:
-        packed, qs = ftk.quantize_4bit(A, BLOCKSIZE, True, "nf4")
+        packed, qs = ftk.quantize_nf4(A, blocksize=BLOCKSIZE, compress_statistics=True)
 
         def fn():
             with ftk.use_backend(impl):

@@ -59,7 +59,7 @@ def bnb_from_state_dict(sd: dict, in_f: int, out_f: int) -> bnb.nn.Linear4bit:
 def test_from_linear_holds_quantize_4bit_output(shape, dtype, bias):
     lin = make_linear(*shape, bias=bias, dtype=dtype)
     q = LinearNF4.from_linear(lin)
-    packed, state = ftkernels.quantize_4bit(lin.weight.detach())
+    packed, state = ftkernels.quantize_nf4(lin.weight.detach(), compress_statistics=True)  # the layer's defaults
     n = shape[0] * shape[1]
     assert (q.in_features, q.out_features) == (shape[1], shape[0])
     assert q.weight.dtype == torch.uint8 and q.weight.shape == ((n + 1) // 2, 1)

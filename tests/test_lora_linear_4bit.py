@@ -433,3 +433,20 @@ def test_forward_rejects_bad_input():
     assert_layer_rejects_bad_input(m)
     with pytest.raises(TypeError, match="dtype"):
         m.merge(dtype=torch.int8)
+
+
+def test_under_cpu_autocast_runs_in_the_autocast_dtype():
+    """As autocast runs nn.Linear: x cast to bf16, a bf16 output, gradients for fp32 factors;
+    the op's own GEMMs are not cast one by one (that mixed bf16 and fp32 operands)."""
+    layer = LoRALinear4bit.from_linear(make_linear(24, 64), r=4)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 5, 64)
+    want = layer(x.bfloat16().float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad is not None
+    # bf16 GEMMs (W rounded to bf16 where the CPU has them) and a bf16 output: a few 2^-8 of the scale
+    assert (y.float() - want).abs().max() <= 2**-5 * want.abs().max()

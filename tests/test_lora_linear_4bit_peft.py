@@ -301,7 +301,7 @@ def test_merge_matches_peft_merge(bnb, peft, bnb_generic_dequantize):
         layer.merge()
     w = layer.base_layer.weight
     assert isinstance(w, bnb.nn.Params4bit)
-    packed, qs = ftkernels.quantize_4bit(ours.weight, 64, compress_statistics=False)
+    packed, qs = ftkernels.quantize_nf4(ours.weight, blocksize=64)
     assert torch.equal(w.data, packed) and torch.equal(w.quant_state.absmax, qs.absmax)
     requantized = LoRALinear4bit.from_linear(ours, compress_statistics=False)
     x = torch.randn(3, PEFT_SHAPES[0][1])

@@ -280,7 +280,7 @@ def test_the_constants_equal_the_python_ones(mod):
 
 def test_the_python_builders_fill_the_structs_by_name(mod):
     w = torch.randn(24, 40)
-    packed, qs = ftk.quantize_4bit(w, 64, True)
+    packed, qs = ftk.quantize_nf4(w, blocksize=64, compress_statistics=True)
     out = torch.empty(24, 40)
     w4 = Weight4bit(
         packed,

@@ -24,8 +24,14 @@ def run(backend, fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def quantize(backend, A, blocksize, compress, quant_type):
+    # check_finite=False: the samples' NaN and inf are quantized as bitsandbytes quantizes them
+    kw = dict(blocksize=blocksize, compress_statistics=compress, quant_type=quant_type, check_finite=False)
+    return run(backend, ftk.quantize_4bit, A, **kw)
+
+
 def reference_quantize(A, blocksize, compress, quant_type):
-    return run("reference", ftk.quantize_4bit, A.cpu(), blocksize, compress, quant_type)
+    return quantize("reference", A.cpu(), blocksize, compress, quant_type)
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -35,7 +41,7 @@ def reference_quantize(A, blocksize, compress, quant_type):
 def test_quantize_4bit_matches_reference(backend_device, shape, dtype, blocksize, quant_type):
     backend, device = backend_device
     A = sample(shape, dtype, specials=True)
-    packed, qs = run(backend, ftk.quantize_4bit, A.to(device), blocksize, False, quant_type)
+    packed, qs = quantize(backend, A.to(device), blocksize, False, quant_type)
     ref_packed, ref_qs = reference_quantize(A, blocksize, False, quant_type)
     assert_same_bits(packed, ref_packed, "packed")
     assert_same_bits(qs.absmax, ref_qs.absmax, "absmax")
@@ -93,7 +99,7 @@ def cpu_isa(request):
 def test_cpu_isa_variants_match_reference(cpu_isa, shape, dtype, blocksize, quant_type):
     A = sample(shape, dtype, seed=3, specials=True)
     packed, qs = reference_quantize(A, blocksize, True, quant_type)
-    got = run("cpu", ftk.quantize_4bit, A, blocksize, True, quant_type)
+    got = quantize("cpu", A, blocksize, True, quant_type)
     assert_same_bits(got[0], packed, "packed")
     assert_same_bits(run("cpu", ftk.dequantize_4bit, packed, qs), run("reference", ftk.dequantize_4bit, packed, qs))
 
@@ -103,7 +109,7 @@ def test_cpu_large_output_matches_reference(cpu_isa, dtype):
     # 8.4M elements over two threads, a partial last block, and an out= that starts 2 or 4
     # bytes past a 64-byte boundary (the vector stores are unaligned ones).
     A = sample((2049, 4099), dtype, seed=4)
-    packed, qs = ftk.quantize_4bit(A, 64, True, "nf4")
+    packed, qs = ftk.quantize_nf4(A, blocksize=64, compress_statistics=True)
     expected = run("reference", ftk.dequantize_4bit, packed, qs)
     assert_same_bits(run("cpu", ftk.dequantize_4bit, packed, qs), expected, "fresh")
     buf = torch.empty(A.numel() + 1, dtype=dtype)
@@ -160,7 +166,7 @@ def test_cpu_blockwise_8bit_unsorted_code_takes_the_exact_search(cpu_isa):
 
 def test_double_quantization_layout():
     A = sample((128, 256), torch.bfloat16)
-    packed, qs = ftk.quantize_4bit(A)  # defaults: blocksize 64, double quantization, nf4
+    packed, qs = ftk.quantize_nf4(A, compress_statistics=True)  # QLoRA: blocksize 64, double quantization
     assert packed.shape == (128 * 256 // 2, 1) and packed.dtype == torch.uint8
     assert qs.nested and qs.absmax.dtype == torch.uint8 and qs.absmax.numel() == 128 * 256 // 64
     assert qs.nested_blocksize == 256 and qs.nested_absmax.numel() == math.ceil(512 / 256)
@@ -174,7 +180,7 @@ def test_dequantize_error_within_torch_rounding(dtype):
     # Tolerance relative to torch: the kernel's error against fp64 code*absmax may be at most
     # twice that of torch rounding the same fp32 product to dtype, plus an epsilon.
     A = sample((257, 129), dtype, seed=3)
-    packed, qs = ftk.quantize_4bit(A, 64, False, "nf4")
+    packed, qs = ftk.quantize_nf4(A, blocksize=64)
     out = ftk.dequantize_4bit(packed, qs)
     b = packed.view(-1)
     q = torch.stack((b >> 4, b & 15), 1).view(-1)[: A.numel()].long()
@@ -186,7 +192,7 @@ def test_dequantize_error_within_torch_rounding(dtype):
 def test_quantization_error_is_bounded():
     # Every element lands on the nearest NF4 level: error <= half the widest gap (0.152) * absmax.
     A = sample((64, 1024), torch.float32, seed=4)
-    packed, qs = ftk.quantize_4bit(A, 64, False, "nf4")
+    packed, qs = ftk.quantize_nf4(A, blocksize=64)
     err = (ftk.dequantize_4bit(packed, qs) - A).abs().view(-1, 64)
     assert (err <= 0.1520 * qs.absmax.unsqueeze(1) + 1e-6).all()
 
@@ -195,26 +201,28 @@ def test_non_finite_input_is_defined():
     A = torch.randn(256)
     A[3] = float("nan")
     A[100] = float("inf")
-    packed, qs = ftk.quantize_4bit(A, 64, False, "nf4")
+    packed, qs = ftk.quantize_nf4(A, blocksize=64)
     assert qs.absmax[0].isnan() and qs.absmax[1].isinf() and qs.absmax[2:].isfinite().all()
     out = ftk.dequantize_4bit(packed, qs)
     assert not out[:128].isfinite().any() and out[128:].isfinite().all()
-    # with double quantization the mean absmax is non-finite: every block is
-    packed, qs = ftk.quantize_4bit(A, 64, True, "nf4")
+    # with double quantization the mean absmax is non-finite: every block is (when not refused)
+    packed, qs = ftk.quantize_nf4(A, blocksize=64, compress_statistics=True, check_finite=False)
     assert not ftk.dequantize_4bit(packed, qs).isfinite().any()
 
 
 def test_zero_block_follows_cuda_contract():
     # absmax 0 -> 1/0 = inf -> 0*inf = NaN -> index 0 (NF4) / 0 (FP4); dequantizes to zeros.
     A = torch.zeros(64)
-    packed, qs = ftk.quantize_4bit(A, 64, False, "nf4")
+    packed, qs = ftk.quantize_nf4(A, blocksize=64)
     assert packed.eq(0).all() and qs.absmax.eq(0).all()
     assert ftk.dequantize_4bit(packed, qs).eq(0).all()
 
 
 def test_empty_tensor():
     for compress in (False, True):
-        packed, qs = ftk.quantize_4bit(torch.empty(0, 5, dtype=torch.bfloat16), 64, compress)
+        packed, qs = ftk.quantize_nf4(
+            torch.empty(0, 5, dtype=torch.bfloat16), blocksize=64, compress_statistics=compress
+        )
         assert packed.shape == (0, 1) and qs.shape == (0, 5)
         out = ftk.dequantize_4bit(packed, qs)
         assert out.shape == (0, 5) and out.dtype == torch.bfloat16
@@ -222,13 +230,13 @@ def test_empty_tensor():
 
 def test_non_contiguous_and_misaligned_inputs_give_the_contiguous_result():
     base = sample((130, 96), torch.bfloat16, seed=5)
-    expected = ftk.quantize_4bit(base.t().contiguous(), 64, False)
-    got = ftk.quantize_4bit(base.t(), 64, False)
+    expected = ftk.quantize_nf4(base.t().contiguous(), blocksize=64)
+    got = ftk.quantize_nf4(base.t(), blocksize=64)
     assert torch.equal(got[0], expected[0])
     storage = torch.empty(base.numel() + 1, dtype=torch.bfloat16)
     shifted = storage[1:].view(base.shape)  # data pointer 2 bytes past an allocation
     shifted.copy_(base)
-    assert torch.equal(ftk.quantize_4bit(shifted, 64, False)[0], ftk.quantize_4bit(base, 64, False)[0])
+    assert torch.equal(ftk.quantize_nf4(shifted, blocksize=64)[0], ftk.quantize_nf4(base, blocksize=64)[0])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -241,7 +249,7 @@ def test_non_contiguous_and_misaligned_inputs_give_the_contiguous_result():
 )
 def test_cpu_matches_reference_property(n, blocksize, quant_type, scale, seed):
     A = (torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale).to(torch.float32)
-    got = run("cpu", ftk.quantize_4bit, A, blocksize, True, quant_type)
+    got = quantize("cpu", A, blocksize, True, quant_type)
     ref = reference_quantize(A, blocksize, True, quant_type)
     assert_same_bits(got[0], ref[0])
     assert_same_bits(got[1].absmax, ref[1].absmax)
@@ -253,7 +261,7 @@ def test_cpu_matches_reference_property(n, blocksize, quant_type, scale, seed):
 
 def _op_samples(device):
     A = sample((33, 70), torch.bfloat16, seed=8).to(device)
-    packed, qs = ftk.quantize_4bit(A, 64, True, "nf4")
+    packed, qs = ftk.quantize_nf4(A, blocksize=64, compress_statistics=True)
     q8, qs8 = ftk.quantize_blockwise(A.float(), blocksize=256)
     return [
         (torch.ops.ftk.quantize_4bit.default, (A, 64, "nf4")),
@@ -310,8 +318,13 @@ def test_torch_compile_fullgraph(device):
         return torch.ops.ftk.dequantize_4bit(packed, absmax, 64, "nf4", A.shape, A.dtype)
 
     A = sample((64, 96), torch.bfloat16, seed=9).to(device)
-    packed, qs = ftk.quantize_4bit(A, 64, False)
+    packed, qs = ftk.quantize_nf4(A, blocksize=64)
     assert torch.equal(roundtrip(A), ftk.dequantize_4bit(packed, qs))
+
+
+def _deq4(*args):
+    """A call of the dequantize op on 4 packed bytes (8 values) with these other arguments."""
+    return lambda: torch.ops.ftk.dequantize_4bit(torch.zeros(4, 1, dtype=torch.uint8), *args)
 
 
 @pytest.mark.parametrize(
@@ -323,7 +336,9 @@ def test_torch_compile_fullgraph(device):
         (lambda: ftk.quantize_4bit(torch.ones(8), blocksize=True), ValueError, "blocksize"),
         (lambda: ftk.quantize_4bit(torch.ones(8), quant_type="int4"), ValueError, "quant_type"),
         (lambda: ftk.quantize_4bit([1.0, 2.0]), TypeError, "A must be a torch.Tensor"),
-        (lambda: ftk.quantize_4bit(torch.ones(8), quant_storage=torch.float32), ValueError, "quant_storage"),
+        (lambda: ftk.quantize_4bit(torch.ones(8), quant_storage=torch.complex64), ValueError, "quant_storage"),
+        (lambda: ftk.quantize_4bit(torch.ones(6), quant_storage=torch.float32), ValueError, "quant_storage"),
+        (lambda: ftk.quantize_4bit(torch.ones(8), 64), TypeError, "absmax must be a torch.Tensor"),
         (
             lambda: torch.ops.ftk.dequantize_4bit(
                 torch.zeros(3, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", [8], torch.float32
@@ -332,36 +347,27 @@ def test_torch_compile_fullgraph(device):
             "A has 3 elements",
         ),
         (
-            lambda: torch.ops.ftk.dequantize_4bit(
-                torch.zeros(4, 1, dtype=torch.uint8), torch.ones(2), 64, "nf4", [8], torch.float32
-            ),
+            _deq4(torch.ones(2), 64, "nf4", [8], torch.float32),
             ValueError,
             "absmax has 2 elements",
         ),
         (
-            lambda: torch.ops.ftk.dequantize_4bit(
-                torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1, device="meta"), 64, "nf4", [8], torch.float32
-            ),
+            _deq4(torch.ones(1, device="meta"), 64, "nf4", [8], torch.float32),
             ValueError,
             "absmax is on meta",
         ),
         (
-            lambda: torch.ops.ftk.dequantize_4bit(
-                torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", [8], torch.int8
-            ),
+            _deq4(torch.ones(1), 64, "nf4", [8], torch.int8),
             TypeError,
             "dtype must be",
         ),
         (
-            lambda: torch.ops.ftk.dequantize_4bit(
-                torch.zeros(4, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", [-8], torch.float32
-            ),
+            _deq4(torch.ones(1), 64, "nf4", [-8], torch.float32),
             ValueError,
             "negative",
         ),
         (
-            lambda: torch.ops.ftk.dequantize_4bit(
-                torch.zeros(4, 1, dtype=torch.uint8),
+            _deq4(
                 torch.zeros(1, dtype=torch.uint8),
                 64,
                 "nf4",
@@ -373,8 +379,7 @@ def test_torch_compile_fullgraph(device):
             "come together",
         ),
         (
-            lambda: torch.ops.ftk.dequantize_4bit(
-                torch.zeros(4, 1, dtype=torch.uint8),
+            _deq4(
                 torch.zeros(1, dtype=torch.uint8),
                 64,
                 "nf4",
@@ -389,8 +394,7 @@ def test_torch_compile_fullgraph(device):
             "nested_blocksize",
         ),
         (
-            lambda: torch.ops.ftk.dequantize_4bit(
-                torch.zeros(4, 1, dtype=torch.uint8),
+            _deq4(
                 torch.zeros(1, dtype=torch.uint8),
                 64,
                 "nf4",
@@ -422,7 +426,7 @@ def test_bad_input_raises_naming_the_argument(call, exc, match):
 
 
 def test_quant_state_that_does_not_fit_the_data():
-    packed, qs = ftk.quantize_4bit(torch.randn(64, 64), 64, True)
+    packed, qs = ftk.quantize_nf4(torch.randn(64, 64), blocksize=64, compress_statistics=True)
     with pytest.raises(ValueError, match="A has"):
         ftk.dequantize_4bit(packed[:-1], qs)
     qs.state2.absmax = qs.state2.absmax[:0]

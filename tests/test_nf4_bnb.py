@@ -20,11 +20,15 @@ def _bnb_quantize(A, blocksize, compress, quant_type):
     return bnb_functional.quantize_4bit(A, blocksize=blocksize, compress_statistics=compress, quant_type=quant_type)
 
 
+def _quantize(A, blocksize, compress, quant_type):
+    return ftk.quantize_4bit(A, blocksize=blocksize, compress_statistics=compress, quant_type=quant_type)
+
+
 def assert_matches_bnb(A, blocksize, quant_type="nf4"):
     """bitsandbytes' CPU build quantizes 4-bit exactly as its CUDA build does (NF4), but picks
     an approximate 8-bit code for a few double-quantized absmax (docs/ARCHITECTURE.md, "Formats"):
     where the codes differ, ours (the CUDA binary search, see the reference tests) is the nearer."""
-    packed, qs = ftk.quantize_4bit(A, blocksize, True, quant_type)
+    packed, qs = _quantize(A, blocksize, True, quant_type)
     b_packed, b_qs = _bnb_quantize(A, blocksize, True, quant_type)
     assert torch.equal(packed, b_packed)
     assert torch.equal(qs.offset, b_qs.offset)
@@ -32,12 +36,12 @@ def assert_matches_bnb(A, blocksize, quant_type="nf4"):
     assert torch.equal(qs.code, b_qs.code) and torch.equal(qs.nested_code, b_qs.state2.code)
     step = (qs.absmax.int() - b_qs.absmax.int()).abs()
     if step.any():  # where the codes differ, ours is never the farther one
-        raw = ftk.quantize_4bit(A, blocksize, False, quant_type)[1].absmax
+        raw = _quantize(A, blocksize, False, quant_type)[1].absmax
         x = (raw - qs.offset) * (1.0 / qs.nested_absmax.repeat_interleave(256)[: raw.numel()])
         code = qs.nested_code
         assert ((code[qs.absmax.long()] - x).abs() <= (code[b_qs.absmax.long()] - x).abs()).all()
     # fp32 absmax (no double quantization) is exact, and so is everything dequantized from it
-    p1, q1 = ftk.quantize_4bit(A, blocksize, False, quant_type)
+    p1, q1 = _quantize(A, blocksize, False, quant_type)
     b1, bq1 = _bnb_quantize(A, blocksize, False, quant_type)
     assert torch.equal(p1, b1) and torch.equal(q1.absmax, bq1.absmax)
     # (values through bitsandbytes' generic dequantize: see bnb_dequantize_4bit in conftest.py)
@@ -60,7 +64,7 @@ def test_fp4_matches_bitsandbytes_values(blocksize):
     # FP4 from fp32 input: bnb's CPU build chooses between the two encodings of zero
     # (0b0000 / 0b1000) differently, so compare decoded values, which are equal.
     A = sample((96, 70), torch.float32, seed=7)
-    p, qs = ftk.quantize_4bit(A, blocksize, False, "fp4")
+    p, qs = _quantize(A, blocksize, False, "fp4")
     bp, bqs = _bnb_quantize(A, blocksize, False, "fp4")
     assert torch.equal(qs.absmax, bqs.absmax)
     assert torch.equal(ftk.dequantize_4bit(p, qs), bnb_dequantize_4bit(bp, bqs))

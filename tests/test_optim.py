@@ -19,7 +19,7 @@ SIZES = [1, 255, 256, 4097]  # partial and whole 256-blocks
 
 
 def _codes(device):
-    return ftk.create_dynamic_map(device=device), ftk.create_dynamic_map(signed=False, device=device)
+    return ftk.create_dynamic_map().to(device), ftk.create_dynamic_map(signed=False).to(device)
 
 
 def _fp32_ulps(a: torch.Tensor, b: torch.Tensor) -> float:

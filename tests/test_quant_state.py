@@ -17,7 +17,7 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 @pytest.fixture(params=[True, False], ids=["double", "plain"])
 def pair(request):
     A = torch.randn(128, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    ours = ftk.quantize_4bit(A, 64, request.param, "nf4")
+    ours = ftk.quantize_nf4(A, blocksize=64, compress_statistics=request.param)
     theirs = bnb_functional.quantize_4bit(A, blocksize=64, compress_statistics=request.param, quant_type="nf4")
     return ours, theirs
 
@@ -107,13 +107,13 @@ def _packed_with(qs, **changes):
 )
 def test_from_dict_rejects_what_does_not_fit(mutate, match):
     A = torch.randn(128, 96, generator=torch.Generator().manual_seed(0))
-    _, qs = ftk.quantize_4bit(A, 64, True)
+    _, qs = ftk.quantize_nf4(A, blocksize=64, compress_statistics=True)
     with pytest.raises(ValueError, match=match):
         QuantState.from_dict(mutate(qs), "cpu")
 
 
 def test_check_packed():
-    packed, qs = ftk.quantize_4bit(torch.randn(7, 3), 64, False)
+    packed, qs = ftk.quantize_nf4(torch.randn(7, 3), blocksize=64)
     qs.check_packed(packed)
     with pytest.raises(ValueError, match="needs 11"):
         qs.check_packed(packed[:-1])

@@ -95,7 +95,7 @@ def _nf4(shape, dtype, blocksize, nested, quant_type):
         A = _rand(*shape, dtype=dtype, device=device)
 
         def quant_dequant():
-            packed, qs = ftk.quantize_4bit(A, blocksize, nested, quant_type)
+            packed, qs = ftk.quantize_4bit(A, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
             out = torch.empty(shape, dtype=dtype, device=device)
             return packed, qs.absmax, ftk.dequantize_4bit(packed, qs), ftk.dequantize_4bit(packed, qs, out=out)
 
@@ -112,7 +112,8 @@ def _blockwise(n, blocksize, dtype):
 
         def quant_dequant():
             q, qs = ftk.quantize_blockwise(A, blocksize=blocksize)
-            return q, qs.absmax, ftk.dequantize_blockwise(q, absmax=qs.absmax, blocksize=blocksize, dtype=dtype)
+            as_dtype = ftk.QuantState(absmax=qs.absmax, code=qs.code, blocksize=blocksize, dtype=dtype)
+            return q, qs.absmax, ftk.dequantize_blockwise(q, as_dtype)
 
         got, ref = _both(backend, quant_dequant)
         for g, r, what in zip(got, ref, ("codes", "absmax", "dequantized")):
@@ -127,7 +128,8 @@ def _blockwise(n, blocksize, dtype):
 def _lora(M, K, N, r, dtype, blocksize=64, nested=True, quant_type="nf4", dropout=0.1):
     def run(device, backend):
         W = _rand(N, K, dtype=dtype, device=device, seed=1, scale=0.05)
-        packed, qs = ftk.quantize_4bit(W, blocksize, nested, quant_type)  # the same bytes on every backend
+        # the same bytes on every backend
+        packed, qs = ftk.quantize_4bit(W, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
         x0 = _rand(M, K, dtype=dtype, device=device, seed=2)
         A0 = _rand(r, K, dtype=dtype, device=device, seed=3, scale=K**-0.5)
         B0 = _rand(N, r, dtype=dtype, device=device, seed=4, scale=0.05)

@@ -15,12 +15,16 @@ from .functional import (
     create_dynamic_map,
     dequantize_4bit,
     dequantize_blockwise,
+    dequantize_fp4,
+    dequantize_nf4,
     direft,
     get_4bit_type,
     lora_linear_4bit,
     loreft,
     quantize_4bit,
     quantize_blockwise,
+    quantize_fp4,
+    quantize_nf4,
 )
 from .quant_state import QuantState
 
@@ -31,6 +35,8 @@ __all__ = [
     "create_dynamic_map",
     "dequantize_4bit",
     "dequantize_blockwise",
+    "dequantize_fp4",
+    "dequantize_nf4",
     "direft",
     "get_4bit_type",
     "get_backend",
@@ -38,6 +44,8 @@ __all__ = [
     "loreft",
     "quantize_4bit",
     "quantize_blockwise",
+    "quantize_fp4",
+    "quantize_nf4",
     "set_backend",
     "use_backend",
 ]

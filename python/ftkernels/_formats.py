@@ -62,21 +62,33 @@ def code_4bit(quant_type: str, device) -> torch.Tensor:
 
 
 @functools.cache
-def dynamic_map(signed: bool = True) -> torch.Tensor:
+def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
     """bitsandbytes' 8-bit dynamic map on the CPU (cached: copy before handing it out).
 
-    After Dettmers, "8-bit approximations for parallelism": for exponent e = 0..6, the
-    midpoints of linspace(0.1, 1, k + 1) at scale 10**(e - 6), k = 2**e values of each sign
-    (signed) or k = 2**(e + 1) non-negative ones (unsigned: the sign bit buys twice the
-    resolution); then 0 and 1. 256 sorted values, one 0, max 1.0."""
+    After Dettmers, "8-bit approximations for parallelism": with m = max_exponent_bits and
+    f = total_bits - 1 - m fraction bits, for exponent e = 0..m-1 the midpoints of
+    linspace(0.1, 1, int(2**(e + f) + 1)) at scale 10**(e + 1 - m) (unsigned: 2**(e + f + 1),
+    the sign bit buying twice the resolution), each value with both signs when signed; then
+    2**f - 1 more at scale 1 when f > 0, and 0 and 1. The defaults give 256 sorted values, one
+    0, max 1.0; fewer total_bits give 2**total_bits values padded with zeros to 256. Returns
+    None when the counts do not add up to 2**total_bits (the caller names the arguments)."""
+    fraction_bits = total_bits - 1 - max_exponent_bits
     values = []
-    for e in range(7):
-        k = 2**e if signed else 2 ** (e + 1)
-        edges = torch.linspace(0.1, 1, k + 1, dtype=torch.float32)
-        mids = (edges[:-1] + edges[1:]) / 2.0
-        scaled = (10 ** (e - 6)) * mids
-        values += scaled.tolist() + ((-scaled).tolist() if signed else [])
+
+    def add(scale, n_edges):
+        edges = torch.linspace(0.1, 1, n_edges, dtype=torch.float32)
+        mids = (scale * ((edges[:-1] + edges[1:]) / 2.0)).tolist()
+        values.extend(mids + ([-v for v in mids] if signed else []))
+
+    for e in range(max_exponent_bits):
+        add(10 ** (e + 1 - max_exponent_bits), int(2 ** (e + fraction_bits + (0 if signed else 1)) + 1))
+    extra = 2**fraction_bits - 1
+    if extra > 0:
+        add(1, extra + 1)
     values += [0.0, 1.0]
+    if len(values) != 2**total_bits:
+        return None
+    values += [0.0] * (256 - len(values))
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 

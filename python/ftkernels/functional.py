@@ -1,59 +1,156 @@
-"""Public functions. Names, arguments and results follow bitsandbytes.functional, so a stack
-can switch by changing an import; the defaults are the QLoRA ones (NF4, double quantization)."""
+"""Public functions. The quantization functions have bitsandbytes.functional's names, argument
+order and defaults (``quantize_4bit(A)`` is FP4 without double quantization, as there), so a
+stack can switch by changing an import; the QLoRA settings are one call away:
+``quantize_nf4(W, compress_statistics=True)``."""
 
 from __future__ import annotations
 
 import torch
 
-from ._checks import need_quant_type, need_tensor
+from ._checks import need_tensor
 from ._formats import NESTED_BLOCKSIZE, code_4bit, dynamic_map
 from .quant_state import QuantState
 
+# bitsandbytes' blocksize when blocksize=None is passed (its CPU and CUDA default).
+DEFAULT_BLOCKSIZE_4BIT = 64
+# The dtypes the packed bytes may be viewed as (bitsandbytes' quant_storage): the bytes are the
+# same, (numel + 1) // 2 of them, as a (bytes // itemsize, 1) tensor of that dtype.
+QUANT_STORAGE_DTYPES = (
+    torch.uint8,
+    torch.int8,
+    torch.float16,
+    torch.bfloat16,
+    torch.int16,
+    torch.float32,
+    torch.int32,
+    torch.float64,
+    torch.int64,
+)
+# bitsandbytes' int4 and af4 4-bit codes (get_4bit_type only: the kernels take nf4 and fp4).
+_INT4_CODE = (7, 6, 5, 4, 3, 2, 1, 0, 0, -1, -2, -3, -4, -5, -6, -7)
+# AbnormalFloat4 at blocksize 64 (Yoshida, "NF4 isn't information theoretically optimal").
+_AF4_CODE_64 = (
+    1.0, 0.72424863, 0.55496234, 0.42563882, 0.31675666, 0.21961274, 0.12934483, 0.04273164,
+    0.0, -0.04934812, -0.14982478, -0.25607552, -0.3736951, -0.51243739, -0.69441008, -1.0,
+)  # fmt: skip
 
-def create_dynamic_map(signed: bool = True, device=None) -> torch.Tensor:
-    """bitsandbytes' 8-bit dynamic map (256 fp32, sorted): signed for double quantization and
-    the first Adam moment, unsigned for the second."""
+
+def create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8) -> torch.Tensor:
+    """bitsandbytes' dynamic map (256 fp32, sorted, on the CPU): signed for double quantization
+    and the first Adam moment, unsigned for the second. ``max_exponent_bits`` and ``total_bits``
+    as in bitsandbytes; fewer than 8 total bits pad the 2**total_bits values with zeros."""
     if not isinstance(signed, bool):
-        raise TypeError(f"signed must be a bool, got {type(signed).__name__} (pass device= by keyword)")
-    return dynamic_map(signed).to(device or "cpu", copy=True)
+        raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+    for name, v in (("max_exponent_bits", max_exponent_bits), ("total_bits", total_bits)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if not 2 <= total_bits <= 8 or not 1 <= max_exponent_bits <= total_bits:
+        raise ValueError(
+            "create_dynamic_map needs 2 <= total_bits <= 8 and 1 <= max_exponent_bits <= total_bits, "
+            f"got max_exponent_bits={max_exponent_bits}, total_bits={total_bits}"
+        )
+    code = dynamic_map(signed, max_exponent_bits, total_bits)
+    if code is None:
+        raise ValueError(
+            f"create_dynamic_map: max_exponent_bits={max_exponent_bits}, total_bits={total_bits}, signed={signed} "
+            f"does not give 2**{total_bits} values"
+        )
+    return code.clone()
 
 
-def get_4bit_type(quant_type: str = "nf4", device=None) -> torch.Tensor:
-    """The 16-entry code of ``quant_type`` as stored in ``quant_map`` (bitsandbytes' values)."""
-    need_quant_type(quant_type)
+def get_4bit_type(typename, device=None, blocksize=64) -> torch.Tensor:
+    """The 16-entry fp32 code of ``typename`` ('nf4', 'fp4', 'int4', 'af4' at blocksize 64),
+    indexed by the 4-bit pattern and scaled to max |value| 1, with bitsandbytes' values (FP4's
+    index 8 is +0.0 here, as bitsandbytes stores it). ``device=None`` is the CPU (bitsandbytes:
+    CUDA)."""
+    device = device or "cpu"
+    if typename in ("nf4", "fp4"):
+        code = code_4bit(typename, device)
+        # FP4 is kept as sign times magnitude with -0.0 at index 8; bitsandbytes' table has +0.0
+        return code.abs() * torch.sign(code + 0.0) if typename == "fp4" else code
+    if typename == "int4":
+        return torch.tensor(_INT4_CODE, dtype=torch.float32, device=device) / 7
+    if typename == "af4":
+        if blocksize != 64:
+            raise ValueError(f"blocksize: the af4 code is defined at blocksize 64 only, got {blocksize!r}")
+        return torch.tensor(_AF4_CODE_64, dtype=torch.float32, device=device)
+    raise ValueError(f"typename must be 'nf4', 'fp4', 'int4' or 'af4', got {typename!r}")
 
-    code = code_4bit(quant_type, device or "cpu")
-    return code.abs() * torch.sign(code + 0.0) if quant_type == "fp4" else code  # +0.0 at index 8
+
+def _need_optional_tensor(name: str, t) -> None:
+    if t is not None and not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+
+
+def _write_into(name: str, buf: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``buf.copy_(value)`` after checking that ``buf`` has value's shape, dtype and device (a
+    copy_ would broadcast or cast silently)."""
+    if buf.shape != value.shape or buf.dtype != value.dtype:
+        raise ValueError(
+            f"{name} must have shape {list(value.shape)} and dtype {value.dtype}; got {list(buf.shape)} {buf.dtype}"
+        )
+    if buf.device != value.device:
+        raise ValueError(f"{name} is on {buf.device} but the data is on {value.device}")
+    return buf.copy_(value)
+
+
+def _first_non_finite(A: torch.Tensor) -> int:
+    return int(torch.nonzero(~torch.isfinite(A.reshape(-1)))[0].item())
 
 
 def quantize_4bit(
     A: torch.Tensor,
-    blocksize: int = 64,
-    compress_statistics: bool = True,
-    quant_type: str = "nf4",
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize=None,
+    compress_statistics=False,
+    quant_type="fp4",
+    quant_storage=torch.uint8,
     *,
-    quant_storage: torch.dtype = torch.uint8,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, QuantState]:
-    """Quantize ``A`` blockwise to 4 bits: ``(packed, quant_state)``.
+    """Quantize ``A`` blockwise to 4 bits: ``(packed, quant_state)``, as bitsandbytes does.
 
-    ``packed`` is uint8 of shape ``((A.numel() + 1) // 2, 1)``; ``compress_statistics``
-    stores the per-block absmax as 8-bit codes (double quantization, 4.127 instead of 4.5
-    bits per parameter at blocksize 64). NaN or inf in a block is kept visible: that block
-    dequantizes to non-finite values (with double quantization, every block does).
+    ``packed`` holds (A.numel() + 1) // 2 bytes, as a ``(bytes, 1)`` uint8 tensor or viewed
+    as ``quant_storage``. ``blocksize=None`` is 64. ``compress_statistics`` stores the
+    per-block absmax as 8-bit codes (double quantization: 4.127 instead of 4.5 bits per
+    parameter at blocksize 64). ``out`` (the packed tensor's shape and dtype) and ``absmax``
+    (the statistics' shape and dtype: fp32, uint8 with double quantization) are written in
+    place and returned. NaN or inf in a block makes that block dequantize to non-finite
+    values; with double quantization every block would (the offset is the mean absmax), so
+    there ``A`` must be finite (``ValueError`` with the first bad index) unless
+    ``check_finite=False``, which keeps bitsandbytes' result.
     """
     need_tensor("A", A)
-    if quant_storage != torch.uint8:
-        raise ValueError(f"quant_storage: only torch.uint8 is supported, got {quant_storage}")
-    packed, absmax = torch.ops.ftk.quantize_4bit(A, blocksize, quant_type)
-    code = get_4bit_type(quant_type, A.device)
-    if not compress_statistics:
-        return packed, QuantState(
-            absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype
+    _need_optional_tensor("absmax", absmax)
+    _need_optional_tensor("out", out)
+    if blocksize is None:
+        blocksize = DEFAULT_BLOCKSIZE_4BIT
+    if quant_storage not in QUANT_STORAGE_DTYPES:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in QUANT_STORAGE_DTYPES)
+        raise ValueError(f"quant_storage must be one of {allowed}; got {quant_storage!r}")
+    nbytes = (A.numel() + 1) // 2
+    if nbytes % quant_storage.itemsize:
+        raise ValueError(
+            f"quant_storage {quant_storage} holds {quant_storage.itemsize} bytes an element, but A's "
+            f"{A.numel()} values pack into {nbytes} bytes"
         )
-    offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
-    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
-    return packed, QuantState(
-        absmax=qabsmax,
+    packed, stats = torch.ops.ftk.quantize_4bit(A, blocksize, quant_type)
+    if compress_statistics and check_finite and not bool(torch.isfinite(stats).all()):
+        # A block's absmax is non-finite exactly when the block holds NaN or inf.
+        raise ValueError(
+            f"A has a non-finite value at flat index {_first_non_finite(A)}; with compress_statistics=True "
+            "every block would dequantize to NaN (pass check_finite=False for bitsandbytes' behaviour)"
+        )
+    if quant_storage != torch.uint8:
+        packed = packed.reshape(-1).view(quant_storage).unsqueeze(1)
+    code = get_4bit_type(quant_type, A.device)
+    offset = state2 = None
+    if compress_statistics:
+        offset = stats.mean() if stats.numel() else stats.new_zeros(())
+        stats, state2 = quantize_blockwise(stats - offset, blocksize=NESTED_BLOCKSIZE)
+    state = QuantState(
+        absmax=stats,
         shape=A.shape,
         code=code,
         blocksize=blocksize,
@@ -62,6 +159,44 @@ def quantize_4bit(
         offset=offset,
         state2=state2,
     )
+    if out is not None:
+        packed = _write_into("out", out, packed)
+    if absmax is not None:
+        state.absmax = _write_into("absmax", absmax, state.absmax)
+    return packed, state
+
+
+def quantize_nf4(
+    A: torch.Tensor,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize=None,
+    compress_statistics=False,
+    quant_storage=torch.uint8,
+    *,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, QuantState]:
+    """:func:`quantize_4bit` with quant_type 'nf4'; QLoRA's weights are
+    ``quantize_nf4(W, compress_statistics=True)``."""
+    return quantize_4bit(
+        A, absmax, out, blocksize, compress_statistics, "nf4", quant_storage, check_finite=check_finite
+    )
+
+
+def quantize_fp4(
+    A: torch.Tensor,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize=None,
+    compress_statistics=False,
+    quant_storage=torch.uint8,
+    *,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, QuantState]:
+    """:func:`quantize_4bit` with quant_type 'fp4'."""
+    return quantize_4bit(
+        A, absmax, out, blocksize, compress_statistics, "fp4", quant_storage, check_finite=check_finite
+    )
 
 
 def dequantize_4bit(
@@ -69,44 +204,107 @@ def dequantize_4bit(
     quant_state: QuantState | None = None,
     absmax: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    blocksize: int = 64,
-    quant_type: str = "nf4",
+    blocksize=None,
+    quant_type="fp4",
 ) -> torch.Tensor:
-    """Dequantize ``A`` to ``quant_state.shape`` and ``quant_state.dtype``.
+    """Dequantize ``A`` to ``quant_state.shape`` and ``quant_state.dtype``, as bitsandbytes does.
 
-    Without ``quant_state``, ``absmax`` (fp32) and ``out`` give the statistics, shape and
-    dtype, as in bitsandbytes. With ``out`` (contiguous, of that shape and dtype) the kernel
-    writes into it. The double-quantized absmax is decoded inside the kernel.
+    Without ``quant_state``, ``absmax`` (fp32), ``out`` (its shape and dtype), ``blocksize``
+    (None: 64) and ``quant_type`` describe the data; with it they are ignored except ``out``.
+    ``out`` (contiguous, of that shape and dtype) is written in place and returned. ``A`` may be
+    any quant_storage view of the bytes. The double-quantized absmax is decoded inside the
+    kernel. A packed tensor in the transposed ``(1, bytes)`` form gives the result transposed,
+    as bitsandbytes gives it.
     """
+    need_tensor("A", A)
+    _need_optional_tensor("absmax", absmax)
+    _need_optional_tensor("out", out)
     if quant_state is None:
         if absmax is None or out is None:
             raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
         quant_state = QuantState(
-            absmax=absmax, shape=out.shape, dtype=out.dtype, blocksize=blocksize, quant_type=quant_type
+            absmax=absmax,
+            shape=out.shape,
+            dtype=out.dtype,
+            blocksize=DEFAULT_BLOCKSIZE_4BIT if blocksize is None else blocksize,
+            quant_type=quant_type,
         )
     elif not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
     qs = quant_state
     if qs.shape is None:
         raise ValueError("quant_state has no shape")
-    args = (A, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype)
+    packed = A if A.dtype == torch.uint8 else A.view(torch.uint8)
+    args = (packed, qs.absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype)
     if qs.nested:
         args += (qs.state2.absmax, qs.state2.code, qs.offset.reshape(1), qs.state2.blocksize)
     if out is not None:  # written in place: no allocation, no copy
         torch.ops.ftk.dequantize_4bit.out(*args, out=out)
-        return out
-    return torch.ops.ftk.dequantize_4bit(*args)
+    else:
+        out = torch.ops.ftk.dequantize_4bit(*args)
+    # bitsandbytes' transposed form: (1, bytes) packed data; one byte is the ordinary form.
+    if A.dim() == 2 and A.shape[0] == 1 and A.shape[1] > 1 and out.dim() <= 2:
+        return out.t()
+    return out
+
+
+def dequantize_nf4(
+    A: torch.Tensor,
+    quant_state: QuantState | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize=None,
+) -> torch.Tensor:
+    """:func:`dequantize_4bit` with quant_type 'nf4' (a quant_state's own type wins)."""
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "nf4")
+
+
+def dequantize_fp4(
+    A: torch.Tensor,
+    quant_state: QuantState | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize=None,
+) -> torch.Tensor:
+    """:func:`dequantize_4bit` with quant_type 'fp4' (a quant_state's own type wins)."""
+    return dequantize_4bit(A, quant_state, absmax, out, blocksize, "fp4")
 
 
 def quantize_blockwise(
-    A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = 4096
+    A: torch.Tensor,
+    code: torch.Tensor | None = None,
+    absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    blocksize=4096,
+    nested=False,
 ) -> tuple[torch.Tensor, QuantState]:
-    """8-bit blockwise quantization with a 256-entry code (default: the dynamic map)."""
+    """8-bit blockwise quantization with a 256-entry code (default: the signed dynamic map):
+    ``(codes, quant_state)``, codes uint8 of A's shape, as bitsandbytes does.
+
+    ``nested`` quantizes the fp32 absmax again, minus its mean (``offset``), at the same
+    blocksize. ``out`` (A's shape, uint8) and ``absmax`` (the statistics' shape and dtype) are
+    written in place and returned.
+    """
     need_tensor("A", A)
-    if code is None:
-        code = create_dynamic_map(device=A.device)
-    q, absmax = torch.ops.ftk.quantize_blockwise(A, code, blocksize)
-    return q, QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, dtype=A.dtype)
+    _need_optional_tensor("code", code)
+    _need_optional_tensor("absmax", absmax)
+    _need_optional_tensor("out", out)
+    if not isinstance(nested, bool):
+        raise TypeError(f"nested must be a bool, got {type(nested).__name__}")
+    code = create_dynamic_map() if code is None else code
+    code = code.to(A.device, copy=True)
+    q, stats = torch.ops.ftk.quantize_blockwise(A, code, blocksize)
+    if nested:
+        offset = stats.mean() if stats.numel() else stats.new_zeros(())
+        qstats, state2 = quantize_blockwise(stats - offset, blocksize=blocksize)
+        state = QuantState(absmax=qstats, code=code, blocksize=blocksize, dtype=A.dtype, offset=offset, state2=state2)
+    else:
+        state = QuantState(absmax=stats, code=code, blocksize=blocksize, dtype=A.dtype)
+    if out is not None:
+        q = _write_into("out", out, q)
+    if absmax is not None:
+        state.absmax = _write_into("absmax", absmax, state.absmax)
+    return q, state
 
 
 def dequantize_blockwise(
@@ -114,18 +312,39 @@ def dequantize_blockwise(
     quant_state: QuantState | None = None,
     absmax: torch.Tensor | None = None,
     code: torch.Tensor | None = None,
-    blocksize: int = 4096,
-    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+    blocksize=4096,
+    nested=False,
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_blockwise`: ``code[A] * absmax[block]`` in ``dtype``."""
-    if quant_state is not None:
-        absmax, code, blocksize, dtype = quant_state.absmax, quant_state.code, quant_state.blocksize, quant_state.dtype
-    elif absmax is None:
-        raise ValueError("dequantize_blockwise needs quant_state or absmax")
-    if code is None:
-        need_tensor("A", A)
-        code = create_dynamic_map(device=A.device)
-    return torch.ops.ftk.dequantize_blockwise(A, absmax, code, blocksize, dtype)
+    """Inverse of :func:`quantize_blockwise`: ``code[A] * absmax[block]`` in quant_state's dtype.
+
+    Without ``quant_state``, ``absmax`` (fp32), ``code`` (default: the signed dynamic map) and
+    ``blocksize`` describe the data and the result is fp32; with it they are ignored. A
+    quant_state with a nested state is decoded with it (absmax = its codes dequantized + offset);
+    ``nested=True`` only asserts that there is one. ``out`` (A's shape, the result's dtype) is
+    written in place and returned.
+    """
+    need_tensor("A", A)
+    _need_optional_tensor("absmax", absmax)
+    _need_optional_tensor("code", code)
+    _need_optional_tensor("out", out)
+    if quant_state is None:
+        if absmax is None:
+            raise ValueError("dequantize_blockwise needs quant_state or absmax")
+        code = create_dynamic_map() if code is None else code
+        quant_state = QuantState(absmax=absmax, code=code.to(A.device), blocksize=blocksize, dtype=torch.float32)
+    elif not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
+    qs = quant_state
+    if nested and not qs.nested:
+        raise ValueError("nested=True, but quant_state has no nested state (quantize_blockwise(..., nested=True))")
+    stats = qs.absmax
+    if qs.nested:
+        stats = dequantize_blockwise(qs.absmax, qs.state2)
+        stats += qs.offset
+        stats = stats.float()
+    result = torch.ops.ftk.dequantize_blockwise(A, stats, qs.code, qs.blocksize, qs.dtype)
+    return result if out is None else _write_into("out", out, result)
 
 
 def _need_tensors(**tensors) -> None:
@@ -182,8 +401,7 @@ def lora_linear_4bit(
         if qs.nested
         else (None, None, None, NESTED_BLOCKSIZE)
     )
-    return torch.ops.ftk.lora_linear_4bit(
-        x,
+    args = (
         packed,
         qs.absmax,
         qs.blocksize,
@@ -197,6 +415,14 @@ def lora_linear_4bit(
         p,
         seed,
     )
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # As autocast runs a linear layer: x in the autocast dtype, so is the output. The op
+        # runs with autocast off, or the GEMMs inside its CPU kernel would be cast one by one.
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return torch.ops.ftk.lora_linear_4bit(x.to(dtype), *args)
+    return torch.ops.ftk.lora_linear_4bit(x, *args)
 
 
 def loreft(

@@ -57,8 +57,15 @@ class QuantState:
     """Quantization state of one 4-bit tensor (same fields as bitsandbytes' QuantState).
 
     ``absmax`` is fp32 per block, or with double quantization (``nested``) uint8 codes that
-    ``state2`` (nested absmax, 256-entry ``code``, ``blocksize``) and ``offset`` decode.
+    ``state2`` (nested absmax, 256-entry ``code``, ``blocksize``) and ``offset`` decode. The
+    state of an 8-bit blockwise tensor (:func:`ftkernels.quantize_blockwise`) has no shape and
+    no quant_type. ``qs[i]`` is bitsandbytes' older list form, ``[absmax, shape, dtype,
+    blocksize, [offset, state2] or None, quant_type]``.
     """
+
+    valid_quant_types = ("fp4", "nf4")  # bitsandbytes' order
+    valid_qs_type_keys = [f"bitsandbytes__{q}" for q in valid_quant_types]
+    valid_qs_keys = sorted(_KEYS | {"quant_state"})
 
     def __init__(
         self, absmax, shape=None, code=None, blocksize=None, quant_type=None, dtype=None, offset=None, state2=None
@@ -87,6 +94,19 @@ class QuantState:
     @property
     def nested_blocksize(self):
         return self.state2.blocksize if self.nested else None
+
+    def __getattr__(self, name):
+        # Only for names not found the usual way: the packed entry's last key part, which
+        # FSDP's state_dict traversal looks up as an attribute ("quant_state.bitsandbytes__nf4").
+        if name.startswith("bitsandbytes__") and name[len("bitsandbytes__") :] in QUANT_TYPES:
+            packed = self.as_dict(packed=True)
+            if f"quant_state.{name}" in packed:
+                return packed[f"quant_state.{name}"]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __getitem__(self, idx):
+        nested = [self.offset, self.state2] if self.nested else None
+        return [self.absmax, self.shape, self.dtype, self.blocksize, nested, self.quant_type][idx]
 
     def __repr__(self) -> str:
         extra = f", nested_blocksize={self.nested_blocksize}" if self.nested else ""
@@ -118,7 +138,7 @@ class QuantState:
                     "nested_offset": float(self.offset.item()),
                 }
             )
-        if not packed:
+        if not packed or self.quant_type is None:  # an 8-bit state has no packed entry
             return d
         out = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
         out[f"quant_state.bitsandbytes__{self.quant_type}"] = pack_dict_to_tensor(
@@ -153,6 +173,8 @@ class QuantState:
             raise ValueError(f"quant_state: missing entries {sorted(missing)}")
 
         quant_type = d["quant_type"]
+        if quant_type is None and not packed_keys:
+            return cls._from_dict_8bit(d, device)
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"quant_state: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
         blocksize = _int_in("blocksize", d["blocksize"], BLOCKSIZES_4BIT)
@@ -171,19 +193,7 @@ class QuantState:
         nested = "nested_absmax" in d
         if nested:
             absmax = _tensor("absmax", absmax, torch.uint8, nblocks)
-            for k in ("nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset"):
-                if k not in d:
-                    raise ValueError(f"quant_state: nested_absmax without {k}")
-            nbs = _int_in("nested_blocksize", d["nested_blocksize"], BLOCKSIZES_8BIT)
-            if _dtype("nested_dtype", d["nested_dtype"]) != torch.float32:
-                raise ValueError("quant_state: nested_dtype must be float32")
-            nabs = _tensor("nested_absmax", d["nested_absmax"], torch.float32, -(-nblocks // nbs))
-            ncode = _tensor("nested_quant_map", d["nested_quant_map"], torch.float32, 256)
-            off = d["nested_offset"]
-            if isinstance(off, bool) or not isinstance(off, (int, float)):
-                raise ValueError(f"quant_state: nested_offset must be a number, got {off!r}")
-            state2 = cls(absmax=nabs.to(device), code=ncode.to(device), blocksize=nbs, dtype=torch.float32)
-            offset = torch.tensor(float(off), dtype=torch.float32, device=device)
+            state2, offset = cls._nested_from_dict(d, nblocks, device)
         else:
             absmax = _tensor("absmax", absmax, torch.float32, nblocks)
             state2 = offset = None
@@ -197,6 +207,50 @@ class QuantState:
             offset=offset,
             state2=state2,
         )
+
+    @classmethod
+    def _from_dict_8bit(cls, d: dict[str, Any], device) -> QuantState:
+        """The state of an 8-bit blockwise tensor (quant_type and shape None), checked."""
+        if d["shape"] is not None:
+            raise ValueError(f"quant_state: an 8-bit state (quant_type None) has no shape, got {d['shape']!r}")
+        blocksize = _int_in("blocksize", d["blocksize"], BLOCKSIZES_8BIT)
+        dtype = _dtype("dtype", d["dtype"])
+        code = _tensor("quant_map", d["quant_map"], torch.float32, 256)
+        absmax = d["absmax"]
+        nested = "nested_absmax" in d
+        if not isinstance(absmax, torch.Tensor) or absmax.dim() != 1:
+            raise ValueError("quant_state: absmax must be a 1-D tensor")
+        state2 = offset = None
+        if nested:
+            absmax = _tensor("absmax", absmax, torch.uint8, absmax.numel())
+            state2, offset = cls._nested_from_dict(d, absmax.numel(), device)
+        else:
+            absmax = _tensor("absmax", absmax, torch.float32, absmax.numel())
+        return cls(
+            absmax=absmax.to(device),
+            code=code.to(device),
+            blocksize=blocksize,
+            dtype=dtype,
+            offset=offset,
+            state2=state2,
+        )
+
+    @classmethod
+    def _nested_from_dict(cls, d: dict[str, Any], nblocks: int, device) -> tuple[QuantState, torch.Tensor]:
+        """(state2, offset) of a double-quantized absmax of ``nblocks`` codes, checked."""
+        for k in ("nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset"):
+            if k not in d:
+                raise ValueError(f"quant_state: nested_absmax without {k}")
+        nbs = _int_in("nested_blocksize", d["nested_blocksize"], BLOCKSIZES_8BIT)
+        if _dtype("nested_dtype", d["nested_dtype"]) != torch.float32:
+            raise ValueError("quant_state: nested_dtype must be float32")
+        nabs = _tensor("nested_absmax", d["nested_absmax"], torch.float32, -(-nblocks // nbs))
+        ncode = _tensor("nested_quant_map", d["nested_quant_map"], torch.float32, 256)
+        off = d["nested_offset"]
+        if isinstance(off, bool) or not isinstance(off, (int, float)):
+            raise ValueError(f"quant_state: nested_offset must be a number, got {off!r}")
+        state2 = cls(absmax=nabs.to(device), code=ncode.to(device), blocksize=nbs, dtype=torch.float32)
+        return state2, torch.tensor(float(off), dtype=torch.float32, device=device)
 
     # ---- helpers ---------------------------------------------------------------------------
 

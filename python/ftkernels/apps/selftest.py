@@ -33,7 +33,7 @@ import torch
 from .. import _native, _registry
 from .._formats import OPTIM_BLOCK, QUANT_TYPES, dropout_scale
 from ..backends import reference
-from ..functional import create_dynamic_map, dequantize_4bit, quantize_4bit
+from ..functional import create_dynamic_map, dequantize_4bit, quantize_nf4
 
 SHAPE = (37, 69)
 BLOCKSIZE, BLOCKSIZE_8BIT, RANK, DROPOUT = 64, 256, 3, 0.1
@@ -79,7 +79,9 @@ def _seed() -> torch.Tensor:
 def _weight(device: torch.device):
     """The (37, 69) NF4 weight with double quantization, quantized by the reference."""
     with _registry.use_backend("reference"):
-        return quantize_4bit(torch.randn(SHAPE, generator=_gen(2)).to(device), BLOCKSIZE, compress_statistics=True)
+        return quantize_nf4(
+            torch.randn(SHAPE, generator=_gen(2)).to(device), blocksize=BLOCKSIZE, compress_statistics=True
+        )
 
 
 def _weight_args(packed, qs) -> tuple:
@@ -125,12 +127,12 @@ def _run_dequantize_4bit(device, dtype, wide):
 
 def _run_quantize_blockwise(device, dtype, wide):
     A = torch.randn(SHAPE, generator=_gen(4)).to(device, dtype)
-    q, absmax = torch.ops.ftk.quantize_blockwise(A, create_dynamic_map(device=device), BLOCKSIZE_8BIT)
+    q, absmax = torch.ops.ftk.quantize_blockwise(A, create_dynamic_map().to(device), BLOCKSIZE_8BIT)
     return {"codes": q, "absmax": absmax}
 
 
 def _run_dequantize_blockwise(device, dtype, wide):
-    code = create_dynamic_map(device=device)
+    code = create_dynamic_map().to(device)
     with _registry.use_backend("reference"):
         A = torch.randn(SHAPE, generator=_gen(5)).to(device)
         q, absmax = torch.ops.ftk.quantize_blockwise(A, code, BLOCKSIZE_8BIT)
@@ -252,7 +254,7 @@ def _run_adamw8bit(device, dtype, wide):
     blocks = -(-param.numel() // OPTIM_BLOCK)
     states = [torch.zeros(SHAPE, dtype=torch.uint8, device=device) for _ in range(2)]
     absmax = [torch.zeros(blocks, device=device) for _ in range(2)]
-    codes = create_dynamic_map(device=device), create_dynamic_map(signed=False, device=device)
+    codes = create_dynamic_map().to(device), create_dynamic_map(signed=False).to(device)
     for t, grad in enumerate(grads, 1):
         torch.ops.ftk.adamw8bit_step(param, grad, *states, *absmax, *codes, 1e-3, 0.9, 0.999, 1e-8, 0.01, t)
     return {"param": param, "state1": states[0], "state2": states[1], "absmax1": absmax[0], "absmax2": absmax[1]}

@@ -150,7 +150,9 @@ class LinearNF4(nn.Module):
         layer.quant_type = quant_type
         layer._dense = None
         with torch.no_grad():
-            packed, state = quantize_4bit(w.detach(), blocksize, compress_statistics, quant_type)
+            packed, state = quantize_4bit(
+                w.detach(), blocksize=blocksize, compress_statistics=compress_statistics, quant_type=quant_type
+            )
         layer.weight = nn.Parameter(packed, requires_grad=False)
         layer.quant_state = state
         if linear.bias is not None:
@@ -233,7 +235,10 @@ class LinearNF4(nn.Module):
                     )
                 with torch.no_grad():
                     return quantize_4bit(
-                        weight.detach().to(device), self.blocksize, self.compress_statistics, self.quant_type
+                        weight.detach().to(device),
+                        blocksize=self.blocksize,
+                        compress_statistics=self.compress_statistics,
+                        quant_type=self.quant_type,
                     )
             if weight.dtype == torch.uint8:
                 raise ValueError(
@@ -318,7 +323,7 @@ def _zero_state(n, shape, dtype, blocksize, quant_type, nested, device) -> Quant
     # With double quantization absmax = map[q] * nested_absmax + offset: 0 when both are 0.
     state2 = QuantState(
         absmax=torch.zeros(math.ceil(nblocks / NESTED_BLOCKSIZE), dtype=torch.float32, device=device),
-        code=create_dynamic_map(device=device),
+        code=create_dynamic_map().to(device),
         blocksize=NESTED_BLOCKSIZE,
         dtype=torch.float32,
     )
