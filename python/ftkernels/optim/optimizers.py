@@ -43,13 +43,11 @@ import torch
 
 from .._formats import OPTIM_BLOCK, quantize_8bit
 from ..functional import create_dynamic_map
+from ._bnb_args import bnb_settings, need_default_bits, percentile_clipped
 from .paged import paged_empty, prefetch
 
 __all__ = ["AdamW", "AdamW8bit", "Lion", "PagedAdamW", "PagedAdamW8bit", "PagedLion"]
 
-GNORM_WINDOW = 100  # bitsandbytes' percentile clipping: the last 100 steps' gradient norms
-# What bitsandbytes 0.50 reads from its args namespace at each step (Optimizer8bit.get_config).
-ARGS_ATTRIBUTES = ("optim_bits", "min_8bit_size", "max_unorm", "skip_zeros")
 _UNPAGED_KEYS = frozenset({"step", "gnorm_vec"})  # 100 floats: too small to page, never prefetched
 
 
@@ -73,56 +71,6 @@ def _need_hyper(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid weight_decay value: weight_decay must be >= 0, got {weight_decay!r}")
 
 
-def _int_in(owner: str, name: str, v, lo: int, hi: float, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"{owner}: {name} must be an int {what}, got {v!r}")
-    return v
-
-
-def _need_bool(owner: str, name: str, v) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"{owner}: {name} must be a bool, got {v!r}")
-    return v
-
-
-def _from_args(owner: str, args, percentile_clipping, block_wise) -> dict:
-    """bitsandbytes' ``args``: a namespace whose fields replace the keyword arguments. 0.50 reads
-    ARGS_ATTRIBUTES at every step (a missing one fails there); releases up to 0.49 also read
-    percentile_clipping and block_wise, honoured here when present."""
-    if isinstance(args, dict):
-        raise TypeError(
-            f"{owner}: args must be an object with attributes (bitsandbytes reads args.optim_bits etc.), got a dict; "
-            "pass types.SimpleNamespace(**d), or the values as keyword arguments"
-        )
-    missing = [a for a in ARGS_ATTRIBUTES if not hasattr(args, a)]
-    if missing:
-        raise TypeError(
-            f"{owner}: args must have the attributes {', '.join(ARGS_ATTRIBUTES)} (bitsandbytes' optimizer "
-            f"namespace, which replaces the keyword arguments); {type(args).__name__} lacks {', '.join(missing)}. "
-            "Pass args=None and the values as keyword arguments instead"
-        )
-    max_unorm = args.max_unorm
-    if isinstance(max_unorm, bool) or not isinstance(max_unorm, (int, float)):
-        raise TypeError(f"{owner}: args.max_unorm must be a number, got {max_unorm!r}")
-    if max_unorm > 0:  # bitsandbytes' test: 0 or below is off
-        raise ValueError(
-            f"{owner}: args.max_unorm={max_unorm!r} (bitsandbytes' update-norm clipping) is not implemented; "
-            "set it to 0.0, or use percentile_clipping to clip gradients"
-        )
-    if args.skip_zeros:
-        raise ValueError(
-            f"{owner}: args.skip_zeros={args.skip_zeros!r} (bitsandbytes' skipping of zero gradients) is not "
-            "implemented; set it to False"
-        )
-    named = {"args.optim_bits": args.optim_bits, "args.min_8bit_size": args.min_8bit_size}
-    for name, keyword in (("percentile_clipping", percentile_clipping), ("block_wise", block_wise)):
-        if hasattr(args, name):
-            named[f"args.{name}"] = getattr(args, name)
-        else:
-            named[name] = keyword
-    return named
-
-
 class _FusedOptimizer(torch.optim.Optimizer):
     """The shared loop: state creation (paged or not, 8-bit or not), prefetch, one op a param."""
 
@@ -144,39 +92,18 @@ class _FusedOptimizer(torch.optim.Optimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
     ):
-        owner = type(self).__name__
         _need_hyper(lr, betas, eps, weight_decay)
-        if _need_bool(owner, "amsgrad", amsgrad):
-            raise ValueError(
-                f"{owner}: amsgrad=True is not implemented (the fused step keeps no running maximum of the "
-                "second moment); use amsgrad=False, or torch.optim.AdamW(amsgrad=True)"
-            )
-        paged = _need_bool(owner, "is_paged", paged)
-        named = {
-            "optim_bits": optim_bits,
-            "min_8bit_size": min_8bit_size,
-            "percentile_clipping": percentile_clipping,
-            "block_wise": block_wise,
-        }
-        if args is not None:
-            named = _from_args(owner, args, percentile_clipping, block_wise)
-        (bits_name, bits), (size_name, size), (clip_name, clip), (blockwise_name, blockwise) = named.items()
-        if isinstance(bits, bool) or bits not in (8, 32):
-            raise ValueError(f"{owner}: {bits_name} must be 8 or 32 (the optimizer state's bits), got {bits!r}")
-        size = _int_in(owner, size_name, size, 0, math.inf, ">= 0 (elements)")
-        clip = _int_in(owner, clip_name, clip, 0, 100, "in [0, 100] (100: no clipping)")
-        blockwise = _need_bool(owner, blockwise_name, blockwise)
-        if bits == 8 and self._kind == "lion":
-            raise ValueError(
-                f"{owner}: {bits_name}=8 (8-bit Lion states) is not implemented; use {bits_name}=32 (an fp32 "
-                "state, 4 bytes a parameter), or AdamW8bit for 8-bit states"
-            )
-        if bits == 8 and not blockwise:
-            raise ValueError(
-                f"{owner}: {blockwise_name}=False (one absmax per tensor) is not implemented: the 8-bit states "
-                f"are blockwise only (an absmax per {OPTIM_BLOCK} elements, bitsandbytes' default); use "
-                f"{blockwise_name}=True"
-            )
+        bits, size, paged, clip, blockwise = bnb_settings(
+            type(self).__name__,
+            self._kind,
+            amsgrad=amsgrad,
+            optim_bits=optim_bits,
+            args=args,
+            min_8bit_size=min_8bit_size,
+            paged=paged,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+        )
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.optim_bits, self.min_8bit_size, self.paged = bits, size, paged
@@ -216,21 +143,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _state_tensors(self, state: dict) -> list[torch.Tensor]:
         return [v for k, v in state.items() if isinstance(v, torch.Tensor) and k not in _UNPAGED_KEYS]
-
-    def _clipped(self, grad: torch.Tensor, state: dict) -> torch.Tensor:
-        """grad scaled by bitsandbytes' percentile rule (the module docstring), as fp32: the steps
-        take any float gradient, and bitsandbytes scales in fp32 inside its kernel. No host sync."""
-        g = grad.float()
-        sq = g.square().sum()
-        slot = state["step"] % GNORM_WINDOW
-        window = state.get("gnorm_vec")
-        if window is None:  # the first clipped step (or a resume saved without clipping): every slot
-            window = state["gnorm_vec"] = sq.expand(GNORM_WINDOW).contiguous()
-        else:
-            window[slot] = sq
-        current = window[slot].sqrt()
-        bound = torch.kthvalue(window, self.percentile_clipping + 1).values.sqrt()
-        return g * torch.where(current > bound, bound / current, torch.ones_like(current))
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -274,7 +186,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         eps, wd, step = group["eps"], group["weight_decay"], state["step"]
         if self.percentile_clipping < 100:
-            grad = self._clipped(grad, state)
+            grad = percentile_clipped(grad, state, self.percentile_clipping)
         target = p if p.is_contiguous() else p.contiguous()
         if "state1" in state:
             codes = _codes(p.device)
@@ -384,15 +296,6 @@ class AdamW(_FusedOptimizer):
         )
 
 
-def _need_default_bits(owner: str, optim_bits) -> None:
-    # bitsandbytes' 8-bit classes keep optim_bits in their signature at 32 and refuse any other value.
-    if isinstance(optim_bits, bool) or optim_bits != 32:
-        raise ValueError(
-            f"{owner}: optim_bits must stay 32 (kept for bitsandbytes' signature; {owner} always keeps 8-bit "
-            f"states), got {optim_bits!r}; use AdamW(optim_bits=...) to choose the state's bits"
-        )
-
-
 class AdamW8bit(_FusedOptimizer):
     """AdamW with both moments in 8 bits: blockwise (256) dynamic quantization, as
     bitsandbytes' AdamW8bit; parameters under ``min_8bit_size`` elements keep fp32 states."""
@@ -415,7 +318,7 @@ class AdamW8bit(_FusedOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
     ):
-        _need_default_bits(type(self).__name__, optim_bits)
+        need_default_bits(type(self).__name__, optim_bits)
         super().__init__(
             params,
             lr,
