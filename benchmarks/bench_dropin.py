@@ -4,15 +4,15 @@ Transformers' ``BitsAndBytesConfig`` (NF4, double quantization, compute dtype = 
 PEFT LoRA r=16, alpha 32 on every attention and MLP projection, torch's AdamW. Three models from
 the same file, one step of each per round, rounds alternating:
 
-  peft           PEFT's forward (bitsandbytes' Linear4bit, then the LoRA branch as three ops);
-  patched        after ``patch_peft(model)``: the fused op on bitsandbytes' own bytes;
-  patched-loss   also ``fuse_lm_loss_when_training``: what ``FusedCallback`` gives a Trainer.
+  peft               PEFT's forward (bitsandbytes' Linear4bit, then the LoRA branch as three ops);
+  ftk-patched        after ``patch_peft(model)``: the fused op on bitsandbytes' own bytes;
+  ftk-patched-loss   also ``fuse_lm_loss_when_training``: what ``FusedCallback`` gives a Trainer.
 
 fp32 on the CPU (FTK_BENCH_DTYPE=bf16 for bf16, on a CPU with AVX512-BF16 or AMX), bf16 on a GPU.
 Peak memory: on the CPU the VmHWM of a fresh process loading the model and running two steps, on
 a GPU torch's peak allocation over two steps.
 
-Targets: patched at least 1.25x faster than peft on the CPU (1.5x on a GPU), and peak memory no
+Targets: ftk-patched at least 1.25x faster than peft on the CPU (1.5x on a GPU), and peak memory no
 higher. Run: pytest benchmarks/bench_dropin.py --benchmark-json=benchmarks/results/dropin-cpu.json
 """
 
@@ -36,7 +36,7 @@ BATCH, SEQ, RANK, ALPHA = 4, 256, 16, 32
 ROUNDS, PEAK_MEMORY = 5, True
 if QUICK:
     BATCH, SEQ, ROUNDS, PEAK_MEMORY = 1, 32, 1, False
-IMPLS = ("peft", "patched", "patched-loss")
+IMPLS = ("peft", "ftk-patched", "ftk-patched-loss")
 
 
 def save_model(folder: Path) -> str:
@@ -77,7 +77,7 @@ def load(folder, impl: str):
     if impl != "peft":
         report = patch_peft(model)
         assert not report.fallbacks, str(report)
-    if impl == "patched-loss":
+    if impl == "ftk-patched-loss":
         assert fuse_lm_loss_when_training(model.get_base_model()).active
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
@@ -141,7 +141,7 @@ def peak_rss(folder, impl: str) -> float | None:
     return float(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 else None
 
 
-def test_dropin_interleaved(benchmark, saved, models):
+def test_ftk_patch_peft_interleaved(benchmark, saved, models):
     """The three steps round-robin, one of each a round: the ratios of their medians are what
     the targets are checked against (a shared machine drifts between separate tests)."""
     folder, what = saved
@@ -174,7 +174,7 @@ def test_dropin_interleaved(benchmark, saved, models):
     benchmark.extra_info.update(info)
     benchmark.extra_info["report"] = sorted(k for k in info if k.endswith(("_s", "_peft", "_mib")))
     # the same weights, data and optimizer: the losses agree to rounding
-    assert abs(loss["patched"] - loss["peft"]) < 1e-2 * abs(loss["peft"]), loss
+    assert abs(loss["ftk-patched"] - loss["peft"]) < 1e-2 * abs(loss["peft"]), loss
 
 
 if __name__ == "__main__":  # peak memory of one implementation, in a process of its own

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import load_bnb_4bit, make_tiny_causal_lm
+from conftest import assert_within_torch_error, bnb_dequantize_4bit, load_bnb_4bit, make_tiny_causal_lm
 
 pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
@@ -65,6 +65,31 @@ def assert_same_run(got, want):
         torch.testing.assert_close(grads_g[n], grads_w[n], rtol=1e-3, atol=1e-4 * scale, msg=n)
 
 
+def fp64_oracle(model):
+    """model's computation in float64: each LoRA layer's 4-bit base replaced by a dense layer
+    holding its dequantized weight (bitsandbytes' generic dequantize), everything else cast."""
+    ref = copy.deepcopy(model)
+    for _, layer in list(ref.named_modules()):
+        if isinstance(layer, peft.tuners.lora.LoraLayer):
+            base = layer.base_layer
+            dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+            dense.weight = nn.Parameter(bnb_dequantize_4bit(base.weight.data, base.weight.quant_state), False)
+            if base.bias is not None:
+                dense.bias = nn.Parameter(base.bias.detach().clone(), False)
+            layer.base_layer = dense
+    return ref.double()
+
+
+def assert_within_torch_error_run(got, want, oracle):
+    """The design's rule on every output and LoRA gradient: the patched model's error against the
+    fp64 oracle at most 2x that of PEFT's own fp32 run (conftest.assert_within_torch_error)."""
+    (out_g, grads_g), (out_w, grads_w), (out_o, grads_o) = got, want, oracle
+    assert_within_torch_error(out_g, out_o, out_w, what="logits")
+    assert grads_g.keys() == grads_w.keys() == grads_o.keys()
+    for n in grads_o:
+        assert_within_torch_error(grads_g[n], grads_o[n], grads_w[n], what=n)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     paths = {}
@@ -88,6 +113,7 @@ def test_patched_bnb_peft_model_matches_peft(saved, arch, double, count_fused_lo
     got = run(model)
     assert len(count_fused_lora) == 14 and len(got[1]) == 28  # every projection, one call each
     assert_same_run(got, want)
+    assert_within_torch_error_run(got, want, run(fp64_oracle(model)))
     # PEFT's module tree and names are untouched
     assert list(model.state_dict()) == keys and [n for n, _ in model.named_modules()] == names
     assert unpatch_peft(model) == 14
@@ -192,6 +218,11 @@ def test_merge_and_save_after_patch_load_without_ftkernels(saved, tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    # and PEFT's from_pretrained, patched again, here
+    reloaded = peft.PeftModel.from_pretrained(load_bnb_4bit(saved["llama"]), tmp_path / "adapter").eval()
+    assert patch_peft(reloaded).patched == 14
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(TOKENS).logits, ours, rtol=1e-4, atol=1e-5)
 
     # merge_and_unload on the patched model: PEFT's own merge (it requantizes to 4 bits)
     reference = copy.deepcopy(model)

@@ -81,8 +81,10 @@ def test_trainer_with_callback_matches_plain_run(saved, tmp_path, count_fused_lo
     assert len(fused) == len(plain) == STEPS
     assert fused[-1] < fused[0]
     torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=2e-3, atol=1e-4)
-    # training ends unpatched: what is saved and evaluated afterwards is PEFT's own
-    assert "forward" not in trainer.model.base_model.model.model.layers[0].self_attn.q_proj.__dict__
+    # training ends with the loss hooks off (evaluation sees the logits) and the layers still fused
+    assert callback._loss is None and type(trainer.model.get_base_model().lm_head) is torch.nn.Linear
+    count_fused_lora.clear()
+    assert trainer.evaluate(rows(4))["eval_loss"] > 0 and len(count_fused_lora) == 14
 
 
 def test_sft_trainer_with_peft_config_and_callback_matches_plain_run(saved, tmp_path, count_fused_lora):

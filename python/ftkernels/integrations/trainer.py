@@ -10,8 +10,9 @@ the Trainer is built (after SFTTrainer's ``get_peft_model``) and again when trai
 runs :func:`~ftkernels.integrations.patch_peft` on the model and, where the model allows,
 fuses its output head and loss in training forwards that are given labels
 (:func:`~ftkernels.integrations.loss.fuse_lm_loss_when_training`). TRL computes its loss with
-its own fused head (``fused_lm_head=True``), which is left to run. Training ends with the model
-unpatched, so what is saved and evaluated afterwards is PEFT's.
+its own fused head (``fused_lm_head=True``), which is left to run. When training ends the loss
+hooks come off and the layers stay patched (evaluation and generation run the fused op too;
+what is saved is PEFT's either way); ``unpatch_peft(model)`` gives PEFT's forward back.
 
 This module imports Transformers; ``ftkernels.integrations`` loads it on first use.
 """
@@ -22,7 +23,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .. import optim
-from .dropin import PatchReport, patch_peft, unpatch_peft
+from .dropin import PatchReport, patch_peft
 from .loss import FusedLossHandle, fuse_lm_loss_when_training
 
 __all__ = ["FusedCallback", "fused_trainer_kwargs", "optimizer_cls_and_kwargs"]
@@ -81,8 +82,6 @@ class FusedCallback(TrainerCallback):
         if self._loss is not None:
             self._loss.remove()
             self._loss = None
-        if model is not None and _has_lora(model):
-            unpatch_peft(model)
 
 
 def optimizer_cls_and_kwargs(args, optimizer: str = "AdamW8bit"):
