@@ -1,12 +1,14 @@
 """One training step (forward, backward, AdamW step) of SmolLM2-135M-Instruct, batch 4 x 256
 tokens, as a PEFT + bitsandbytes user runs it: the model saved once as safetensors, loaded through
 Transformers' ``BitsAndBytesConfig`` (NF4, double quantization, compute dtype = the step's dtype),
-PEFT LoRA r=16, alpha 32 on every attention and MLP projection, torch's AdamW. Three models from
+PEFT LoRA r=16, alpha 32 on every attention and MLP projection, torch's AdamW. Four models from
 the same file, one step of each per round, rounds alternating:
 
   peft               PEFT's forward (bitsandbytes' Linear4bit, then the LoRA branch as three ops);
   ftk-patched        after ``patch_peft(model)``: the fused op on bitsandbytes' own bytes;
   ftk-patched-loss   also ``fuse_lm_loss_when_training``: what ``FusedCallback`` gives a Trainer.
+  peft-dense         PEFT LoRA on the unquantized model: no dequantization at all, the floor a
+                     4-bit step's GEMMs approach (the ``*_of_dense`` ratios).
 
 fp32 on the CPU (FTK_BENCH_DTYPE=bf16 for bf16, on a CPU with AVX512-BF16 or AMX), bf16 on a GPU.
 Peak memory: on the CPU the VmHWM of a fresh process loading the model and running two steps, on
@@ -36,7 +38,7 @@ BATCH, SEQ, RANK, ALPHA = 4, 256, 16, 32
 ROUNDS, PEAK_MEMORY = 5, True
 if QUICK:
     BATCH, SEQ, ROUNDS, PEAK_MEMORY = 1, 32, 1, False
-IMPLS = ("peft", "ftk-patched", "ftk-patched-loss")
+IMPLS = ("peft", "ftk-patched", "ftk-patched-loss", "peft-dense")
 
 
 def save_model(folder: Path) -> str:
@@ -68,13 +70,12 @@ def load(folder, impl: str):
     config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=DTYPE
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=config, device_map={"": DEVICE}, **dtype_kwarg(DTYPE)
-    )
+    quantized = {} if impl == "peft-dense" else {"quantization_config": config}
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map={"": DEVICE}, **quantized, **dtype_kwarg(DTYPE))
     model = peft.get_peft_model(
         model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS)
     )
-    if impl != "peft":
+    if impl.startswith("ftk"):
         report = patch_peft(model)
         assert not report.fallbacks, str(report)
     if impl == "ftk-patched-loss":
@@ -111,7 +112,7 @@ def saved():
 @pytest.fixture(scope="module")
 def models(saved):
     folder, _ = saved
-    out, peaks = {}, {}
+    out, peaks, first = {}, {}, {}
     for impl in IMPLS:
         if DEVICE == "cuda":
             torch.cuda.synchronize()
@@ -119,11 +120,11 @@ def models(saved):
             before = torch.cuda.memory_allocated()
         out[impl] = load(folder, impl)
         inputs = batch(out[impl][0].config.vocab_size)
-        for _ in range(2):
-            step(*out[impl], inputs)
+        first[impl] = step(*out[impl], inputs)
+        step(*out[impl], inputs)
         if DEVICE == "cuda":
             peaks[impl] = (torch.cuda.max_memory_allocated() - before) / 2**20
-    return out, peaks
+    return out, peaks, first
 
 
 def peak_rss(folder, impl: str) -> float | None:
@@ -145,16 +146,15 @@ def test_ftk_patch_peft_interleaved(benchmark, saved, models):
     """The three steps round-robin, one of each a round: the ratios of their medians are what
     the targets are checked against (a shared machine drifts between separate tests)."""
     folder, what = saved
-    steps, peaks = models
+    steps, peaks, first = models
     inputs = batch(steps["peft"][0].config.vocab_size)
     times = {impl: [] for impl in IMPLS}
-    loss = {}
 
     def rounds():
         for _ in range(ROUNDS):
             for impl in IMPLS:
                 start = time.perf_counter()
-                loss[impl] = step(*steps[impl], inputs)
+                step(*steps[impl], inputs)
                 times[impl].append(time.perf_counter() - start)
 
     benchmark.group = f"dropin-{DEVICE}-interleaved"
@@ -162,8 +162,10 @@ def test_ftk_patch_peft_interleaved(benchmark, saved, models):
     median = {impl: statistics.median(t) for impl, t in times.items()}
     info = {"model": what, "dtype": _dtype, "tokens": BATCH * SEQ}
     info.update({f"{impl}_median_s": t for impl, t in median.items()})
-    for impl in IMPLS[1:]:
+    for impl in ("ftk-patched", "ftk-patched-loss"):
         info[f"{impl}_speedup_vs_peft"] = median["peft"] / median[impl]
+        info[f"{impl}_time_of_dense"] = median[impl] / median["peft-dense"]
+    info["peft_time_of_dense"] = median["peft"] / median["peft-dense"]
     if PEAK_MEMORY and DEVICE == "cpu":
         for impl in IMPLS:
             mib = peak_rss(folder, impl)
@@ -172,9 +174,10 @@ def test_ftk_patch_peft_interleaved(benchmark, saved, models):
     for impl, mib in peaks.items():
         info[f"{impl}_peak_cuda_mib"] = mib
     benchmark.extra_info.update(info)
-    benchmark.extra_info["report"] = sorted(k for k in info if k.endswith(("_s", "_peft", "_mib")))
-    # the same weights, data and optimizer: the losses agree to rounding
-    assert abs(loss["ftk-patched"] - loss["peft"]) < 1e-2 * abs(loss["peft"]), loss
+    benchmark.extra_info["report"] = sorted(k for k in info if k.endswith(("_s", "_peft", "_mib", "_dense")))
+    # the first step: the same weights and data, so the losses agree to rounding (bf16 steps drift apart)
+    for impl in ("ftk-patched", "ftk-patched-loss"):
+        assert abs(first[impl] - first["peft"]) < 2e-3 * abs(first["peft"]), first
 
 
 if __name__ == "__main__":  # peak memory of one implementation, in a process of its own

@@ -240,3 +240,16 @@ def test_patch_peft_rejects_what_it_cannot_patch():
         patch_peft(nn.Linear(4, 4))
     with pytest.raises(TypeError, match="config must be a peft.LoraConfig"):
         lora_config_for_nf4({"r": 8})
+
+
+def test_plain_calls_fuse_and_per_call_arguments_go_to_peft(saved, count_fused_lora):
+    model = peft.get_peft_model(load_bnb_4bit(saved["llama"]), lora_config(target_modules=["q_proj"]))
+    patch_peft(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64)
+    want = type(layer).forward(layer, x)
+    torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-5)
+    assert len(count_fused_lora) == 1
+    count_fused_lora.clear()
+    layer(x, adapter_names=["default"] * 3)  # PEFT's per-call arguments
+    assert not count_fused_lora

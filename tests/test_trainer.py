@@ -59,6 +59,20 @@ def losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
+def assert_fused_run_matches_plain(train, calls):
+    """train(fused) -> (trainer, its logged losses): the plain run never calls the fused op, the
+    fused one patches all 14 layers and calls it at least once a layer a step, and both runs log
+    the same decreasing losses. Returns the fused run's trainer and callback."""
+    _, plain = train(False)
+    assert not calls
+    trainer, fused = train(True)
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FusedCallback))
+    assert callback.report.patched == 14 and len(calls) >= 14 * STEPS
+    assert len(fused) == len(plain) == STEPS and fused[-1] < fused[0]
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=2e-3, atol=1e-4)
+    return trainer, callback
+
+
 def test_trainer_with_callback_matches_plain_run(saved, tmp_path, count_fused_lora):
     def train(fused: bool):
         torch.manual_seed(0)
@@ -69,18 +83,11 @@ def test_trainer_with_callback_matches_plain_run(saved, tmp_path, count_fused_lo
         trainer.train()
         return trainer, losses(trainer)
 
-    _, plain = train(False)
-    assert not count_fused_lora
-    trainer, fused = train(True)
-    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FusedCallback))
-    assert callback.report.patched == 14 and callback.fused_loss_active
-    assert len(count_fused_lora) >= 14 * STEPS
+    trainer, callback = assert_fused_run_matches_plain(train, count_fused_lora)
+    assert callback.fused_loss_active
     assert isinstance(
         trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer, optim.AdamW8bit
     )
-    assert len(fused) == len(plain) == STEPS
-    assert fused[-1] < fused[0]
-    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=2e-3, atol=1e-4)
     # training ends with the loss hooks off (evaluation sees the logits) and the layers still fused
     assert callback._loss is None and type(trainer.model.get_base_model().lm_head) is torch.nn.Linear
     count_fused_lora.clear()
@@ -115,15 +122,7 @@ def test_sft_trainer_with_peft_config_and_callback_matches_plain_run(saved, tmp_
         trainer.train()
         return trainer, losses(trainer)
 
-    _, plain = train(False)
-    assert not count_fused_lora
-    trainer, fused = train(True)
-    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FusedCallback))
-    assert callback.report.patched == 14
-    assert len(count_fused_lora) >= 14 * STEPS
-    assert len(fused) == len(plain) == STEPS
-    assert fused[-1] < fused[0]
-    torch.testing.assert_close(torch.tensor(fused), torch.tensor(plain), rtol=2e-3, atol=1e-4)
+    assert_fused_run_matches_plain(train, count_fused_lora)
 
 
 def test_trainer_helpers_reject_bad_arguments(tmp_path):

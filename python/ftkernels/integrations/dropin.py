@@ -42,6 +42,9 @@ _MARK = "_ftk_fused_forward"
 # by what changes when the weight is replaced (merge, .to(device), requantization).
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+# The op's input dtypes (float64, integer inputs and the like go to PEFT's forward).
+_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 @dataclasses.dataclass
 class PatchReport:
@@ -100,7 +103,7 @@ def _weight_4bit(layer: nn.Module, base: nn.Module):
     return view.weight, view.quant_state, base.bias
 
 
-def _static_reason(layer: nn.Module) -> str | None:
+def _unfused_reason(layer: nn.Module) -> str | None:
     """Why the fused op cannot serve this layer as it is now; None when it can."""
     kind = _base_kind(layer.get_base_layer())
     if kind is None:
@@ -131,9 +134,9 @@ def _static_reason(layer: nn.Module) -> str | None:
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     peft_forward = type(self).forward
-    if args or kwargs or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+    if args or kwargs or not isinstance(x, torch.Tensor) or x.dtype not in _OP_DTYPES:
         return peft_forward(self, x, *args, **kwargs)
-    if _static_reason(self) is not None:
+    if _unfused_reason(self) is not None:
         return peft_forward(self, x)
     name = next(a for a in self.active_adapters if a in self.lora_A)
     packed, qs, bias = _weight_4bit(self, self.get_base_layer())
@@ -172,13 +175,13 @@ def patch_peft(model: nn.Module) -> PatchReport:
     report = PatchReport()
     for name, layer in layers:
         if _base_kind(layer.get_base_layer()) is None:
-            reason = _static_reason(layer)
+            reason = _unfused_reason(layer)
         else:
             # A 4-bit layer is patched whatever its state now: the forward re-checks it per call.
             if _MARK not in layer.__dict__:
                 layer.__dict__[_FORWARD] = types.MethodType(_fused_forward, layer)
                 layer.__dict__[_MARK] = True
-            reason = _static_reason(layer)
+            reason = _unfused_reason(layer)
         if reason is None:
             report.patched += 1
             report.layers[name] = "fused"

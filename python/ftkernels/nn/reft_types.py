@@ -50,7 +50,18 @@ class _Projected(ReFTIntervention):
     """NoReFT's and NodiReFT's parameters: ``proj_layer`` Linear(embed_dim, rank, bias=add_bias)
     (P and c) and ``learned_source`` Linear(embed_dim, rank) (W and b), pyreft's names."""
 
-    def __init__(self, embed_dim, rank, dropout, device, dtype, add_bias, dropout_on, act_fn):
+    def __init__(
+        self,
+        embed_dim: int,
+        rank: int,
+        dropout: float = 0.0,
+        device=None,
+        dtype=None,
+        *,
+        add_bias: bool = False,
+        dropout_on: str = "edit",
+        act_fn: str | None = None,
+    ):
         _check_act_fn(act_fn)
         super().__init__(embed_dim, rank, dropout, dropout_on)
         kw = {"device": device, "dtype": dtype}
@@ -80,20 +91,6 @@ class NoReFT(_Projected):
 
     pyreft_name = "NoreftIntervention"
 
-    def __init__(
-        self,
-        embed_dim: int,
-        rank: int,
-        dropout: float = 0.0,
-        device=None,
-        dtype=None,
-        *,
-        add_bias: bool = False,
-        dropout_on: str = "edit",
-        act_fn: str | None = None,
-    ):
-        super().__init__(embed_dim, rank, dropout, device, dtype, add_bias, dropout_on, act_fn)
-
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         b = self.learned_source.bias
         if self.proj_layer.bias is not None:
@@ -107,20 +104,6 @@ class NodiReFT(_Projected):
     as in pyreft, not used."""
 
     pyreft_name = "NodireftIntervention"
-
-    def __init__(
-        self,
-        embed_dim: int,
-        rank: int,
-        dropout: float = 0.0,
-        device=None,
-        dtype=None,
-        *,
-        add_bias: bool = False,
-        dropout_on: str = "edit",
-        act_fn: str | None = None,
-    ):
-        super().__init__(embed_dim, rank, dropout, device, dtype, add_bias, dropout_on, act_fn)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         ls = self.learned_source
