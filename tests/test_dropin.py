@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -130,6 +131,13 @@ def test_patched_nf4_peft_model_matches_peft_and_merges(count_fused_lora):
     assert patch_peft(model).patched == 14
     assert_same_run(run(model), want)
     assert len(count_fused_lora) == 14
+    # a patched model deep-copies and pickles (the patched forward is a partial of a module function)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        layer = twin.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.forward.args[0] is layer
+        count_fused_lora.clear()
+        assert_same_run(run(twin), want)
+        assert len(count_fused_lora) == 14
     model.eval()
     with torch.no_grad():
         before = model(TOKENS).logits

@@ -20,7 +20,7 @@ registers it (PEFT's custom-module mapping) before ``get_peft_model``.
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
 import warnings
 import weakref
 from collections import Counter
@@ -179,7 +179,8 @@ def patch_peft(model: nn.Module) -> PatchReport:
         else:
             # A 4-bit layer is patched whatever its state now: the forward re-checks it per call.
             if _MARK not in layer.__dict__:
-                layer.__dict__[_FORWARD] = types.MethodType(_fused_forward, layer)
+                # a partial of a module-level function, not a bound method: it pickles and deep-copies
+                layer.__dict__[_FORWARD] = functools.partial(_fused_forward, layer)
                 layer.__dict__[_MARK] = True
             reason = _unfused_reason(layer)
         if reason is None:
@@ -207,7 +208,12 @@ def unpatch_peft(model: nn.Module) -> int:
 
 def _nf4_lora_class():
     """PEFT's dense LoRA layer, with merging done through the 4-bit weight (dequantize, add,
-    requantize with the same settings, as PEFT does for bitsandbytes' Linear4bit)."""
+    requantize with the same settings, as PEFT does for bitsandbytes' Linear4bit). Built on first
+    use (it subclasses a PEFT class) and kept as this module's ``LoraLinearNF4``, so models holding
+    it pickle and unpickle (see ``__getattr__``)."""
+    cls = globals().get("LoraLinearNF4")
+    if cls is not None:
+        return cls
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
     class LoraLinearNF4(PeftLoraLinear):
@@ -251,7 +257,15 @@ def _nf4_lora_class():
             if base._dense is not None:
                 base._dense.clear()
 
+    LoraLinearNF4.__module__, LoraLinearNF4.__qualname__ = __name__, "LoraLinearNF4"
+    globals()["LoraLinearNF4"] = LoraLinearNF4
     return LoraLinearNF4
+
+
+def __getattr__(name: str):
+    if name == "LoraLinearNF4":  # unpickling a model that holds one, in a fresh process
+        return _nf4_lora_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def lora_config_for_nf4(config):
