@@ -20,6 +20,18 @@ def need_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def need_optional_tensor(name: str, t) -> None:
+    if t is not None and not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+
+
+def need_bool(name: str, v) -> bool:
+    """v, a bool (not an int standing in for one); a TypeError naming ``name`` otherwise."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {v!r}")
+    return v
+
+
 def need_dtype(name: str, t: torch.Tensor, dtypes) -> None:
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)

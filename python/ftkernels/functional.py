@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import need_tensor
+from ._checks import need_bool, need_optional_tensor, need_tensor
 from ._formats import NESTED_BLOCKSIZE, code_4bit, dynamic_map
 from .quant_state import QuantState
 
@@ -39,8 +39,7 @@ def create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8) -> torch.
     """bitsandbytes' dynamic map (256 fp32, sorted, on the CPU): signed for double quantization
     and the first Adam moment, unsigned for the second. ``max_exponent_bits`` and ``total_bits``
     as in bitsandbytes; fewer than 8 total bits pad the 2**total_bits values with zeros."""
-    if not isinstance(signed, bool):
-        raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+    need_bool("signed", signed)
     for name, v in (("max_exponent_bits", max_exponent_bits), ("total_bits", total_bits)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -75,11 +74,6 @@ def get_4bit_type(typename, device=None, blocksize=64) -> torch.Tensor:
             raise ValueError(f"blocksize: the af4 code is defined at blocksize 64 only, got {blocksize!r}")
         return torch.tensor(_AF4_CODE_64, dtype=torch.float32, device=device)
     raise ValueError(f"typename must be 'nf4', 'fp4', 'int4' or 'af4', got {typename!r}")
-
-
-def _need_optional_tensor(name: str, t) -> None:
-    if t is not None and not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
 
 
 def _write_into(name: str, buf: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -122,8 +116,8 @@ def quantize_4bit(
     ``check_finite=False``, which keeps bitsandbytes' result.
     """
     need_tensor("A", A)
-    _need_optional_tensor("absmax", absmax)
-    _need_optional_tensor("out", out)
+    need_optional_tensor("absmax", absmax)
+    need_optional_tensor("out", out)
     if blocksize is None:
         blocksize = DEFAULT_BLOCKSIZE_4BIT
     if quant_storage not in QUANT_STORAGE_DTYPES:
@@ -217,8 +211,8 @@ def dequantize_4bit(
     as bitsandbytes gives it.
     """
     need_tensor("A", A)
-    _need_optional_tensor("absmax", absmax)
-    _need_optional_tensor("out", out)
+    need_optional_tensor("absmax", absmax)
+    need_optional_tensor("out", out)
     if quant_state is None:
         if absmax is None or out is None:
             raise ValueError("dequantize_4bit needs quant_state, or both absmax and out")
@@ -286,11 +280,10 @@ def quantize_blockwise(
     written in place and returned.
     """
     need_tensor("A", A)
-    _need_optional_tensor("code", code)
-    _need_optional_tensor("absmax", absmax)
-    _need_optional_tensor("out", out)
-    if not isinstance(nested, bool):
-        raise TypeError(f"nested must be a bool, got {type(nested).__name__}")
+    need_optional_tensor("code", code)
+    need_optional_tensor("absmax", absmax)
+    need_optional_tensor("out", out)
+    need_bool("nested", nested)
     code = create_dynamic_map() if code is None else code
     code = code.to(A.device, copy=True)
     q, stats = torch.ops.ftk.quantize_blockwise(A, code, blocksize)
@@ -325,9 +318,9 @@ def dequantize_blockwise(
     written in place and returned.
     """
     need_tensor("A", A)
-    _need_optional_tensor("absmax", absmax)
-    _need_optional_tensor("code", code)
-    _need_optional_tensor("out", out)
+    need_optional_tensor("absmax", absmax)
+    need_optional_tensor("code", code)
+    need_optional_tensor("out", out)
     if quant_state is None:
         if absmax is None:
             raise ValueError("dequantize_blockwise needs quant_state or absmax")
@@ -349,13 +342,7 @@ def dequantize_blockwise(
 
 def _need_tensors(**tensors) -> None:
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _need_positions(positions) -> None:
-    if positions is not None and not isinstance(positions, torch.Tensor):
-        raise TypeError(f"positions must be a torch.Tensor or None, got {type(positions).__name__}")
+        need_tensor(name, t)
 
 
 def _dropout_seed(dropout_p, training: bool, generator) -> tuple[float, torch.Tensor | None]:
@@ -388,8 +375,7 @@ def lora_linear_4bit(
     drawn from ``generator`` (default: torch's CPU generator) and backward regenerates it.
     """
     _need_tensors(x=x, packed=packed, lora_A=lora_A, lora_B=lora_B)
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    need_optional_tensor("bias", bias)
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a QuantState, got {type(quant_state).__name__}")
     qs = quant_state
@@ -446,7 +432,7 @@ def loreft(
     Dropout (when ``training``) applies to the edit ``Rᵀ(...)`` only, not to h.
     """
     _need_tensors(h=h, R=R, W=W, b=b)
-    _need_positions(positions)
+    need_optional_tensor("positions", positions)
     p, seed = _dropout_seed(dropout_p, training, generator)
     return torch.ops.ftk.loreft(h, R, W, b, positions, p, seed)[0]
 
@@ -468,6 +454,6 @@ def direft(
     :func:`loreft`.
     """
     _need_tensors(h=h, W1=W1, W2=W2, b=b)
-    _need_positions(positions)
+    need_optional_tensor("positions", positions)
     p, seed = _dropout_seed(dropout_p, training, generator)
     return torch.ops.ftk.direft(h, W1, W2, b, positions, p, seed)[0]

@@ -28,6 +28,7 @@ from collections import Counter
 import torch
 from torch import nn
 
+from .._formats import FLOAT_DTYPES  # the op's input dtypes (others go to PEFT's forward)
 from ..functional import lora_linear_4bit
 from ..nn.linear_nf4 import LinearNF4
 from ..nn.lora_linear_4bit import _bnb_linear4bit_class, _from_bnb_linear4bit
@@ -41,9 +42,6 @@ _MARK = "_ftk_fused_forward"
 # bitsandbytes weight -> the LinearNF4 view of it (shares its tensors), per PEFT layer, keyed
 # by what changes when the weight is replaced (merge, .to(device), requantization).
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-# The op's input dtypes (float64, integer inputs and the like go to PEFT's forward).
-_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclasses.dataclass
@@ -103,43 +101,46 @@ def _weight_4bit(layer: nn.Module, base: nn.Module):
     return view.weight, view.quant_state, base.bias
 
 
-def _unfused_reason(layer: nn.Module) -> str | None:
-    """Why the fused op cannot serve this layer as it is now; None when it can."""
-    kind = _base_kind(layer.get_base_layer())
+def _plan(layer: nn.Module) -> tuple[str | None, str | None, tuple | None]:
+    """(why not, adapter, weight): why the fused op cannot serve this layer as it is now (None
+    when it can), else its one active adapter and :func:`_weight_4bit`'s (packed, state, bias)."""
+    base = layer.get_base_layer()
+    kind = _base_kind(base)
     if kind is None:
-        return f"base {type(layer.get_base_layer()).__name__} is not 4-bit"
+        return f"base {type(base).__name__} is not 4-bit", None, None
     if layer.disable_adapters:
-        return "adapters disabled"
+        return "adapters disabled", None, None
     if layer.merged:
-        return "merged"
+        return "merged", None, None
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
-        return f"{len(active)} active adapters"
+        return f"{len(active)} active adapters", None, None
     name = active[0]
     if getattr(layer, "use_dora", {}).get(name, False) or name in getattr(layer, "lora_variant", {}):
-        return "DoRA or another LoRA variant"
+        return "DoRA or another LoRA variant", None, None
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear:
-        return "LoRA factors are not nn.Linear"
+        return "LoRA factors are not nn.Linear", None, None
     if lora_B.bias is not None or lora_A.bias is not None:
-        return "lora_bias"
+        return "lora_bias", None, None
     if type(layer.lora_dropout[name]) not in (nn.Dropout, nn.Identity):
-        return f"dropout {type(layer.lora_dropout[name]).__name__}"
+        return f"dropout {type(layer.lora_dropout[name]).__name__}", None, None
     if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out"
-    if kind == "bnb" and _weight_4bit(layer, layer.get_base_layer()) is None:
-        return "weight not quantized yet"
-    return None
+        return "fan_in_fan_out", None, None
+    weight = _weight_4bit(layer, base)
+    if weight is None:
+        return "weight not quantized yet", None, None
+    return None, name, weight
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     peft_forward = type(self).forward
-    if args or kwargs or not isinstance(x, torch.Tensor) or x.dtype not in _OP_DTYPES:
+    if args or kwargs or not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         return peft_forward(self, x, *args, **kwargs)
-    if _unfused_reason(self) is not None:
+    why, name, weight = _plan(self)
+    if why is not None:
         return peft_forward(self, x)
-    name = next(a for a in self.active_adapters if a in self.lora_A)
-    packed, qs, bias = _weight_4bit(self, self.get_base_layer())
+    packed, qs, bias = weight
     if x.shape[-1] != qs.shape[1] or x.device != packed.device:
         return peft_forward(self, x)
     dropout = self.lora_dropout[name]
@@ -174,15 +175,13 @@ def patch_peft(model: nn.Module) -> PatchReport:
         raise ValueError(f"model: {type(model).__name__} has no PEFT LoRA layers (build it with get_peft_model)")
     report = PatchReport()
     for name, layer in layers:
-        if _base_kind(layer.get_base_layer()) is None:
-            reason = _unfused_reason(layer)
-        else:
-            # A 4-bit layer is patched whatever its state now: the forward re-checks it per call.
-            if _MARK not in layer.__dict__:
-                # a partial of a module-level function, not a bound method: it pickles and deep-copies
-                layer.__dict__[_FORWARD] = functools.partial(_fused_forward, layer)
-                layer.__dict__[_MARK] = True
-            reason = _unfused_reason(layer)
+        # A 4-bit layer is patched whatever its state now: the forward re-checks it per call. The
+        # forward is a partial of a module-level function, not a bound method: it pickles and
+        # deep-copies.
+        if _base_kind(layer.get_base_layer()) is not None and _MARK not in layer.__dict__:
+            layer.__dict__[_FORWARD] = functools.partial(_fused_forward, layer)
+            layer.__dict__[_MARK] = True
+        reason = _plan(layer)[0]
         if reason is None:
             report.patched += 1
             report.layers[name] = "fused"

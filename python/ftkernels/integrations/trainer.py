@@ -23,6 +23,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .. import optim
+from .._checks import need_bool
 from .dropin import PatchReport, patch_peft
 from .loss import FusedLossHandle, fuse_lm_loss_when_training
 
@@ -51,8 +52,7 @@ class FusedCallback(TrainerCallback):
     (None until a model with LoRA layers is seen)."""
 
     def __init__(self, fused_loss: bool = True, chunk_rows: int | None = None):
-        if not isinstance(fused_loss, bool):
-            raise TypeError(f"fused_loss must be a bool, got {fused_loss!r}")
+        need_bool("fused_loss", fused_loss)
         if chunk_rows is not None and (
             isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1
         ):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._checks import need_bool
 from .._formats import REFT_MAX_RANK
 from ..functional import direft, loreft
 
@@ -226,10 +227,8 @@ class DiReFT(ReFTIntervention):
         act_fn: str | None = None,
     ):
         _check_act_fn(act_fn)
-        if not isinstance(orthogonal, bool):
-            raise TypeError(f"orthogonal must be a bool, got {type(orthogonal).__name__}")
         super().__init__(embed_dim, rank, dropout, dropout_on)
-        self.orthogonal = orthogonal
+        self.orthogonal = need_bool("orthogonal", orthogonal)
         kw = {"device": device, "dtype": dtype}
         self.learned_source = nn.Linear(embed_dim, rank, **kw)
         self.proj = nn.Parameter(nn.init.orthogonal_(torch.empty(rank, embed_dim, **kw)))

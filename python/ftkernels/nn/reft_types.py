@@ -34,16 +34,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._checks import need_bool
 from ..functional import direft, loreft
 from .loreft import _BASE, _ORIGINAL, DiReFT, LoReFT, OrthonormalRows, ReFTIntervention, _check_act_fn, pyreft_rotation
 
 __all__ = ["PYREFT_TYPES", "ConsReFT", "LobiReFT", "NoReFT", "NodiReFT", "from_pyreft"]
-
-
-def _check_add_bias(add_bias) -> bool:
-    if not isinstance(add_bias, bool):
-        raise TypeError(f"add_bias must be a bool, got {type(add_bias).__name__}")
-    return add_bias
 
 
 class _Projected(ReFTIntervention):
@@ -65,7 +60,7 @@ class _Projected(ReFTIntervention):
         _check_act_fn(act_fn)
         super().__init__(embed_dim, rank, dropout, dropout_on)
         kw = {"device": device, "dtype": dtype}
-        self.add_bias = _check_add_bias(add_bias)
+        self.add_bias = need_bool("add_bias", add_bias)
         self.proj_layer = nn.Linear(embed_dim, rank, bias=add_bias, **kw)
         self.learned_source = nn.Linear(embed_dim, rank, **kw)
 
@@ -114,7 +109,9 @@ class _RotatedBias(ReFTIntervention):
     """ConsReFT's and LobiReFT's parameters: ``rotation`` R (rank x embed_dim, orthonormal rows
     as in :class:`LoReFT`) and ``learned_source`` b (rank,), ``torch.rand`` init as in pyreft."""
 
-    def __init__(self, embed_dim, rank, dropout, device, dtype, dropout_on):
+    def __init__(
+        self, embed_dim: int, rank: int, dropout: float = 0.0, device=None, dtype=None, *, dropout_on: str = "edit"
+    ):
         super().__init__(embed_dim, rank, dropout, dropout_on)
         kw = {"device": device, "dtype": dtype}
         self.rotation = nn.Parameter(nn.init.orthogonal_(torch.empty(rank, embed_dim, **kw)))
@@ -137,11 +134,6 @@ class ConsReFT(_RotatedBias):
 
     pyreft_name = "ConsreftIntervention"
 
-    def __init__(
-        self, embed_dim: int, rank: int, dropout: float = 0.0, device=None, dtype=None, *, dropout_on: str = "edit"
-    ):
-        super().__init__(embed_dim, rank, dropout, device, dtype, dropout_on)
-
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         R = self.rotation
         return self._fused(loreft, h, positions, R, R.new_zeros(R.shape), self.learned_source)
@@ -152,11 +144,6 @@ class LobiReFT(_RotatedBias):
     for every h): the direft op with W1 = 0."""
 
     pyreft_name = "LobireftIntervention"
-
-    def __init__(
-        self, embed_dim: int, rank: int, dropout: float = 0.0, device=None, dtype=None, *, dropout_on: str = "edit"
-    ):
-        super().__init__(embed_dim, rank, dropout, device, dtype, dropout_on)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         R = self.rotation

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from .._checks import need_bool
 from .._formats import OPTIM_BLOCK
 
 GNORM_WINDOW = 100  # bitsandbytes' percentile clipping: the last 100 steps' gradient norms
@@ -26,12 +27,6 @@ ARGS_ATTRIBUTES = ("optim_bits", "min_8bit_size", "max_unorm", "skip_zeros")
 def _int_in(owner: str, name: str, v, lo: int, hi: float, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ValueError(f"{owner}: {name} must be an int {what}, got {v!r}")
-    return v
-
-
-def _need_bool(owner: str, name: str, v) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"{owner}: {name} must be a bool, got {v!r}")
     return v
 
 
@@ -87,12 +82,12 @@ def bnb_settings(
 ) -> tuple[int, int, bool, int, bool]:
     """(optim_bits, min_8bit_size, paged, percentile_clipping, block_wise) as checked for an
     optimizer of ``kind`` ("adamw" or "lion"); ``owner`` (the class's name) heads every error."""
-    if _need_bool(owner, "amsgrad", amsgrad):
+    if need_bool(f"{owner}: amsgrad", amsgrad):
         raise ValueError(
             f"{owner}: amsgrad=True is not implemented (the fused step keeps no running maximum of the "
             "second moment); use amsgrad=False, or torch.optim.AdamW(amsgrad=True)"
         )
-    paged = _need_bool(owner, "is_paged", paged)
+    paged = need_bool(f"{owner}: is_paged", paged)
     named = {
         "optim_bits": optim_bits,
         "min_8bit_size": min_8bit_size,
@@ -106,7 +101,7 @@ def bnb_settings(
         raise ValueError(f"{owner}: {bits_name} must be 8 or 32 (the optimizer state's bits), got {bits!r}")
     size = _int_in(owner, size_name, size, 0, math.inf, ">= 0 (elements)")
     clip = _int_in(owner, clip_name, clip, 0, 100, "in [0, 100] (100: no clipping)")
-    blockwise = _need_bool(owner, blockwise_name, blockwise)
+    blockwise = need_bool(f"{owner}: {blockwise_name}", blockwise)
     if bits == 8 and kind == "lion":
         raise ValueError(
             f"{owner}: {bits_name}=8 (8-bit Lion states) is not implemented; use {bits_name}=32 (an fp32 "
