@@ -31,7 +31,7 @@ import torch
 
 from . import doctor, plots
 
-OPS = ("nf4", "lora", "loreft", "optim", "dropin", "finetune")
+OPS = ("nf4", "lora", "loreft", "optim", "dropin", "distributed", "finetune")
 
 # Baselines and what they are needed for; each is reported as present or absent.
 BASELINES = {
@@ -48,7 +48,15 @@ BASELINES = {
 # bitsandbytes and PEFT and compiling its Triton kernels, so none weighs less than half the
 # largest; the fine-tuning suite sets up six 135M-parameter models (8 of the 11 minutes of the
 # full CPU run) and comes last, so that it takes what is left.
-SUITE_WEIGHTS = {"nf4": 2.0, "lora": 3.0, "loreft": 2.0, "optim": 2.0, "dropin": 3.0, "finetune": 4.0}
+SUITE_WEIGHTS = {
+    "nf4": 2.0,
+    "lora": 3.0,
+    "loreft": 2.0,
+    "optim": 2.0,
+    "dropin": 3.0,
+    "distributed": 2.0,
+    "finetune": 4.0,
+}
 # A suite stops starting tests at its deadline (benchmarks/conftest.py); it is killed this many
 # seconds later, should the test in flight not end.
 GRACE_S = 20.0

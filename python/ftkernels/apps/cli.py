@@ -200,17 +200,27 @@ def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     if not lr > 0:
         parser.error(f"--lr must be positive, got {lr}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not args.fsdp:
+        parser.error(f"running on {world} ranks (torchrun): pass --fsdp to shard the model over them")
+    if args.fsdp and args.batch_size % world:
+        parser.error(f"--batch-size ({args.batch_size}) must be a multiple of the number of ranks ({world})")
     try:
         folder, gguf_file = resolve_model(None if args.model == "default" else args.model)
         pairs = ft.load_pairs(args.data)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
+    rank, world = ft.start_fsdp() if args.fsdp else (0, 1)
+    say = print if rank == 0 else (lambda *a, **k: None)  # one set of outputs: rank 0's
     t0 = time.perf_counter()
-    print(f"loading {gguf_file or folder} ...", file=sys.stderr, flush=True)
+    say(f"loading {gguf_file or folder} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_causal_lm(folder, gguf_file)
     prompts, pairs, held_out = ft.held_out_prompts(args.data, pairs)
-    before = [greedy_answer(model, tokenizer, p, args.max_new_tokens) for p in prompts]
+    # Before sharding, rank 0 alone answers; afterwards every rank runs the same generations.
+    before = [greedy_answer(model, tokenizer, p, args.max_new_tokens) for p in prompts] if rank == 0 else []
     params = ft.prepare(model, args.method)
+    if args.fsdp:
+        params = ft.shard(model)
     examples = ft.encode(tokenizer, pairs, args.seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses, rate = ft.train(model, params, examples, pad, args.steps, lr, args.batch_size)
@@ -223,6 +233,8 @@ def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         "lr": lr,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
+        "world_size": world,
+        "fsdp": args.fsdp,
         "losses": losses,
         "tokens_per_second": rate,
         "trainable_parameters": sum(p.numel() for p in params),
@@ -232,14 +244,14 @@ def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         ],
     }
     written = ft.write_outputs(model, args.method, args.out, metrics, losses)
-    print(f"method:   {args.method}, {metrics['trainable_parameters']:,} trainable parameters, lr {lr:g}")
-    print(f"loss:     {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps ({rate:.0f} tokens/s)")
+    say(f"method:   {args.method}, {metrics['trainable_parameters']:,} trainable parameters, lr {lr:g}")
+    say(f"loss:     {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps ({rate:.0f} tokens/s)")
     for p, b, a in zip(prompts, before, after):
-        print(
+        say(
             f"prompt:   {p}{'' if held_out else '  (a training example: too few to hold any out)'}"
             f"\n  before: {b}\n  after:  {a}"
         )
-    print(f"written:  {', '.join(str(p) for p in written)} ({metrics['seconds']:.0f} s in all)")
+    say(f"written:  {', '.join(str(p) for p in written)} ({metrics['seconds']:.0f} s in all)")
     return 0
 
 
@@ -341,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="answer length (default: 16)")
     f.add_argument(
         "--out", default="ftk-finetune", metavar="DIR", type=_out_dir, help="output directory (default: ./ftk-finetune)"
+    )
+    f.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model with FSDP2 (4-bit weights gathered in 4 bits) over the ranks torchrun "
+        "starts (torchrun --nproc-per-node N -m ftkernels.apps.cli finetune --fsdp); one rank without torchrun",
     )
     f.set_defaults(func=cmd_finetune)
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..integrations import _dist
+from ..integrations.fsdp import shard_model
 from ..integrations.lora import add_lora, save_lora
 from ..integrations.loss import fused_lm_loss
 from ..integrations.reft import add_loreft, save_loreft
@@ -216,10 +218,13 @@ def loss_curve_png(losses: Sequence[float], path: str | os.PathLike, title: str 
     return fig
 
 
-def prepare(model, method: str, rank: int | None = None) -> list[torch.nn.Parameter]:
-    """Turns the model into one to train with ``method``; returns the trainable parameters."""
+def prepare(model, method: str, rank: int | None = None, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Turns the model into one to train with ``method``; returns the trainable parameters.
+    The adapters are initialised from torch's generator seeded with ``seed``: the same on every
+    rank of a sharded run, whose ranks each keep their shard of their own initialisation."""
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+    torch.manual_seed(seed)
     if method == "loreft":
         reft = add_loreft(model, layers="all", rank=rank or 4, positions="f5+l5")
         return list(reft.parameters())
@@ -231,27 +236,80 @@ def prepare(model, method: str, rank: int | None = None) -> list[torch.nn.Parame
 
 
 def train(model, params, examples, pad_id: int, steps: int, lr: float, batch_size: int, progress: bool = True):
-    """The loop: ftkernels.optim.AdamW on ``params``; returns (losses, tokens a second)."""
+    """The loop: ftkernels.optim.AdamW on ``params``; returns (losses, tokens a second).
+
+    Under torch.distributed (a model sharded by :func:`start_fsdp`) every rank draws the same
+    global batch and trains on its share of the rows; each step's loss is the mean over the
+    global batch's response tokens, as one process would compute it: FSDP2 averages the
+    gradients over ranks, so each rank's token-mean loss is weighted by its token count."""
+    world, rank = _dist.world_size(), _dist.rank()
+    if batch_size % world:
+        raise ValueError(f"--batch-size ({batch_size}) must be a multiple of the number of ranks ({world})")
     opt = AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses, tokens, start = [], 0, time.perf_counter()
-    bar = tqdm(total=steps, disable=not progress, desc="finetune", unit="step")
+    bar = tqdm(total=steps, disable=not progress or rank != 0, desc="finetune", unit="step")
     data = batches(examples, batch_size, pad_id)
     for _ in range(steps):
         batch = next(data)
-        with fused_lm_loss(model):  # the head and the loss fused: no (tokens x vocab) logits
-            loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
+        value, seen = train_step(model, opt, batch)
+        losses.append(value)
+        tokens += seen
         rate = tokens / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}", mem=f"{_memory_mib():.0f}MiB")
         bar.update()
     bar.close()
     model.eval()
     return losses, tokens / (time.perf_counter() - start)
+
+
+def train_step(model, opt, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """One step on ``batch`` (the global batch: under torch.distributed this rank takes its
+    share of the rows); returns (the loss over the global batch's response tokens, its tokens)."""
+    world, rank = _dist.world_size(), _dist.rank()
+    if world > 1:
+        share = len(batch["input_ids"]) // world
+        batch = {k: v[rank * share : (rank + 1) * share] for k, v in batch.items()}
+    with fused_lm_loss(model):  # the head and the loss fused: no (tokens x vocab) logits
+        loss = model(**batch).loss
+    opt.zero_grad(set_to_none=True)
+    if world > 1:
+        # FSDP2 (and DDP) average the gradients over ranks: weighting each rank's token-mean
+        # loss by world * its tokens / all tokens makes that average the global token mean's.
+        n = (batch["labels"][:, 1:] != -100).sum().to(torch.float64)
+        sums = torch.stack([loss.detach().double() * n, n, batch["attention_mask"].sum().double()])
+        torch.distributed.all_reduce(sums)
+        (loss * (n * world / sums[1]).float()).backward()
+        value, seen = float(sums[0] / sums[1]), int(sums[2])
+    else:
+        loss.backward()
+        value, seen = loss.item(), int(batch["attention_mask"].sum())
+    opt.step()
+    return value, seen
+
+
+def start_fsdp() -> tuple[int, int]:
+    """Joins torchrun's process group (gloo: the loop runs on the CPU), or makes a one-process
+    group when not under torchrun; returns (rank, world size)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group("gloo")
+        else:
+            import socket
+
+            with socket.socket() as s:  # a free local port for the one-process group
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard(model) -> list[torch.nn.Parameter]:
+    """``shard_model(model)``; returns the trainable parameters (FSDP2's sharded ones)."""
+    shard_model(model)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _memory_mib() -> float:
@@ -281,13 +339,15 @@ def peak_rss_mib() -> float:
 def write_outputs(model, method: str, out_dir: str | os.PathLike, metrics: dict, losses: Sequence[float]) -> list[Path]:
     """The adapter (PEFT's files for LoRA/QLoRA, safetensors + JSON for LoReFT), metrics.json
     and loss.png (the loss curve; skipped, with a note on stderr, without matplotlib) into
-    out_dir; returns the paths written."""
+    out_dir; returns the paths written (rank 0 writes; other ranks return [])."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if method == "loreft":
+    if method == "loreft":  # on a sharded model every rank gathers, rank 0 writes
         save_loreft(model, out / "adapter")
     else:
         save_lora(model, out / "adapter")
+    if _dist.rank() != 0:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     title = f"{METHOD_NAMES.get(method, method)} fine-tuning of {model_name(model, metrics)}"
     figure = loss_curve_png(losses, out / "loss.png", title=title)

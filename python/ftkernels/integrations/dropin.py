@@ -84,7 +84,7 @@ def _weight_4bit(layer: nn.Module, base: nn.Module):
     """(packed, quant_state, bias) of the layer's 4-bit base; None if it holds no quantized
     weight yet (a bitsandbytes layer quantizes on its first move to a device)."""
     if isinstance(base, LinearNF4):
-        return base.weight, base.quant_state, base.bias
+        return (*base.weight_and_state(), base.bias)
     w = base.weight
     qs = getattr(w, "quant_state", None) or getattr(base, "quant_state", None)
     if qs is None or w.is_floating_point():
@@ -242,6 +242,8 @@ def _nf4_lora_class():
 
         def _add_delta(self, name: str, sign: float, safe_merge: bool) -> None:
             base = self.get_base_layer()
+            if base.is_sharded:
+                raise ValueError(f"adapter {name}: merging into a sharded LinearNF4 is not supported; merge unsharded")
             qs = base.quant_state
             w = base.dequantize().float() + sign * self.get_delta_weight(name).float()
             if safe_merge and not torch.isfinite(w).all():

@@ -25,6 +25,7 @@ from torch import nn
 from ..nn.linear_nf4 import LinearNF4
 from ..nn.lora_linear import LoRALinear
 from ..nn.lora_linear_4bit import LoRALinear4bit, _check_hparams
+from . import _dist
 from .hf_compat import is_conv1d
 from .transformers import replace_module
 
@@ -89,6 +90,7 @@ def add_lora(
     """
     if lora_modules(model):
         raise ValueError("the model already has LoRA layers")
+    _check_not_sharded(model, "add_lora")
     _check_hparams(r, alpha, dropout, use_rslora, torch.float32)
     names = _targets(model, target_modules)  # both checked before the model changes
     for p in model.parameters():
@@ -112,16 +114,27 @@ def add_lora(
     return names
 
 
+def _check_not_sharded(model: nn.Module, what: str) -> None:
+    if any(_dist.is_dtensor(p) for p in model.parameters()):
+        raise ValueError(f"{what}: the model is sharded (shard_model / fully_shard); add adapters before sharding it")
+
+
 def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
-    """PEFT's adapter files for the model's LoRA layers."""
+    """PEFT's adapter files for the model's LoRA layers. On a model sharded with
+    :func:`~ftkernels.integrations.shard_model` every rank calls it: the factors are gathered and
+    rank 0 writes them."""
     layers = lora_modules(model)
     config = getattr(model, "_ftk_lora_config", None)
     if not layers or config is None:
         raise ValueError("the model has no LoRA layers (add_lora first)")
     tensors = {}
     for name, m in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+        # A sharded model's factors are gathered whole (every rank calls this); rank 0 writes.
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = _dist.full(m.lora_A.weight.detach()).contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = _dist.full(m.lora_B.weight.detach()).contiguous().cpu()
+    if _dist.rank() != 0:
+        _dist.barrier()
+        return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -141,6 +154,7 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
         "modules_to_save": None,
     }
     (out / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+    _dist.barrier()
 
 
 def _read_config(src: Path) -> dict:
@@ -201,10 +215,9 @@ def load_lora(model: nn.Module, in_dir: str | os.PathLike) -> list[str]:
         config["target_modules"],
         config.get("use_rslora", False),
     )
-    with torch.no_grad():
-        for name, m in lora_modules(model).items():
-            m.lora_A.weight.copy_(state[f"{PREFIX}{name}.lora_A.weight"])
-            m.lora_B.weight.copy_(state[f"{PREFIX}{name}.lora_B.weight"])
+    for name, m in lora_modules(model).items():
+        _dist.assign_(m.lora_A.weight, state[f"{PREFIX}{name}.lora_A.weight"])
+        _dist.assign_(m.lora_B.weight, state[f"{PREFIX}{name}.lora_B.weight"])
     return names
 
 

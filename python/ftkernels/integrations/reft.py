@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..nn.loreft import parse_positions, reft_positions
+from . import _dist
 from ._reft_base import INTERVENTION_TYPES, _hidden_size, _Plan, decoder_layers
 from .hf_compat import forward_arguments, past_length, real_tokens
 
@@ -271,6 +272,8 @@ def add_loreft(
 
 
 def _attach(model: nn.Module, plan: _Plan, positions: str, freeze_model: bool) -> LoReFTInterventions:
+    if any(_dist.is_dtensor(p) for p in model.parameters()):
+        raise ValueError("the model is sharded (shard_model / fully_shard); add interventions before sharding it")
     if hasattr(model, ATTRIBUTE):
         raise ValueError("the model already has LoReFT interventions (model.ftk_loreft); remove them first")
     reft = LoReFTInterventions(
@@ -307,16 +310,19 @@ def remove_loreft(model: nn.Module) -> LoReFTInterventions:
 
 
 def save_loreft(model: nn.Module, out_dir: str | os.PathLike) -> None:
-    """Writes the model's interventions: a JSON config and the weights as safetensors."""
+    """Writes the model's interventions: a JSON config and the weights as safetensors. On a
+    sharded model every rank calls it; rank 0 writes the gathered weights."""
     reft = getattr(model, ATTRIBUTE, None)
     if not isinstance(reft, LoReFTInterventions):
         raise ValueError("the model has no LoReFT interventions (add_loreft first)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_NAME).write_text(json.dumps(reft.config, indent=2) + "\n")
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in reft.interventions.state_dict().items()}, str(out / WEIGHTS_NAME)
-    )
+    # A sharded model's interventions are gathered whole (every rank calls this); rank 0 writes.
+    tensors = {k: _dist.full(v.detach()).contiguous().cpu() for k, v in reft.interventions.state_dict().items()}
+    if _dist.rank() == 0:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(json.dumps(reft.config, indent=2) + "\n")
+        save_file(tensors, str(out / WEIGHTS_NAME))
+    _dist.barrier()
 
 
 def load_loreft(model: nn.Module, in_dir: str | os.PathLike, positions: str | None = None) -> LoReFTInterventions:

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .._checks import need_blocksize, need_quant_type
 from ..nn.linear_nf4 import LinearNF4
+from ..nn.nf4_param import NF4Param
 from .hf_compat import from_config, is_conv1d, no_init_weights
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -69,6 +70,10 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen, total = set(), 0
     for t in tensors:
+        t = getattr(t, "_local_tensor", t)  # a DTensor: this rank's shard
+        if isinstance(t, NF4Param):  # a wrapper with no storage of its own
+            total += t.payload_bytes()
+            continue
         # Tied weights are one tensor under two names: count their storage once.
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
         if t.numel() and key in seen:
@@ -82,7 +87,7 @@ def model_bytes(model: nn.Module) -> int:
     """Bytes held by ``model``'s parameters, buffers and 4-bit quant states (each tensor once)."""
     tensors = list(model.parameters()) + list(model.buffers())
     for m in model.modules():
-        if isinstance(m, LinearNF4):
+        if isinstance(m, LinearNF4) and not m.is_sharded:
             qs = m.quant_state
             tensors += [qs.absmax, qs.code]
             if qs.nested:
@@ -192,7 +197,7 @@ def quantization_config(model: nn.Module) -> dict:
     layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
     if not layers:
         raise ValueError("model has no LinearNF4 layers; run quantize_model(model) first")
-    kinds = {(m.quant_state.quant_type, m.quant_state.nested) for m in layers}
+    kinds = {(m.quant_type, m.compress_statistics) for m in layers}
     if len(kinds) > 1:
         raise ValueError(
             f"model: its LinearNF4 layers mix (quant_type, double_quant) settings {sorted(kinds)}; "
@@ -200,7 +205,7 @@ def quantization_config(model: nn.Module) -> dict:
         )
     quant_type, nested = kinds.pop()
     first = layers[0]
-    compute_dtype = first.compute_dtype or first.quant_state.dtype
+    compute_dtype = first.compute_dtype or first.weight_dtype
     keep = sorted(name for name, m in model.named_modules() if type(m) is nn.Linear or is_conv1d(m))
     config = BitsAndBytesConfig(
         load_in_4bit=True,

@@ -10,6 +10,10 @@ checkpoints) write: ``weight``, ``bias``, ``weight.absmax``, ``weight.quant_map`
 quantization ``weight.nested_absmax`` and ``weight.nested_quant_map``, and
 ``weight.quant_state.bitsandbytes__nf4`` (JSON bytes). Loading parses tensors and JSON only.
 
+For FSDP2, :meth:`LinearNF4.shard_for` makes the weight and its quant state one
+:class:`~ftkernels.nn.nf4_param.NF4Param` (``quant_state`` is then None); every reader goes
+through :meth:`LinearNF4.weight_and_state`, which takes them from either form.
+
 forward dequantizes the whole weight, then runs one dense matmul. That costs a weight-sized
 temporary per call; a fused 4-bit matmul replaces it later without changing this interface.
 """
@@ -29,6 +33,7 @@ from .._checks import need_blocksize, need_quant_type
 from .._formats import FLOAT_DTYPES, NESTED_BLOCKSIZE
 from ..functional import create_dynamic_map, dequantize_4bit, get_4bit_type, quantize_4bit
 from ..quant_state import QuantState
+from .nf4_param import NF4Param
 
 # NOTE: torch's CPU matmul in bf16 (and fp16) has no fast kernel on most CPUs: bf16 `x @ W` on
 # a CPU without AVX512-BF16 or AMX runs ~400x slower than the same matmul in fp32. On such a CPU
@@ -164,7 +169,39 @@ class LinearNF4(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The weight as a dense ``out_features x in_features`` tensor in its original dtype."""
-        return dequantize_4bit(self.weight, self.quant_state)
+        return dequantize_4bit(*self.weight_and_state())
+
+    # ---- sharding -----------------------------------------------------------------------
+
+    def weight_and_state(self) -> tuple[torch.Tensor, QuantState]:
+        """(packed weight, quant state) as the ops take them. A layer prepared for sharding
+        (:meth:`shard_for`) reads both from its NF4Param, which FSDP2 gathers before forward."""
+        w = self.weight
+        local = getattr(w, "_local_tensor", None)  # a DTensor: one rank's shard, between forwards
+        if isinstance(local, NF4Param):
+            local._need_whole("weight_and_state")
+        if isinstance(w, NF4Param):
+            return w.packed_weight(), w.quant_state()
+        return w, self.quant_state
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the weight is an NF4Param (prepared by shard_for, sharded by fully_shard)."""
+        return self.quant_state is None
+
+    def shard_for(self, parts: int) -> None:
+        """Makes the weight and its quant state one NF4Param padded for ``parts`` equal shards,
+        the parameter ``fully_shard`` then splits (see ``ftkernels.nn.nf4_param``). The values
+        are unchanged; ``quant_state`` becomes None (the parameter holds it)."""
+        if self.is_sharded:
+            raise ValueError("this LinearNF4 is already prepared for sharding")
+        if self.weight.is_meta:
+            raise ValueError("this LinearNF4's weight is on the meta device; load its state_dict first")
+        param = NF4Param.from_quantized(self.weight.detach(), self.quant_state, parts)
+        self.weight = nn.Parameter(param, requires_grad=False)
+        self.quant_state = None
+        if self._dense is not None:
+            self._dense.clear()
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -190,19 +227,31 @@ class LinearNF4(nn.Module):
         module = super()._apply(fn, recurse)
         if self._dense is not None:
             self._dense.clear()
-        if self.quant_state.absmax.device != self.weight.device:
+        if self.quant_state is not None and self.quant_state.absmax.device != self.weight.device:
             self.quant_state.to(self.weight.device)
         return module
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, then bias
-        for k, v in self.quant_state.as_dict(packed=True).items():
+        state = self.quant_state
+        if state is None:
+            if not isinstance(self.weight, NF4Param):
+                return  # a shard (a DTensor of an NF4Param chunk): saved as it is, with no JSON entry
+            # Gathered (or prepared, unsharded): bitsandbytes' format, as an unsharded layer writes it.
+            packed, state = self.weight_and_state()
+            destination[prefix + "weight"] = packed if keep_vars else packed.detach()
+        for k, v in state.as_dict(packed=True).items():
             destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         wkey = prefix + "weight"
+        if self.is_sharded:
+            raise ValueError(
+                f"{wkey}: this LinearNF4 is prepared for sharding (shard_for / shard_model); "
+                "load its state_dict before sharding the model"
+            )
         # The weight and its quant-state entries are read here; nn.Module's loader handles the
         # bias (shape checks, assign=True, meta tensors) once they are out of its way.
         entries = {k[len(wkey) + 1 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(wkey + ".")}
@@ -277,13 +326,22 @@ class LinearNF4(nn.Module):
         self.compress_statistics = state.nested
 
     def extra_repr(self) -> str:
-        qs = self.quant_state
         cd = "input" if self.compute_dtype is None else _dtype_name(self.compute_dtype)
+        sharded = ", sharded" if self.is_sharded else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, quant_type={qs.quant_type}, blocksize={qs.blocksize}, "
-            f"double_quant={qs.nested}, dtype={_dtype_name(qs.dtype)}, compute_dtype={cd}"
+            f"bias={self.bias is not None}, quant_type={self.quant_type}, blocksize={self.blocksize}, "
+            f"double_quant={self.compress_statistics}, dtype={_dtype_name(self.weight_dtype)}, "
+            f"compute_dtype={cd}{sharded}"
         )
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The original dtype of the weight (the dequantized dtype)."""
+        if self.quant_state is not None:
+            return self.quant_state.dtype
+        local = getattr(self.weight, "_local_tensor", self.weight)
+        return local.meta.dtype
 
 
 @contextlib.contextmanager

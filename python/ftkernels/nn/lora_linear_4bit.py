@@ -232,10 +232,11 @@ class LoRALinear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         check_layer_input(x, self.in_features, base.weight.device)
+        packed, state = base.weight_and_state()
         return lora_linear_4bit(
             x,
-            base.weight,
-            base.quant_state,
+            packed,
+            state,
             self.lora_A.weight,
             self.lora_B.weight,
             self.scaling,
@@ -256,7 +257,7 @@ class LoRALinear4bit(nn.Module):
         4 bits; quantize the merged layer (``LinearNF4.from_linear``) for the same result.
         """
         if dtype is None:
-            dtype = self.base_layer.quant_state.dtype
+            dtype = self.base_layer.weight_dtype
         if dtype not in FLOAT_DTYPES + (torch.float64,):
             raise TypeError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
         base = self.base_layer
@@ -264,9 +265,10 @@ class LoRALinear4bit(nn.Module):
         # the base's dtype first, as bitsandbytes.functional.dequantize_4bit (so PEFT's merge)
         # does: for a bf16 base that rounding alone moves a weight by up to 2^-9 relative.
         # The same values for an fp32 base.
-        qs32 = copy.copy(base.quant_state)
+        packed, state = base.weight_and_state()
+        qs32 = copy.copy(state)
         qs32.dtype = torch.float32
-        w = dequantize_4bit(base.weight, qs32)
+        w = dequantize_4bit(packed, qs32)
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         # Built on the meta device, then given its tensors: no init kernels, no RNG draws.
         dense = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None, device="meta")

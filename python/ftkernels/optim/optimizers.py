@@ -164,12 +164,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
         }
         for i, (p, group) in enumerate(work):
             state = self.state[p]
+            # A DTensor (FSDP2's sharded parameter) steps on this rank's shard: the update is
+            # elementwise within each 256-block of the shard, and its states are the shard's.
+            local, grad = _local(p), _local(p.grad)
+            if local is not p and self.percentile_clipping < 100:
+                raise ValueError(
+                    f"{type(self).__name__}: percentile_clipping needs each gradient's whole norm; "
+                    "a sharded (DTensor) parameter has only its shard here (use percentile_clipping=100 "
+                    "and torch.nn.utils.clip_grad_norm_)"
+                )
             if not state:
-                self._init_state(p, state)
+                self._init_state(local, state)
             if self.paged:
                 self._prefetch_next(work, i)
             state["step"] += 1
-            self._update(p, p.grad, state, group, lrs[id(group)])
+            self._update(local, grad, state, group, lrs[id(group)])
         return loss
 
     def _prefetch_next(self, work, i: int) -> None:
@@ -178,7 +187,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for j in (i, i + 1) if i == 0 else (i + 1,):
             if j < len(work):
                 q = work[j][0]
-                if q.device.type == "cuda" and self.state[q]:
+                if q.device.type == "cuda" and self.state[q]:  # a DTensor's states are its shard's
                     for t in self._state_tensors(self.state[q]):
                         prefetch(t)
 
@@ -235,6 +244,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     self.state[p][k] = v.to(device=p.device, copy=True)
                 elif isinstance(v, torch.Tensor):
                     self.state[p][k] = self._alloc(p, v.shape, v.dtype).copy_(v)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (same storage), else t."""
+    return t.to_local() if hasattr(t, "device_mesh") and hasattr(t, "to_local") else t
 
 
 class _Codes:
