@@ -38,7 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--layers",
         type=int,
         default=0,
-        help="0: the packaged SmolLM2-135M-Instruct (or its architecture, random); N: N layers of it, random",
+        help="0: the packaged SmolLM2-135M-Instruct (or its architecture, random); N: N layers of it, "
+        "random, with a 2048-token vocabulary",
     )
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha")
@@ -63,8 +64,10 @@ def base_model(layers: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M_CONFIG, "num_hidden_layers": layers}))
-    return model, f"SmolLM2-135M-Instruct architecture, {layers} layers, random weights"
+    # A 2048-token vocabulary: the 49152 x 576 embedding alone takes most of a quick run's time.
+    config = LlamaConfig(**{**SMOLLM2_135M_CONFIG, "num_hidden_layers": layers, "vocab_size": 2048})
+    model = LlamaForCausalLM(config)
+    return model, f"SmolLM2-135M-Instruct architecture, {layers} layers, vocabulary 2048, random weights"
 
 
 def build(impl: str, base, args):
@@ -144,6 +147,8 @@ def gather_groups(model, world: int) -> dict[int, tuple[int, int, list[str]]]:
         for pname, p in mod.named_parameters():
             if any(pname.startswith(n + ".") for n in nested):
                 continue  # gathered by that module's own all-gather
+            if not hasattr(p, "to_local"):
+                continue  # not FSDP2's: the root's frozen dense parameters stay replicated
             local = p.to_local()
             if isinstance(local, NF4Param):
                 nf4 += local.payload_bytes()

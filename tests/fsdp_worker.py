@@ -123,6 +123,8 @@ def sharded_param_bytes(model: nn.Module) -> dict[str, int]:
         blocks = set()
     out = {"layers": 0, "root": 0}
     for p in model.parameters():
+        if not _dist.is_dtensor(p):
+            continue  # not FSDP2's: the root's frozen dense parameters stay replicated
         t = _dist.local(p)
         n = t.payload_bytes() if hasattr(t, "payload_bytes") else t.numel() * t.element_size()
         out["layers" if id(p) in blocks else "root"] += n

@@ -18,12 +18,14 @@ torch.distributed.checkpoint (``training_state.py``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ..nn.linear_nf4 import LinearNF4
+from ..nn.lora_linear_4bit import _bnb_linear4bit_class
 from ..nn.nf4_param import NF4Param
 from . import _dist
 from ._reft_base import decoder_layers
@@ -32,7 +34,8 @@ __all__ = ["all_gather_bytes", "nf4_resident_bytes", "shard_model"]
 
 
 def _bnb_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "LinearNF4bnb")]
+    cls = _bnb_linear4bit_class()  # None unless bitsandbytes is imported: then there are none
+    return [n for n, m in model.named_modules() if cls is not None and isinstance(m, cls)]
 
 
 def shard_model(
@@ -48,9 +51,12 @@ def shard_model(
 
     ``mesh``: a 1-D DeviceMesh (default: every rank of the default process group, on the
     model's device type). ``reshard_after_forward`` is passed to each decoder layer's
-    ``fully_shard`` (the root's parameters stay gathered from forward to backward), ``mp_policy``
-    (a ``MixedPrecisionPolicy``) to every one; a policy casts the trainable and the
-    floating-point frozen parameters, never the packed 4-bit payload (uint8).
+    ``fully_shard`` (the root's parameters stay gathered from forward to backward, and its
+    frozen dense ones, the embeddings, final norm and an unquantized head, stay replicated where
+    torch has ``ignored_params``: whole through every step either way, they would cost a shard
+    more and an all-gather a step), ``mp_policy`` (a ``MixedPrecisionPolicy``) to every one; a
+    policy casts the trainable and the floating-point frozen parameters it manages, never the
+    packed 4-bit payload (uint8).
 
     Call it after the adapters are added (``add_lora``, ``add_loreft``) and before the optimizer
     is built: FSDP2 replaces every parameter by its sharded DTensor.
@@ -104,8 +110,17 @@ def shard_model(
         blocks = []
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
-    # The root (embeddings, final norm, head) stays gathered after forward: backward starts with
-    # the head, so resharding it would only gather it again at once.
+    # The root (embeddings, final norm, head) stays gathered from forward to backward: backward
+    # starts with the head, so resharding it would only gather it again at once. Its frozen
+    # dense parameters are then whole all through a step anyway: sharded as well, a rank would
+    # hold 1 + 1/world copies at its peak and all-gather them every step (SmolLM2-135M's tied
+    # fp32 embedding: 113 MB whole, 57 MB a step on 2 ranks), so they stay replicated.
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    frozen = {
+        p for p in model.parameters() if not p.requires_grad and id(p) not in in_blocks and not isinstance(p, NF4Param)
+    }
+    if frozen and "ignored_params" in inspect.signature(fully_shard).parameters:
+        kwargs["ignored_params"] = frozen
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
 
