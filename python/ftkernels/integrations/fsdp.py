@@ -62,7 +62,11 @@ def shard_model(
     is built: FSDP2 replaces every parameter by its sharded DTensor.
     """
     import torch.distributed as dist
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # FSDP2's public API is torch >= 2.6
+        raise RuntimeError(f"shard_model needs FSDP2 (torch >= 2.6); this is torch {torch.__version__}") from None
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

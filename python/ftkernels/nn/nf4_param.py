@@ -10,8 +10,8 @@ Its three inner tensors are
     absmax         (P,)                  uint8 codes (double quantization) or fp32 scales
     nested_absmax  (Q,) fp32             one scale a 256 absmax codes (double quantization)
 
-with ``P`` = nblocks and ``Q`` = ceil(nblocks / 256) rounded up to a multiple of ``parts``,
-the number of shards the tensor is made for. The padding is ours, so every shard has the same
+with ``P`` = nblocks and ``Q`` = ceil(nblocks / 256), each rounded up to a multiple of
+``parts``, the number of shards the tensor is made for. The padding is ours, so every shard has the same
 size and FSDP2's own uneven-shard padding never runs (it would have to pad all three alike).
 The offset, the 16-entry code and the 256-entry nested code are replicated: 1 + 16 + 256
 fp32 values a layer.
