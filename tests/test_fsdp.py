@@ -188,7 +188,12 @@ def test_sharded_model_refuses_what_it_cannot_do(one_rank, tmp_path):
         shard_model(model)
     with pytest.raises(ValueError, match="the model already has LoRA layers"):
         add_lora(model)
-    with pytest.raises(ValueError, match="add interventions before sharding"):
+    bare = worker.make_tiny_causal_lm("llama", vocab_size=worker.VOCAB)
+    quantize_model(bare, progress=False)
+    shard_model(bare)
+    with pytest.raises(ValueError, match="add_lora: the model is sharded"):
+        add_lora(bare)
+    with pytest.raises(ValueError, match="add_loreft: the model is sharded"):
         worker.add_loreft(model, layers=[0])
     params = [p for p in model.parameters() if p.requires_grad]
     model(**worker.batch(0)).loss.backward()

@@ -13,6 +13,12 @@ def is_dtensor(t) -> bool:
     return isinstance(t, torch.Tensor) and hasattr(t, "device_mesh") and hasattr(t, "to_local")
 
 
+def need_unsharded(model, what: str) -> None:
+    """Adapters are added before sharding: FSDP2 manages only the parameters it was given."""
+    if any(is_dtensor(p) for p in model.parameters()):
+        raise ValueError(f"{what}: the model is sharded (shard_model / fully_shard); add adapters before sharding it")
+
+
 def initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 

@@ -90,7 +90,7 @@ def add_lora(
     """
     if lora_modules(model):
         raise ValueError("the model already has LoRA layers")
-    _check_not_sharded(model, "add_lora")
+    _dist.need_unsharded(model, "add_lora")
     _check_hparams(r, alpha, dropout, use_rslora, torch.float32)
     names = _targets(model, target_modules)  # both checked before the model changes
     for p in model.parameters():
@@ -112,11 +112,6 @@ def add_lora(
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
     }
     return names
-
-
-def _check_not_sharded(model: nn.Module, what: str) -> None:
-    if any(_dist.is_dtensor(p) for p in model.parameters()):
-        raise ValueError(f"{what}: the model is sharded (shard_model / fully_shard); add adapters before sharding it")
 
 
 def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:

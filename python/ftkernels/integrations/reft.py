@@ -272,8 +272,7 @@ def add_loreft(
 
 
 def _attach(model: nn.Module, plan: _Plan, positions: str, freeze_model: bool) -> LoReFTInterventions:
-    if any(_dist.is_dtensor(p) for p in model.parameters()):
-        raise ValueError("the model is sharded (shard_model / fully_shard); add interventions before sharding it")
+    _dist.need_unsharded(model, "add_loreft")
     if hasattr(model, ATTRIBUTE):
         raise ValueError("the model already has LoReFT interventions (model.ftk_loreft); remove them first")
     reft = LoReFTInterventions(
