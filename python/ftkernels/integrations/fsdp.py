@@ -26,7 +26,7 @@ from torch import nn
 
 from ..nn.linear_nf4 import LinearNF4
 from ..nn.lora_linear_4bit import _bnb_linear4bit_class
-from ..nn.nf4_param import NF4Param
+from ..nn.nf4_param import NF4Param, storage_bytes
 from . import _dist
 from ._reft_base import decoder_layers
 
@@ -159,31 +159,20 @@ def nf4_resident_bytes(model: nn.Module) -> dict[str, int]:
     :func:`ftkernels.nn.nf4_param.live_bytes` counts every 4-bit byte the process holds."""
     held = whole = replicated = 0
     seen: set[int] = set()
-
-    def storage_bytes(t: torch.Tensor) -> int:
-        s = t.untyped_storage()
-        if s.data_ptr() in seen and s.nbytes():
-            return 0
-        seen.add(s.data_ptr())
-        return s.nbytes()
-
     for m in model.modules():
         if not isinstance(m, LinearNF4):
             continue
         t = _dist.local(m.weight)
         if isinstance(t, NF4Param):
-            mine = sum(storage_bytes(x) for x in t._inner())
-            held += mine
+            inner, codes, nested = t._inner(), [t.code, t.nested_code], t.meta.nested
             whole += t.payload_bytes() * (1 if t.whole else t.meta.parts)
-            codes = [t.code] + ([t.nested_code] if t.nested_code is not None else [])
-            replicated += sum(c.numel() * c.element_size() for c in codes) + (4 if t.meta.nested else 0)
         else:
-            qs = m.quant_state
-            mine = storage_bytes(t) + storage_bytes(qs.absmax) + (storage_bytes(qs.state2.absmax) if qs.nested else 0)
-            held += mine
-            whole += mine
-            codes = [qs.code] + ([qs.state2.code] if qs.nested else [])
-            replicated += sum(c.numel() * c.element_size() for c in codes) + (4 if qs.nested else 0)
+            qs, nested = m.quant_state, m.quant_state.nested
+            inner = [t, qs.absmax] + ([qs.state2.absmax] if nested else [])
+            codes = [qs.code, qs.state2.code if nested else None]
+            whole += sum(x.numel() * x.element_size() for x in inner)
+        held += storage_bytes(inner, seen)
+        replicated += sum(c.numel() * c.element_size() for c in codes if c is not None) + (4 if nested else 0)
     return {"held": held, "whole": whole, "replicated": replicated}
 
 

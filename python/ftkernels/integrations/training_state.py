@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .._formats import OPTIM_BLOCK
-from ..functional import create_dynamic_map, dequantize_blockwise, quantize_blockwise
+from ..functional import dequantize_blockwise, quantize_blockwise
+from ..optim.optimizers import _codes as _optimizer_codes
 from . import _dist
 
 __all__ = ["load_training_state", "save_training_state"]
@@ -74,8 +75,10 @@ def _scales_global(scales: torch.Tensor, p: torch.Tensor, length: int) -> torch.
     return DTensor.from_local(padded, mesh, [Shard(0)], run_check=False, shape=(length * mesh.size(),), stride=(1,))
 
 
-def _codes(device) -> tuple[torch.Tensor, torch.Tensor]:
-    return create_dynamic_map(signed=True).to(device), create_dynamic_map(signed=False).to(device)
+def _code(device, signed: bool) -> torch.Tensor:
+    """The 8-bit map of a moment, as the optimizer keeps it on the device."""
+    codes = _optimizer_codes(device)
+    return codes.signed if signed else codes.unsigned
 
 
 def _optimizer_entries(optimizer, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,7 +93,7 @@ def _optimizer_entries(optimizer, params: dict[str, torch.Tensor]) -> dict[str, 
                 continue
             if k in _MOMENTS:
                 moment, scales, signed = _MOMENTS[k]
-                code = _codes(v.device)[0 if signed else 1]
+                code = _code(v.device, signed)
                 flat = dequantize_blockwise(v.reshape(-1), absmax=st[scales], code=code, blocksize=OPTIM_BLOCK)
                 out[f"{name}.{moment}"] = _as_global(flat.reshape(v.shape), p)
                 out[f"{name}.{k}"] = _as_global(v, p)
@@ -187,7 +190,7 @@ def _restore_optimizer(optimizer, params: dict[str, torch.Tensor], entries: dict
             elif f"{name}.{moment}" in entries:
                 value = _dist.local(entries[f"{name}.{moment}"]).to(local.device)
                 if eight_bit:
-                    code = _codes(local.device)[0 if signed else 1]
+                    code = _code(local.device, signed)
                     q, qs = quantize_blockwise(value.reshape(-1), code=code, blocksize=OPTIM_BLOCK)
                     st[k] = _alloc(optimizer, local, q.reshape(local.shape))
                     st[scales] = qs.absmax.float()

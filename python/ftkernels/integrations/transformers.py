@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .._checks import need_blocksize, need_quant_type
 from ..nn.linear_nf4 import LinearNF4
 from ..nn.nf4_param import NF4Param
+from . import _dist
 from .hf_compat import from_config, is_conv1d, no_init_weights
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -70,7 +71,7 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen, total = set(), 0
     for t in tensors:
-        t = getattr(t, "_local_tensor", t)  # a DTensor: this rank's shard
+        t = _dist.local(t)  # a DTensor: this rank's shard
         if isinstance(t, NF4Param):  # a wrapper with no storage of its own
             total += t.payload_bytes()
             continue

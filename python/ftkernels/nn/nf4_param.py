@@ -42,24 +42,30 @@ from ..quant_state import QuantState, dtype_name
 
 aten = torch.ops.aten
 
-__all__ = ["NF4Param", "live_bytes"]
+__all__ = ["NF4Param", "live_bytes", "storage_bytes"]
 
 # Every NF4Param alive in this process: shards, the wholes FSDP2 gathers into (their storage
 # resized to 0 while the parameter is resharded), and any transient alias.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 
+def storage_bytes(tensors, seen: set[int]) -> int:
+    """Bytes of the storages under ``tensors`` not in ``seen`` (data pointers, updated): each
+    storage once, a freed one (size 0) not at all."""
+    total = 0
+    for x in tensors:
+        s = x.untyped_storage()
+        if s.nbytes() and s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
 def live_bytes() -> int:
     """Bytes of packed weights, absmax and nested absmax that NF4Params hold in this process
-    right now: each storage once, a freed one (size 0) not at all."""
-    seen, total = set(), 0
-    for t in list(_LIVE):
-        for x in t._inner():
-            s = x.untyped_storage()
-            if s.nbytes() and s.data_ptr() not in seen:
-                seen.add(s.data_ptr())
-                total += s.nbytes()
-    return total
+    right now (:func:`storage_bytes` over every live one)."""
+    seen: set[int] = set()
+    return sum(storage_bytes(t._inner(), seen) for t in list(_LIVE))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +278,7 @@ class NF4Param(torch.Tensor):
         ncode = codes(self.nested_code) if self.nested_code is not None else None
         out = NF4Param(fn(self.packed), fn(self.absmax), nested, codes(self.code), ncode, self.meta, self.whole)
         if shape is not None and tuple(shape) != tuple(out.shape):
-            out = _Reshaped.make(out, shape)
+            out = _reshaped(out, shape)
         return out
 
     @classmethod
@@ -287,18 +293,13 @@ class NF4Param(torch.Tensor):
         return handler(func, *args, **kwargs)
 
 
-class _Reshaped:
-    """view(-1) of the outer tensor (FSDP2 keeps one as its flat record of the shard): the same
-    inner tensors under another outer shape; nothing computes with it."""
-
-    @staticmethod
-    def make(t: NF4Param, shape) -> NF4Param:
-        out = torch.Tensor._make_wrapper_subclass(
-            NF4Param, tuple(shape), dtype=torch.uint8, device=t.device, requires_grad=False
-        )
-        out.__dict__.update({k: v for k, v in t.__dict__.items()})
-        _LIVE.add(out)
-        return out
+def _reshaped(t: NF4Param, shape) -> NF4Param:
+    """t's inner tensors under another outer shape: view(-1), which FSDP2 keeps as its flat
+    record of a shard; nothing computes with it."""
+    out = torch.Tensor._make_wrapper_subclass(NF4Param, tuple(shape), dtype=torch.uint8, device=t.device)
+    out.__dict__.update(t.__dict__)
+    _LIVE.add(out)
+    return out
 
 
 _HANDLERS = {}
