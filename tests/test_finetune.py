@@ -65,12 +65,18 @@ def test_each_method_trains_and_writes_its_outputs(method, tmp_path):
     model = make_tiny_llama()
     params = ft.prepare(model, method, rank=4)
     examples = ft.encode(CharTokenizer(), ft.BUILTIN_DATA, seq_len=48)
-    losses, rate = ft.train(model, params, examples, pad_id=0, steps=25, lr=2e-2, batch_size=8, progress=False)
+    config = ft.TrainConfig(steps=25, lr=2e-2, batch_size=8)
+    result = ft.train(model, params, examples, 0, config, out_dir=tmp_path, progress=False)
+    losses = result.losses
     # a 2-layer random model on character ids: the loss falls slowly (4.9 -> 4.5 over 25 steps)
-    assert sum(losses[-5:]) / 5 < 0.98 * sum(losses[:5]) / 5 and rate > 0
-    ft.write_outputs(model, method, tmp_path, {"method": method, "final_loss": losses[-1]}, losses)
+    assert sum(losses[-5:]) / 5 < 0.98 * sum(losses[:5]) / 5 and result.tokens_per_second > 0
+    ft.write_outputs(model, method, tmp_path, {"method": method, "final_loss": losses[-1]}, result.history)
     assert json.loads((tmp_path / "metrics.json").read_text())["method"] == method
-    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 26)) and [r["loss"] for r in rows] == losses
+    assert all(r["lr"] == 2e-2 and r["tokens_per_s"] > 0 and r["memory_mib"] > 0 for r in rows)
+    for png in ("loss.png", "lr.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     names = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert names == (
         ["loreft_config.json", "loreft_model.safetensors"]
@@ -96,7 +102,7 @@ def test_loss_curve_is_a_matplotlib_png_with_labelled_axes(tmp_path):
     losses = [5.0 - 0.1 * i for i in range(25)] + [float("inf")]
     fig = ft.loss_curve_png(losses, tmp_path / "loss.png", title="LoRA fine-tuning of tiny")
     (ax,) = fig.axes
-    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("step", "train loss", "LoRA fine-tuning of tiny")
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("step", "loss", "LoRA fine-tuning of tiny")
     raw, smooth = ax.get_lines()  # 26 steps: the losses and their moving average
     assert list(raw.get_xdata()) == list(range(1, 27)) and len(smooth.get_ydata()) == 26
     data = (tmp_path / "loss.png").read_bytes()
@@ -107,8 +113,10 @@ def test_without_matplotlib_the_outputs_are_written_but_the_plot(tmp_path, monke
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     model = make_tiny_llama()
     ft.prepare(model, "lora", rank=4)
-    ft.write_outputs(model, "lora", tmp_path, {"method": "lora"}, [2.0, 1.5, 1.0])
+    history = [{"step": i + 1, "loss": v, "lr": 1e-3} for i, v in enumerate([2.0, 1.5, 1.0])]
+    ft.write_outputs(model, "lora", tmp_path, {"method": "lora"}, history)
     err = capsys.readouterr().err
-    assert err == "loss.png not written: matplotlib is not installed (pip install matplotlib)\n"
+    missing = "not written: matplotlib is not installed (pip install matplotlib)\n"
+    assert err == f"loss.png {missing}lr.png {missing}"
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "adapter").is_dir()
     assert not (tmp_path / "loss.png").exists()

