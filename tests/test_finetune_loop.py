@@ -20,7 +20,7 @@ from ftkernels.apps.finetune_data import split_eval
 
 from conftest import make_tiny_llama
 
-pytestmark = pytest.mark.transformers
+pytest.importorskip("transformers")  # the Transformers-facing tests are marked `transformers`
 
 
 class ChatCharTokenizer(CharTokenizer):
@@ -41,6 +41,7 @@ def trained(method="lora", examples=None, **options):
     return ft.train(model, params, examples, 0, config, progress=False), model
 
 
+@pytest.mark.transformers
 @pytest.mark.parametrize("kind", ft.SCHEDULERS)
 def test_schedules_match_transformers(kind):
     import transformers
@@ -86,6 +87,7 @@ def test_clipping_bounds_the_gradient_norm(monkeypatch):
     assert seen == [0.5, 0.5]  # clipped at 0.5 on each step; 0 turns it off
 
 
+@pytest.mark.transformers
 def test_gradient_checkpointing_gives_the_same_losses():
     for method in ("lora", "loreft"):
         plain, _ = trained(method, steps=2)
@@ -225,7 +227,7 @@ def test_torchrun_two_ranks_is_one_run(tiny_model_dir, tmp_path):
     from ftkernels.apps import cli
 
     args = ["finetune", "--model", str(tiny_model_dir), "--method", "lora", "--steps", "3", "--batch-size", "4"]
-    args += ["--seq-len", "24", "--max-new-tokens", "1", "--lr", "1e-2", "--grad-accum", "2", "--save-every", "3"]
+    args += ["--seq-len", "24", "--max-new-tokens", "1", "--lr", "1e-2", "--grad-accum", "2", "--save-every", "1"]
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -237,3 +239,13 @@ def test_torchrun_two_ranks_is_one_run(tiny_model_dir, tmp_path):
     assert two["world_size"] == 2 and two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     saved = tmp_path / "two" / "checkpoints" / "checkpoint-000003"
     assert sorted(p.name for p in saved.glob("state-rank*")) == ["state-rank0.safetensors", "state-rank1.safetensors"]
+    # FSDP2: two steps and a checkpoint, then the third from it; each rank saved its shards
+    fsdp = [*cmd[:-1], str(tmp_path / "fsdp"), "--fsdp"]
+    steps = fsdp.index("--steps") + 1
+    for n, more in (("2", []), ("3", ["--resume"])):
+        fsdp[steps] = n
+        run = subprocess.run(fsdp + more, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    sharded = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    assert sharded["resumed_from"].endswith("checkpoint-000002") and sharded["fsdp"]
+    assert sharded["losses"] == pytest.approx(one["losses"], rel=1e-5)

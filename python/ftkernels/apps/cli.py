@@ -24,7 +24,7 @@ from ..integrations.lora import load_lora
 from ..integrations.reft import load_loreft
 from ..integrations.transformers import quantize_model, save_quantized
 from ..nn import dequantized_weights
-from . import bench, doctor, finetune_cmd
+from . import bench, doctor, estimate, finetune_cmd
 from .finetune_cmd import out_dir_type
 from .models import DEFAULT_GGUF, default_model_path, greedy_answer, load_causal_lm, resolve_model  # noqa: F401
 
@@ -172,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune_cmd.add_arguments(f)
     f.set_defaults(func=finetune_cmd.run)
+
+    e = sub.add_parser(
+        "estimate",
+        help="the memory a fine-tuning run needs, from the model's config alone",
+        description="Estimate the peak memory of one training step (weights, adapter, gradients, optimizer "
+        "states, activations, logits/loss) from a model's config, without loading its weights.",
+    )
+    estimate.add_arguments(e)
+    e.set_defaults(func=estimate.run)
 
     g = sub.add_parser(
         "generate",

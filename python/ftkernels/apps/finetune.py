@@ -237,11 +237,15 @@ def train_step(model, opt, batch, *, max_grad_norm: float = 0.0) -> tuple[float,
 
 @torch.no_grad()
 def evaluate(model, examples, pad_id: int, batch_size: int) -> float:
-    """The token-mean loss over ``examples`` in eval mode (each rank its rows, summed over all)."""
+    """The token-mean loss over ``examples`` in eval mode. Replicated ranks (DDP) each take their
+    rows and sum over all; sharded ones (FSDP2) each run them all, as every forward there is a
+    collective that each rank must make as often as the others."""
     inner = _inner(model)
     was_training = inner.training
     inner.eval()
     world, rank = _dist.world_size(), _dist.rank()
+    if any(_dist.is_dtensor(p) for p in inner.parameters()):
+        world, rank = 1, 0
     sums = torch.zeros(2, dtype=torch.float64)
     with fused_lm_loss(inner):
         for b in eval_batches(examples[rank::world], batch_size, pad_id):
@@ -367,6 +371,10 @@ def train(
         result.resumed_from = ckpt.resolve(resume)
         _, result.history = _restore(model, opt, data, result.resumed_from, ident)
         result.resumed_at = len(result.history)
+        if result.resumed_at > config.steps:
+            raise ckpt.CheckpointError(
+                f"{result.resumed_from}: at step {result.resumed_at} already, past --steps {config.steps}"
+            )
     root = Path(out_dir) / "checkpoints" if out_dir is not None else None
     log = MetricsLog(out_dir)
     log.start(result.history)

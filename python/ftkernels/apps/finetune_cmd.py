@@ -232,7 +232,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             identity=identity,
             write_adapter=ft.adapter_writer(model, args.method),
         )
-    except ckpt.CheckpointError as e:
+    except ckpt.CheckpointError as e:  # a checkpoint that does not fit this run
         print(f"ftk finetune: error: {e}", file=sys.stderr)
         return 2
     except ckpt.CheckpointSaveError as e:
