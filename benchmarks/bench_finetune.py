@@ -1,6 +1,6 @@
 """One training step (forward, backward, optimizer step) of SmolLM2-135M-Instruct, batch 4 x 256
-tokens, fp32 on the CPU or bf16 on a GPU (the GPU when there is one, unless FTK_BENCH_DEVICE says
-cpu): ftkernels' QLoRA against Transformers + PEFT + bitsandbytes with the
+tokens, fp32 on the CPU (bf16 with FTK_BENCH_DTYPE=bf16) or bf16 on a GPU (the GPU when there is
+one, unless FTK_BENCH_DEVICE says cpu): ftkernels' QLoRA against Transformers + PEFT + bitsandbytes with the
 same settings (NF4 with double quantization, r=8, alpha=16, the attention and MLP projections),
 and ftkernels' LoReFT against the published algorithm run eagerly as pyreft runs it
 (Householder-parametrised R with its d x d base, gather, edit, scatter; rank 4 at f5+l5 of every
@@ -16,11 +16,24 @@ costs the same FLOPs and bytes, and each row says which model it timed. The mach
 shared, so test_finetune_interleaved also runs the steps round-robin and reports the ratios of
 their medians, which drift between the per-implementation tests cannot skew.
 
+In bf16 both sides run the model in bf16: its weights, activations and the 4-bit layers' compute
+(bitsandbytes' Linear4bit with compute_dtype bf16 over a bf16 quant state; our LinearNF4 and
+LoRALinear4bit on bf16 inputs, which on a CPU with AVX512-BF16 or AMX run torch's bf16 GEMMs with
+W rounded to bf16 as bitsandbytes rounds it), the LoRA factors fp32 in both (PEFT keeps an adapter
+over a 4-bit base in fp32), LoReFT's R fp32 in both with the eager W and b in bf16 as pyreft makes
+them. So the bf16 rows compare bf16 GEMMs against bf16 GEMMs; on a CPU without 16-bit GEMMs
+torch's bf16 matmul takes minutes a step (`ftk doctor` says which the CPU has).
+
 Targets:
   CPU: QLoRA step at least 1.1x faster than PEFT+bitsandbytes (speedup_vs_peft-bnb >= 1.1) with
       peak memory no higher; LoReFT step faster than the eager reference (speedup_vs_eager > 1).
+      The same in bf16, against the baselines in bf16.
   GPU: tokens/s at least 1.5x PEFT+bitsandbytes for QLoRA; LoReFT at least 3x the eager reference.
 Run: pytest benchmarks/bench_finetune.py --benchmark-json=benchmarks/results/finetune-cpu.json
+  bf16: FTK_BENCH_DTYPE=bf16 pytest benchmarks/bench_finetune.py
+  --benchmark-json=benchmarks/results/finetune-cpu-bf16.json; its summary is written under the same
+  name as the fp32 run's (bench_finetune-cpu-summary.json, or under FTK_BENCH_RESULTS) and is kept
+  as benchmarks/results/bench_finetune-cpu-bf16-summary.json.
 """
 
 from __future__ import annotations
@@ -271,6 +284,9 @@ def test_finetune_step(benchmark, loaded, prepared, impl):
         if peak.returncode == 0:
             benchmark.extra_info["peak_rss_mib"] = float(peak.stdout.strip().splitlines()[-1])
             benchmark.extra_info["report"].append("peak_rss_mib")
+        else:  # recorded, so that a row without its peak says why
+            last = peak.stderr.strip().splitlines()
+            benchmark.extra_info["peak_rss_error"] = last[-1] if last else f"exit status {peak.returncode}"
     if impl in COMPARE:
         benchmark.extra_info["compare"] = {k: f"test_finetune_step[{v}]" for k, v in COMPARE[impl].items()}
     if prepared(impl) is None:

@@ -269,3 +269,21 @@ def test_sigkill_then_resume_through_the_cli(tiny_model_dir, tmp_path):
         name = "adapter/adapter_model.safetensors"
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_ctrl_c_through_the_cli_saves_and_exits_130(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from ftkernels.apps import cli
+
+    real = ft._forward_backward
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 1: it finishes, then the save
+        return real(*args)
+
+    monkeypatch.setattr(ft, "_forward_backward", interrupted)
+    args = ["finetune", "--model", str(tiny_model_dir), "--method", "lora", "--steps", "3", "--batch-size", "2"]
+    code = cli.main([*args, "--seq-len", "24", "--max-new-tokens", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 128 + signal.SIGINT and "stopped:  SIGINT after step 1 of 3" in out and "--resume" in out
+    assert [p.name for p in ckpt.complete(tmp_path / "checkpoints")] == ["checkpoint-000001"]
+    assert not (tmp_path / "metrics.json").exists()  # the run did not finish: no final outputs

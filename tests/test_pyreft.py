@@ -282,7 +282,7 @@ def test_malformed_pyreft_directories_raise_clear_errors(tmp_path):
         load_loreft(make_tiny_llama(), tmp_path)
     good = torch.load(tmp_path / f"intkey_{keys[1]}.bin", weights_only=True)
 
-    def bad(match, state=None, config=None, remove=False):
+    def bad(match, state=None, config=None, remove=False, exc=ValueError):
         bin1 = tmp_path / f"intkey_{keys[1]}.bin"
         if remove:
             bin1.unlink()
@@ -290,13 +290,13 @@ def test_malformed_pyreft_directories_raise_clear_errors(tmp_path):
             torch.save(state, bin1)
         (tmp_path / "config.json").write_text(json.dumps(config or cfg))
         model = make_tiny_llama()
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(exc, match=match):
             load_loreft(model, tmp_path, positions="l1")
         assert not hasattr(model, "ftk_loreft")  # nothing attached
         torch.save(good, bin1)
         (tmp_path / "config.json").write_text(json.dumps(cfg))
 
-    bad(r"missing intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin", remove=True)
+    bad(r"intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin: no such file", remove=True, exc=FileNotFoundError)
     wrong = {**good, "learned_source.weight": good["learned_source.weight"][:, :5]}
     bad(r"intkey_layer_1.*\.bin: entry 'learned_source.weight' must be a float tensor of shape \[3, 64\]", wrong)
     bad(r"unexpected \['extra'\]", {**good, "extra": torch.zeros(1)})

@@ -18,14 +18,14 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..nn.linear_nf4 import LinearNF4
 from ..nn.lora_linear import LoRALinear
 from ..nn.lora_linear_4bit import LoRALinear4bit, _check_hparams
 from . import _dist
+from ._files import check_tensors, json_field, read_json, read_safetensors
 from .hf_compat import is_conv1d
 from .transformers import replace_module
 
@@ -66,7 +66,11 @@ def _targets(model: nn.Module, target_modules) -> list[str]:
     if target_modules is None:
         wanted = [n for n in names if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS and "lm_head" not in n]
     elif isinstance(target_modules, str):  # a regex over the full name, as PEFT reads a string
-        wanted = [n for n in names if re.fullmatch(target_modules, n)]
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regex: {e}") from None
+        wanted = [n for n in names if pattern.fullmatch(n)]
     else:
         suffixes = tuple(target_modules)
         wanted = [n for n in names if n.rsplit(".", 1)[-1] in suffixes]
@@ -127,10 +131,14 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
         # A sharded model's factors are gathered whole (every rank calls this); rank 0 writes.
         tensors[f"{PREFIX}{name}.lora_A.weight"] = _dist.full(m.lora_A.weight.detach()).contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = _dist.full(m.lora_B.weight.detach()).contiguous().cpu()
-    if _dist.rank() != 0:
+    try:  # the barrier even when rank 0's write fails: the other ranks never wait for it in vain
+        if _dist.rank() == 0:
+            _write_lora(Path(out_dir), tensors, config, base_model_name_or_path)
+    finally:
         _dist.barrier()
-        return
-    out = Path(out_dir)
+
+
+def _write_lora(out: Path, tensors: dict, config: dict, base_model_name_or_path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     peft_config = {
@@ -149,21 +157,36 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
         "modules_to_save": None,
     }
     (out / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
-    _dist.barrier()
 
 
 def _read_config(src: Path) -> dict:
+    """adapter_config.json, every field load_lora uses checked (a ValueError naming the file)."""
+    path = src / CONFIG_NAME
+    raw = read_json(path, "LoRA adapter config")
+    peft_type = json_field(raw, "peft_type", "a string", path, "LORA")
+    if peft_type != "LORA":
+        raise ValueError(f"{path}: peft_type is {peft_type!r}; only LoRA adapters ('LORA') are read")
+    config = {
+        "r": json_field(raw, "r", "an int", path),
+        "lora_alpha": json_field(raw, "lora_alpha", "a number", path),
+        "target_modules": json_field(raw, "target_modules", "a string or a list of strings", path),
+        "lora_dropout": json_field(raw, "lora_dropout", "a number", path, 0.0),
+        "use_rslora": json_field(raw, "use_rslora", "a bool", path, False),
+    }
+    # Each of these changes what the adapter computes, or which tensors it has, in a way the
+    # layers here do not model: refused rather than loaded into a different adapter.
+    for key, why in (
+        ("modules_to_save", "whole trained copies of modules"),
+        ("rank_pattern", "per-layer ranks"),
+        ("alpha_pattern", "per-layer alphas"),
+        ("use_dora", "DoRA's magnitude vectors"),
+    ):
+        if raw.get(key):
+            raise ValueError(f"{path}: {key} ({why}) is not supported, got {raw[key]!r}")
     try:
-        config = json.loads((src / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {src / CONFIG_NAME}: {e}") from e
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{CONFIG_NAME} is not a LoRA adapter config")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise ValueError(f"{CONFIG_NAME} lacks {key!r}")
-    if config.get("modules_to_save"):
-        raise ValueError("adapters with modules_to_save are not supported")
+        _check_hparams(config["r"], config["lora_alpha"], config["lora_dropout"], config["use_rslora"], torch.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
     return config
 
 
@@ -175,40 +198,40 @@ def _in_out(m: nn.Module) -> tuple[int, int]:
 
 def load_lora(model: nn.Module, in_dir: str | os.PathLike) -> list[str]:
     """Adds LoRA layers as a PEFT adapter directory describes them and loads their weights
-    (safetensors only). Every key and shape is checked against the model before it changes.
-    Returns the wrapped layers' names."""
+    (JSON and safetensors only). The config's fields and every key, shape and dtype are checked
+    against the model before it changes: FileNotFoundError for a missing file, ValueError for
+    any other bad one, each naming the file. Returns the wrapped layers' names."""
     src = Path(in_dir)
     config = _read_config(src)
     r = config["r"]
-    try:
-        state = load_file(str(src / WEIGHTS_NAME), device="cpu")
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"cannot read {src / WEIGHTS_NAME}: {e}") from e
+    weights = src / WEIGHTS_NAME
+    saved = read_safetensors(weights, "LoRA weights file")
     # PEFT writes the adapter name into keys only for non-default names; accept ".default" too.
     state = {
         k.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight"): v
-        for k, v in state.items()
+        for k, v in saved.items()
     }
+    if len(state) != len(saved):
+        raise ValueError(f"{weights}: holds some factors twice, with and without the '.default' adapter name")
     if lora_modules(model):
         raise ValueError("the model already has LoRA layers")
+    try:
+        targets = _targets(model, config["target_modules"])
+    except ValueError as e:
+        raise ValueError(f"{src / CONFIG_NAME}: {e}") from None
     want = {}
-    for name in _targets(model, config["target_modules"]):
+    for name in targets:
         k_in, n_out = _in_out(model.get_submodule(name))
-        want[f"{PREFIX}{name}.lora_A.weight"] = (r, k_in)
-        want[f"{PREFIX}{name}.lora_B.weight"] = (n_out, r)
-    if set(state) != set(want):
-        missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-        raise ValueError(f"{WEIGHTS_NAME} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for k, v in state.items():
-        if tuple(v.shape) != want[k]:
-            raise ValueError(f"{WEIGHTS_NAME}: {k} has shape {list(v.shape)}, expected {list(want[k])}")
+        want[f"{PREFIX}{name}.lora_A.weight"] = ((r, k_in), torch.float32)
+        want[f"{PREFIX}{name}.lora_B.weight"] = ((n_out, r), torch.float32)
+    check_tensors(state, want, weights)
     names = add_lora(
         model,
         r,
         config["lora_alpha"],
-        config.get("lora_dropout", 0.0),
+        config["lora_dropout"],
         config["target_modules"],
-        config.get("use_rslora", False),
+        config["use_rslora"],
     )
     for name, m in lora_modules(model).items():
         _dist.assign_(m.lora_A.weight, state[f"{PREFIX}{name}.lora_A.weight"])

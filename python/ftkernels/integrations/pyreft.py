@@ -13,22 +13,22 @@
   ``torch.load(weights_only=True)`` so a pickled object other than tensors and plain
   containers is refused. The positions are not saved there; the caller names them.
 
-Every error is a ValueError (or TypeError) naming the spec or file and the entry.
+Every error is a ValueError (or TypeError) naming the spec or file and the entry; a missing
+file is a FileNotFoundError naming its path.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..nn.loreft import ReFTIntervention, parse_positions
 from ..nn.reft_types import PYREFT_TYPES, from_pyreft
+from ._files import need_file, read_json, read_safetensors
 from ._reft_base import INTERVENTION_TYPES, _hidden_size, _Plan, decoder_layers
 
 PYREFT_CONFIG_NAME = "config.json"  # pyvene's IntervenableConfig.save_pretrained
@@ -153,6 +153,9 @@ def _check_spec(spec: dict, where: str, n: int) -> int:
             raise ValueError(f"{where}: {key} is not supported (must be None), got {spec[key]!r}")
     if spec.get("intervention") is not None and spec.get("intervention_type") is not None:
         raise ValueError(f"{where}: give one of intervention and intervention_type, not both")
+    rank = spec.get("low_rank_dimension")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise ValueError(f"{where}: low_rank_dimension must be an int, got {rank!r}")
     return layer
 
 
@@ -167,8 +170,6 @@ def _plan_from_specs(specs, n, embed_dim, rank, dropout, positions, share_weight
         spec = _spec_dict(spec, at)
         layer = _check_spec(spec, at, n)
         want = spec.get("low_rank_dimension")
-        if want is not None and (isinstance(want, bool) or not isinstance(want, int)):
-            raise ValueError(f"{at}: low_rank_dimension must be an int, got {want!r}")
         if types is not None:
             name, options, mod = types[i]
         else:
@@ -249,9 +250,10 @@ def _pyvene_keys(specs: list[dict]) -> list[str]:
 def _read_weights(path: Path) -> dict:
     """One intervention's state_dict: safetensors, or a torch.save'd dict of tensors read with
     weights_only=True (which refuses any pickled object but tensors and plain containers)."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, "pyreft intervention's weights file")
+    need_file(path, "pyreft intervention's weights file")
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (pickle, zip and I/O errors alike: a file we cannot read)
         raise ValueError(f"{path}: cannot read it as a dict of tensors (torch.load weights_only=True): {e}") from e
@@ -269,12 +271,8 @@ def _read_pyreft(model: nn.Module, src: Path, positions: str | None) -> _Plan:
             f"positions: {src} is a pyreft directory, which does not record the positions it was trained "
             "on; pass them as pyreft's position argument was, e.g. positions='f7+l7'"
         )
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {cfg_path}: {e}") from e
-    reps = config.get("representations") if isinstance(config, dict) else None
-    types = config.get("intervention_types") if isinstance(config, dict) else None
+    config = read_json(cfg_path, "pyreft config")
+    reps, types = config.get("representations"), config.get("intervention_types")
     if not isinstance(reps, list) or not reps or not isinstance(types, list) or len(types) != len(reps):
         raise ValueError(
             f"{cfg_path}: not a pyreft/pyvene config: needs 'representations' and 'intervention_types', "
@@ -300,7 +298,7 @@ def _read_pyreft(model: nn.Module, src: Path, positions: str | None) -> _Plan:
         files = [src / f"intkey_{key}.safetensors", src / f"intkey_{key}.bin"]
         path = next((f for f in files if f.is_file()), None)
         if path is None:
-            raise ValueError(f"{src}: missing intkey_{key}.bin, the weights of representations[{i}]")
+            raise FileNotFoundError(f"{files[1]}: no such file, nor {files[0]}: the weights of representations[{i}]")
         mod = from_pyreft(
             name, _read_weights(path), embed_dim=hidden, rank=spec.get("low_rank_dimension"), where=str(path)
         )

@@ -42,11 +42,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..nn.loreft import parse_positions, reft_positions
 from . import _dist
+from ._files import check_tensors, json_field, read_json, read_safetensors
 from ._reft_base import INTERVENTION_TYPES, _hidden_size, _Plan, decoder_layers
 from .hf_compat import forward_arguments, past_length, real_tokens
 
@@ -316,12 +317,14 @@ def save_loreft(model: nn.Module, out_dir: str | os.PathLike) -> None:
         raise ValueError("the model has no LoReFT interventions (add_loreft first)")
     # A sharded model's interventions are gathered whole (every rank calls this); rank 0 writes.
     tensors = {k: _dist.full(v.detach()).contiguous().cpu() for k, v in reft.interventions.state_dict().items()}
-    if _dist.rank() == 0:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_NAME).write_text(json.dumps(reft.config, indent=2) + "\n")
-        save_file(tensors, str(out / WEIGHTS_NAME))
-    _dist.barrier()
+    try:  # the barrier even when rank 0's write fails: the other ranks never wait for it in vain
+        if _dist.rank() == 0:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / CONFIG_NAME).write_text(json.dumps(reft.config, indent=2) + "\n")
+            save_file(tensors, str(out / WEIGHTS_NAME))
+    finally:
+        _dist.barrier()
 
 
 def load_loreft(model: nn.Module, in_dir: str | os.PathLike, positions: str | None = None) -> LoReFTInterventions:
@@ -329,63 +332,59 @@ def load_loreft(model: nn.Module, in_dir: str | os.PathLike, positions: str | No
     (``loreft_config.json``; ``positions``, when given, replaces the saved ones) or one pyreft's
     ``ReftModel.save`` wrote (pyvene's ``config.json`` and ``intkey_*.bin``; ``positions`` is
     then required, pyreft does not save it). Reads JSON, safetensors and
-    ``torch.load(weights_only=True)`` only; the config, every tensor's name and shape, the
-    layer indices and the type names are checked against the model (ValueError naming the
-    file and the entry)."""
+    ``torch.load(weights_only=True)`` only; the config's fields and types, every tensor's name,
+    shape and dtype, the layer indices and the type names are checked against the model
+    (FileNotFoundError for a missing file, ValueError for any other bad one, naming the file
+    and the entry)."""
     src = Path(in_dir)
     if positions is not None:
         parse_positions(positions)
-    if not (src / CONFIG_NAME).is_file() and (src / PYREFT_CONFIG_NAME).is_file():
-        return _attach(model, _read_pyreft(model, src, positions), positions, True)
-    try:
-        config = json.loads((src / CONFIG_NAME).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {src / CONFIG_NAME} (nor is there a pyreft {PYREFT_CONFIG_NAME}): {e}") from e
+    cfg_path = src / CONFIG_NAME
+    if not cfg_path.exists():
+        if (src / PYREFT_CONFIG_NAME).exists():
+            return _attach(model, _read_pyreft(model, src, positions), positions, True)
+        raise FileNotFoundError(
+            f"{cfg_path}: no such file (save_loreft's config), nor {src / PYREFT_CONFIG_NAME} (pyreft's)"
+        )
+    config = read_json(cfg_path, "LoReFT config")
     keys = {"embed_dim", "layers", "rank", "positions", "share_weights", "dropout"}
-    if not isinstance(config, dict) or set(config) not in (keys, keys | {"intervention", "options"}):
-        got = sorted(config) if isinstance(config, dict) else config
+    if set(config) not in (keys, keys | {"intervention", "options"}):
         raise ValueError(
-            f"{CONFIG_NAME} must hold exactly {sorted(keys)} (and 'intervention', 'options' for another "
-            f"type than LoReFT), got {got!r}"
+            f"{cfg_path}: must hold exactly {sorted(keys)} (and 'intervention', 'options' for another "
+            f"type than LoReFT), got {sorted(config)!r}"
         )
-    if config["embed_dim"] != _hidden_size(model):
+    embed_dim = json_field(config, "embed_dim", "an int", cfg_path)
+    if embed_dim != _hidden_size(model):
         raise ValueError(
-            f"the interventions are for hidden size {config['embed_dim']}, the model's is {_hidden_size(model)}"
+            f"{cfg_path}: the interventions are for hidden size {embed_dim}, the model's is {_hidden_size(model)}"
         )
-    intervention, options = config.get("intervention", "LoReFT"), config.get("options", {})
-    if intervention not in INTERVENTION_TYPES or not isinstance(options, dict):
-        raise ValueError(
-            f"{CONFIG_NAME}: intervention must be one of {sorted(INTERVENTION_TYPES)} and options a dict, "
-            f"got {intervention!r} and {options!r}"
-        )
+    rank = json_field(config, "rank", "an int", cfg_path)
+    saved_positions = json_field(config, "positions", "a string", cfg_path)
+    share_weights = json_field(config, "share_weights", "a bool", cfg_path)
+    dropout = json_field(config, "dropout", "a number", cfg_path)
+    intervention = json_field(config, "intervention", "a string", cfg_path, "LoReFT")
+    options = json_field(config, "options", "an object", cfg_path, {})
+    if intervention not in INTERVENTION_TYPES:
+        raise ValueError(f"{cfg_path}: intervention must be one of {sorted(INTERVENTION_TYPES)}, got {intervention!r}")
     n = len(decoder_layers(model))
-    layers = config["layers"]
+    layers = json_field(config, "layers", "a list", cfg_path)
     if (
-        not isinstance(layers, list)
-        or not layers
+        not layers
         or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in layers)
         or len(set(layers)) != len(layers)
     ):
-        raise ValueError(f"{CONFIG_NAME}: layers must be distinct decoder-layer indices in [0, {n}), got {layers!r}")
-    if not isinstance(config["share_weights"], bool):
-        raise ValueError(f"{CONFIG_NAME}: share_weights must be a bool, got {config['share_weights']!r}")
-    plan = _Plan(
-        sorted(layers), config["rank"], config["share_weights"], config["dropout"], intervention, options, None
-    )
+        raise ValueError(f"{cfg_path}: layers must be distinct decoder-layer indices in [0, {n}), got {layers!r}")
+    plan = _Plan(sorted(layers), rank, share_weights, dropout, intervention, options, None)
     try:
         reft = LoReFTInterventions(
-            _hidden_size(model), plan.layers, plan.rank, positions or config["positions"], plan.share_weights,
-            plan.dropout, intervention, options,
-        )  # fmt: skip
+            embed_dim, plan.layers, rank, positions or saved_positions, share_weights, dropout, intervention, options
+        )
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{CONFIG_NAME}: {e}") from e
-    state = load_file(str(src / WEIGHTS_NAME), device="cpu")
-    want = reft.interventions.state_dict()
-    if set(state) != set(want):
-        raise ValueError(f"{WEIGHTS_NAME} has keys {sorted(state)}, expected {sorted(want)}")
-    for k, v in state.items():
-        if v.shape != want[k].shape:
-            raise ValueError(f"{WEIGHTS_NAME}: {k} has shape {list(v.shape)}, expected {list(want[k].shape)}")
+        raise ValueError(f"{cfg_path}: {e}") from None
+    weights = src / WEIGHTS_NAME
+    state = read_safetensors(weights, "LoReFT weights file")
+    want = {k: (tuple(v.shape), v.dtype) for k, v in reft.interventions.state_dict().items()}
+    check_tensors(state, want, weights)
     reft.interventions.load_state_dict(state)
     plan.modules = dict(reft.interventions.items())
-    return _attach(model, plan, positions or config["positions"], True)
+    return _attach(model, plan, positions or saved_positions, True)

@@ -14,14 +14,12 @@ Transformers converts exactly the modules of type ``nn.Linear`` (and GPT-2's ``C
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -29,6 +27,7 @@ from .._checks import need_blocksize, need_quant_type
 from ..nn.linear_nf4 import LinearNF4
 from ..nn.nf4_param import NF4Param
 from . import _dist
+from ._files import check_shapes, json_field, read_json, read_safetensors
 from .hf_compat import from_config, is_conv1d, no_init_weights
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -251,36 +250,84 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None)
         tokenizer.save_pretrained(os.fspath(out_dir))
 
 
-def _read_safetensors(out_dir: str) -> dict[str, torch.Tensor]:
+def _read_checkpoint(out_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(every tensor of the checkpoint, the path of the file each came from): model.safetensors,
+    or the shards model.safetensors.index.json names, each holding what the index maps to it."""
     index = os.path.join(out_dir, SAFE_WEIGHTS_INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(out_dir, SAFE_WEIGHTS_NAME)):
+    weight_map = None
+    if os.path.exists(index):
+        weight_map = json_field(read_json(index, "checkpoint index"), "weight_map", "an object", index)
+        shards = set(weight_map.values())
+        if not weight_map or not all(
+            isinstance(v, str) and v not in ("", ".", "..") and os.path.basename(v) == v for v in shards
+        ):
+            raise ValueError(
+                f"{index}: weight_map must map each tensor name to a shard's file name in the same folder, "
+                f"got {_short_map(weight_map)}"
+            )
+        files = sorted(shards)
+    elif os.path.exists(os.path.join(out_dir, SAFE_WEIGHTS_NAME)):
         files = [SAFE_WEIGHTS_NAME]
     else:
         raise FileNotFoundError(
-            f"out_dir: {out_dir!r} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME} "
+            f"{os.path.join(out_dir, SAFE_WEIGHTS_NAME)}: no such file, nor {index} "
             "(only safetensors checkpoints are read, never pickle)"
         )
     state: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     for name in files:
-        state.update(load_file(os.path.join(out_dir, name), device="cpu"))
-    return state
+        path = os.path.join(out_dir, name)
+        if weight_map is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file, and {index} names it as a shard")
+        part = read_safetensors(path, "checkpoint shard" if weight_map is not None else "checkpoint")
+        for key in part:
+            if key in origin:
+                raise ValueError(f"{path}: holds {key!r}, which {origin[key]} holds too")
+            if weight_map is not None and weight_map.get(key) != name:
+                raise ValueError(f"{path}: holds {key!r}, which {index} maps to {weight_map.get(key)!r}")
+            origin[key] = path
+        state.update(part)
+    if weight_map is not None:
+        absent = sorted(k for k in weight_map if k not in origin)
+        if absent:
+            shard = os.path.join(out_dir, weight_map[absent[0]])
+            raise ValueError(f"{shard}: lacks {absent[0]!r}, which {index} maps to it ({len(absent)} such in all)")
+    return state, origin
+
+
+def _short_map(weight_map) -> str:
+    items = list(weight_map.items())
+    return repr(dict(items[:3])) + (" ..." if len(items) > 3 else "")
+
+
+def _torch_dtype(value, what: str, where: str) -> torch.dtype | None:
+    """The float dtype a config names ("bfloat16", or a torch.dtype), None for none."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, value, None) if isinstance(value, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{where}: {what} must name a float dtype such as 'bfloat16', got {value!r}")
+    return dtype
+
+
+def _files_of(keys: Iterable[str], origin: dict[str, str]) -> str:
+    return ", ".join(sorted({origin[k] for k in keys}))
 
 
 def load_quantized(out_dir: str | os.PathLike, device=None, model_class=None) -> nn.Module:
     """Build a model with LinearNF4 layers from a bitsandbytes 4-bit checkpoint (as
     :func:`save_quantized` or Transformers write it) without bitsandbytes. Reads config.json
-    and safetensors only. ``model_class`` defaults to ``AutoModelForCausalLM``."""
+    and safetensors only. ``model_class`` defaults to ``AutoModelForCausalLM``. Every file is
+    checked (FileNotFoundError for a missing one, ValueError naming the file for an empty,
+    truncated or corrupt one, a config or index lacking a field or of the wrong type, and
+    tensors missing or of the wrong shape or dtype for the model)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out_dir = os.fspath(out_dir)
     config_path = os.path.join(out_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"out_dir: no config.json in {out_dir!r}")
-    with open(config_path, encoding="utf-8") as f:
-        qc = json.load(f).get("quantization_config")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path}: no such file (out_dir {out_dir!r} holds no config.json)")
+    qc = json_field(read_json(config_path, "model config"), "quantization_config", "an object", config_path, None)
     if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
         raise ValueError(
             f"out_dir: {config_path!r} has no bitsandbytes 4-bit quantization_config "
@@ -288,15 +335,19 @@ def load_quantized(out_dir: str | os.PathLike, device=None, model_class=None) ->
         )
     if qc.get("bnb_4bit_quant_storage", "uint8") != "uint8":
         raise ValueError(
-            f"quantization_config.bnb_4bit_quant_storage must be 'uint8', got {qc.get('bnb_4bit_quant_storage')!r}"
+            f"{config_path}: quantization_config.bnb_4bit_quant_storage must be 'uint8', "
+            f"got {qc.get('bnb_4bit_quant_storage')!r}"
         )
-    config = AutoConfig.from_pretrained(out_dir)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    compute_dtype = qc.get("bnb_4bit_compute_dtype")
-    compute_dtype = getattr(torch, compute_dtype) if isinstance(compute_dtype, str) else None
-    state = _read_safetensors(out_dir)
+    quant_type = json_field(qc, "bnb_4bit_quant_type", "a string", config_path, "nf4")
+    nested = json_field(qc, "bnb_4bit_use_double_quant", "a bool", config_path, False)
+    compute_dtype = _torch_dtype(qc.get("bnb_4bit_compute_dtype"), "bnb_4bit_compute_dtype", config_path)
+    try:  # Transformers' own reader (no remote code: trust_remote_code stays False)
+        config = AutoConfig.from_pretrained(out_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path}: Transformers cannot read it as a model config: {e}") from e
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = _torch_dtype(dtype, "dtype", config_path) or torch.float32
+    state, origin = _read_checkpoint(out_dir)
     # A layer is 4-bit exactly when the checkpoint has its quant-state entry: that reads
     # checkpoints whatever rule chose their llm_int8_skip_modules (Transformers' own default
     # list is computed from the model, not written down).
@@ -307,41 +358,92 @@ def load_quantized(out_dir: str | os.PathLike, device=None, model_class=None) ->
         model = from_config(cls, config, dtype)
     # Transformers ties weights (lm_head to the embeddings) inside the init that no_init_weights skips.
     model.tie_weights()
+    layers: dict[str, LinearNF4] = {}
     for name, m in list(model.named_modules()):
         if name in packed and type(m) is nn.Linear:
-            q = LinearNF4(
-                m.in_features,
-                m.out_features,
-                bias=m.bias is not None,
-                compute_dtype=compute_dtype,
-                quant_type=qc.get("bnb_4bit_quant_type", "nf4"),
-                compress_statistics=bool(qc.get("bnb_4bit_use_double_quant", False)),
-                dtype=m.weight.dtype,
-                device=m.weight.device,
-            )
+            try:
+                q = LinearNF4(
+                    m.in_features,
+                    m.out_features,
+                    bias=m.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type=quant_type,
+                    compress_statistics=nested,
+                    dtype=m.weight.dtype,
+                    device=m.weight.device,
+                )
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{config_path}: quantization_config: {e}") from None
             replace_module(model, name, q)
-            packed.discard(name)
-    if packed:
+            layers[name] = q
+    if set(packed) - set(layers):
+        odd = sorted(set(packed) - set(layers))
         raise ValueError(
-            f"checkpoint in {out_dir!r} has 4-bit weights for modules that are not nn.Linear "
-            f"in {cls.__name__}: {sorted(packed)[:8]}"
+            f"{_files_of([k for k in state if k.startswith(odd[0] + '.')], origin)}: has 4-bit weights for "
+            f"modules that are not nn.Linear in {cls.__name__}: {odd[:8]}"
         )
 
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
+    # Each 4-bit layer reads (and checks) its own entries; the other tensors are checked against
+    # the parameters and buffers they load into first, so every error names the file at fault.
+    def owner(key: str) -> str | None:
+        parent = key.rpartition(".")[0]
+        while parent:
+            if parent in layers:
+                return parent
+            parent = parent.rpartition(".")[0]
+        return None
+
+    by_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+    rest: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        name = owner(key)
+        if name is None:
+            rest[key] = t
+        else:
+            by_layer[name][key[len(name) + 1 :]] = t
+    plain = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, LinearNF4):
+            continue
+        named = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+        for pname, t in named:
+            if pname not in mod._non_persistent_buffers_set:
+                plain[f"{mname}.{pname}" if mname else pname] = (tuple(t.shape), t.dtype)
+    unexpected = sorted(set(rest) - set(plain))
+    if unexpected:
         raise ValueError(
-            f"checkpoint in {out_dir!r} has entries the model does not have: "
-            f"{result.unexpected_keys[:8]}{' ...' if len(result.unexpected_keys) > 8 else ''}"
+            f"{_files_of(unexpected, origin)}: has entries the model does not have: "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
+    for key in rest:
+        check_shapes({key: rest[key]}, plain, origin[key])
+    missing: list[str] = []
+    for name, entries in by_layer.items():
+        where = _files_of([f"{name}.{k}" for k in entries], origin) if entries else out_dir
+        try:
+            result = layers[name].load_state_dict(entries, strict=False)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"{where}: {name}: {e}") from None
+        if result.unexpected_keys:
+            raise ValueError(f"{where}: {name} has entries a LinearNF4 does not have: {result.unexpected_keys}")
+        missing += [f"{name}.{k}" for k in result.missing_keys]
+    try:
+        result = model.load_state_dict(rest, strict=False)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{_files_of(rest, origin)}: {e}") from None
+    missing += [k for k in result.missing_keys if owner(k) is None]
     # A tied weight is saved once, under one of its names; every other parameter must come
     # from the file (the model was built without initialising its weights).
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
-    loaded_alias = {n for names in aliases.values() if set(names) - set(result.missing_keys) for n in names}
-    lacking = sorted(k for k in result.missing_keys if k not in loaded_alias)
+    loaded_alias = {n for names in aliases.values() if set(names) - set(missing) for n in names}
+    lacking = sorted(k for k in missing if k not in loaded_alias)
     if lacking:
-        raise ValueError(f"checkpoint in {out_dir!r} lacks {lacking[:8]}{' ...' if len(lacking) > 8 else ''}")
+        raise ValueError(
+            f"checkpoint in {out_dir!r} ({_files_of(origin, origin)}) lacks "
+            f"{lacking[:8]}{' ...' if len(lacking) > 8 else ''}"
+        )
     model.eval()
     if device is not None:
         model.to(device)
