@@ -102,7 +102,6 @@ def loss_curve_png(
     plt = _pyplot(path)
     if plt is None:
         return None
-    from matplotlib.ticker import MaxNLocator
 
     steps = list(range(1, len(losses) + 1))
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -124,8 +123,15 @@ def loss_curve_png(
         ax.plot(xs, _finite(ys), color="#208040", linewidth=1.4, marker="s", markersize=4, label="eval loss")
     if many or eval_points:
         ax.legend(loc="upper right", fontsize=8)
+    return _save(plt, fig, ax, path, "loss", title)
+
+
+def _save(plt, fig, ax, path, ylabel: str, title: str):
+    """Labels the axes ("step", ylabel), titles, grids and writes the figure; returns it closed."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, linewidth=0.4, alpha=0.5)
@@ -141,20 +147,10 @@ def lr_png(lrs: Sequence[float], path: str | os.PathLike, title: str = "learning
     plt = _pyplot(path)
     if plt is None:
         return None
-    from matplotlib.ticker import MaxNLocator
-
     fig, ax = plt.subplots(figsize=(6.4, 2.8))
     ax.plot(range(1, len(lrs) + 1), lrs, color="#7040a0", linewidth=1.4, marker="o" if len(lrs) < 10 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.set_title(title)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, linewidth=0.4, alpha=0.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return fig
+    return _save(plt, fig, ax, path, "learning rate", title)
 
 
 def write_outputs(model, method: str, out_dir: str | os.PathLike, metrics: dict, history: Sequence[dict]) -> list[Path]:
