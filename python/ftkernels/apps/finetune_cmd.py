@@ -250,12 +250,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _model_id(model, label: str) -> str:
-    """The model a checkpoint belongs to: the file or folder name and a hash of its config."""
+    """The model a checkpoint belongs to: the file or folder name and a hash of the config's
+    sizes (not the whole config: Transformers adds and renames fields between releases)."""
     config = getattr(model, "config", None)
-    text = json.dumps(config.to_dict() if config is not None else {}, sort_keys=True, default=str)
     keep = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
-    brief = {k: v for k, v in json.loads(text).items() if k in keep}
-    return f"{label} {hashlib.sha256(json.dumps(brief, sort_keys=True).encode()).hexdigest()[:12]}"
+    sizes = {k: getattr(config, k, None) for k in keep}
+    return f"{label} {hashlib.sha256(json.dumps(sizes, sort_keys=True, default=str).encode()).hexdigest()[:12]}"
 
 
 def _finish(args, model, tokenizer, prompts, before, held_out, result, config, world, params, t0, say) -> int:
