@@ -41,14 +41,16 @@ from ..integrations.transformers import quantize_model
 from ..nn.loreft import parse_positions
 from ..optim import AdamW8bit
 from . import estimate_activations as acts
+from . import finetune
 from .estimate_activations import architecture
+from .models import DTYPES as MODEL_DTYPES
 from .models import default_model_path
 
-METHODS = ("full", "lora", "qlora", "loreft")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged-adamw8bit", "lion")
-DTYPES = {"fp32": 4, "bf16": 2}
+METHODS = ("full", "lora", "qlora", "loreft")  # finetune's methods and full fine-tuning
+OPTIMIZERS = tuple(finetune.OPTIMIZERS)
+DTYPES = {name: dtype.itemsize for name, dtype in MODEL_DTYPES.items()}  # bytes an element
 DEVICES = ("cuda", "cpu")
-LORA_RANK, LOREFT_RANK, LOREFT_POSITIONS = 8, 4, "f5+l5"  # finetune.prepare's defaults
+LORA_RANK, LOREFT_RANK, LOREFT_POSITIONS = finetune.LORA_RANK, finetune.LOREFT_RANK, finetune.LOREFT_POSITIONS
 BLOCKSIZE = inspect.signature(quantize_model).parameters["blocksize"].default
 MIN_8BIT_SIZE = inspect.signature(AdamW8bit).parameters["min_8bit_size"].default
 GiB, MiB = 1 << 30, 1 << 20

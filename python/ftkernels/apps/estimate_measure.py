@@ -23,11 +23,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..integrations.hf_compat import enable_gradient_checkpointing
 from ..integrations.transformers import model_bytes
-from ..optim import AdamW, AdamW8bit, Lion, PagedAdamW8bit
 from . import finetune as ft
+from .estimate import METHODS
 
-METHODS = ("full", "lora", "qlora", "loreft")
-OPTIMIZERS = {"adamw": AdamW, "adamw8bit": AdamW8bit, "paged-adamw8bit": PagedAdamW8bit, "lion": Lion}
+OPTIMIZERS = ft.OPTIMIZERS
 _MARK = "ftk.estimate."
 _PHASES = {"forward": "forward", "backward": "backward", "optimizer": "optimizer step", "after": "after the step"}
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from ..integrations import _dist
 from ..integrations.fsdp import shard_model
+from ..integrations.hf_compat import enable_gradient_checkpointing
 from ..integrations.lora import add_lora
 from ..integrations.loss import fused_lm_loss
 from ..integrations.reft import add_loreft
@@ -62,6 +63,7 @@ from .finetune_outputs import (  # noqa: F401
 )
 
 METHODS = ("qlora", "lora", "loreft")
+LORA_RANK, LOREFT_RANK, LOREFT_POSITIONS = 8, 4, "f5+l5"  # prepare's defaults (ftk estimate reads them)
 OPTIMIZERS = {"adamw": AdamW, "adamw8bit": AdamW8bit, "paged-adamw8bit": PagedAdamW8bit, "lion": Lion}
 SCHEDULERS = ("constant", "linear", "cosine")
 
@@ -88,18 +90,15 @@ def prepare(
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-        if hasattr(model, "activation_checkpointing_enable"):  # its name from Transformers 5 on
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     if method == "loreft":
         if target_modules is not None:
             raise ValueError("--target-modules applies to LoRA and QLoRA; LoReFT edits every layer's output")
-        reft = add_loreft(model, layers="all", rank=rank or 4, positions="f5+l5", dropout=dropout)
+        reft = add_loreft(model, layers="all", rank=rank or LOREFT_RANK, positions=LOREFT_POSITIONS, dropout=dropout)
         return list(reft.parameters())
     if method == "qlora":
         quantize_model(model, progress=False)
-    r = rank or 8
+    r = rank or LORA_RANK
     add_lora(model, r=r, alpha=2 * r if alpha is None else alpha, dropout=dropout, target_modules=target_modules)
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -189,8 +188,7 @@ def _inner(model):
 
 def _forward_backward(model, batch: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
     """One micro-batch: its token-mean loss (detached), its gradient times ``weight`` added."""
-    with fused_lm_loss(_inner(model)):  # the head and the loss fused: no (tokens x vocab) logits
-        loss = model(**batch).loss
+    loss = model(**batch).loss
     (loss * weight if weight != 1.0 else loss).backward()
     return loss.detach()
 
@@ -220,12 +218,13 @@ def train_step(model, opt, batch, *, max_grad_norm: float = 0.0) -> tuple[float,
     total = sums[0]
     opt.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), dtype=torch.float64)
-    for j, (m, n) in enumerate(zip(micro, counts)):
-        # DDP and FSDP2 average the gradients over ranks: weighting each micro-batch's token-mean
-        # loss by world * its tokens / the step's tokens makes that average the step's token mean.
-        with _gradient_sync(model, j == len(micro) - 1):
-            loss = _forward_backward(model, m, float(n * world / total))
-        loss_sum += loss.double() * n
+    with fused_lm_loss(_inner(model)):  # the head and the loss fused: no (tokens x vocab) logits
+        for j, (m, n) in enumerate(zip(micro, counts)):
+            # DDP and FSDP2 average the gradients over ranks: weighting each micro-batch's token-mean
+            # loss by world * its tokens / the step's tokens makes that average the step's token mean.
+            with _gradient_sync(model, j == len(micro) - 1):
+                loss = _forward_backward(model, m, float(n * world / total))
+            loss_sum += loss.double() * n
     if world > 1:
         torch.distributed.all_reduce(loss_sum)
     if max_grad_norm > 0:
@@ -313,7 +312,7 @@ def _restore(model, opt, data: Batches, path: Path, identity: dict) -> tuple[dic
     trainer, tensors, meta = ckpt.read(path, identity)
     named = _trainable(model)
     f = path / ckpt.rank_file(_dist.rank())
-    ckpt.check_tensors(f, tensors, {f"param.{n}": _dist.local(p) for n, p in named.items()})
+    ckpt.check_params(f, tensors, {n: _dist.local(p) for n, p in named.items()})
     with torch.no_grad():
         for n, p in named.items():
             _dist.local(p).copy_(tensors[f"param.{n}"])

@@ -45,10 +45,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..integrations import _dist
+from ..integrations._files import check_tensors, read_json
 
 FORMAT, VERSION = "ftkernels-finetune-checkpoint", 1
 STATE = "trainer_state.json"
 NAME = re.compile(r"checkpoint-(\d{6,})")
+RANK_FILE = re.compile(r"state-rank(\d+)\.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -255,16 +257,18 @@ def prune(root, keep: int) -> list[Path]:
 
 def read(path, identity: dict) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """(trainer JSON, this rank's tensors, this rank's JSON metadata) of the checkpoint at path,
-    after every check in the module docstring; CheckpointError naming the file otherwise."""
+    after every check in the module docstring; CheckpointError naming the file otherwise. Each
+    rank checks the files all ranks read (the JSON, the adapter) and its own state file, read
+    once for its digest and its tensors."""
     path = Path(path)
     state_file = path / STATE
     try:
-        trainer = json.loads(state_file.read_text(encoding="utf-8"))
+        trainer = read_json(state_file, "trainer state")
     except FileNotFoundError as e:
         raise CheckpointError(f"{state_file}: missing, {path} is not a complete checkpoint") from e
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{state_file}: cannot be read as JSON (truncated or corrupt: {e})") from e
-    if not isinstance(trainer, dict) or trainer.get("format") != FORMAT:
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    if trainer.get("format") != FORMAT:
         raise CheckpointError(f"{state_file}: not an ftk finetune checkpoint")
     if trainer.get("version") != VERSION:
         raise CheckpointError(
@@ -279,36 +283,37 @@ def read(path, identity: dict) -> tuple[dict, dict[str, torch.Tensor], dict]:
             raise CheckpointError(
                 f"{state_file}: written by a run with {key} = {saved.get(key)!r}; this run has {now!r}"
             )
+    own = rank_file(_dist.rank())
+    if own not in trainer["files"]:
+        raise CheckpointError(f"{path / own}: missing from the checkpoint")
+    data = b""
     for name, want in trainer["files"].items():
+        if RANK_FILE.fullmatch(name) and name != own:
+            continue  # another rank's: that rank checks it
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint")
-        got = _digest(f)
-        if got["size"] != want["size"]:
-            raise CheckpointError(f"{f}: {got['size']} bytes, the checkpoint wrote {want['size']} (truncated)")
-        if got["sha256"] != want["sha256"]:
+        raw = f.read_bytes()
+        if len(raw) != want["size"]:
+            raise CheckpointError(f"{f}: {len(raw)} bytes, the checkpoint wrote {want['size']} (truncated)")
+        if hashlib.sha256(raw).hexdigest() != want["sha256"]:
             raise CheckpointError(f"{f}: its sha256 differs from the one the checkpoint recorded (corrupt)")
-    f = path / rank_file(_dist.rank())
-    if f.name not in trainer["files"]:
-        raise CheckpointError(f"{f}: missing from the checkpoint")
-    data = f.read_bytes()
+        if name == own:
+            data = raw
     try:
         tensors = st_load(data)
         header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # valid: st_load read it
         rank_meta = json.loads((header.get("__metadata__") or {}).get("ftk", "{}"))
     except (SafetensorError, ValueError) as e:
-        raise CheckpointError(f"{f}: not a valid safetensors file ({e})") from e
+        raise CheckpointError(f"{path / own}: not a valid safetensors file ({e})") from e
     return trainer, tensors, rank_meta
 
 
-def check_tensors(f: Path, tensors: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    """Every tensor of ``want`` (name -> a tensor of the shape and dtype it must have) is in
-    ``tensors`` as such; CheckpointError naming f otherwise."""
-    for name, like in want.items():
-        got = tensors.get(name)
-        if got is None:
-            raise CheckpointError(f"{f}: lacks {name}")
-        if got.shape != like.shape or got.dtype != like.dtype:
-            raise CheckpointError(
-                f"{f}: {name} is {tuple(got.shape)} {got.dtype}, this run's is {tuple(like.shape)} {like.dtype}"
-            )
+def check_params(f: Path, tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """The state file's ``param.<name>`` tensors are exactly ``params``' names, each of its shape
+    and dtype (``_files.check_tensors``); CheckpointError naming f otherwise."""
+    saved = {k: v for k, v in tensors.items() if k.startswith("param.")}
+    try:
+        check_tensors(saved, {f"param.{n}": (p.shape, p.dtype) for n, p in params.items()}, f)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
